@@ -1,2 +1,147 @@
-def main() -> int:
+"""The ``kubevram`` command: ``estimate``, ``plan``, ``crd``, ``operator`` and ``worker``.
+
+Each sub-command imports what it needs only when it runs, so ``kubevram estimate`` never loads kopf
+or torch. Bad input ends with one line on stderr naming the field and the value, and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+EXIT_BAD_INPUT = 2
+
+
+class CliError(Exception):
+    """Bad input found by the CLI: printed as one line, exit status 2."""
+
+
+def _read(path: str, what: str) -> str:
+    try:
+        return sys.stdin.read() if path == "-" else Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise CliError(f"{what}: cannot read {path!r}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError:
+        raise CliError(f"{what}: {path!r} is not UTF-8 text") from None
+
+
+def _cmd_estimate(args: argparse.Namespace) -> int:
+    from kubevram.planner.report import estimate_command
+
+    print(estimate_command(_read(args.file, "-f"), args.file, _model_config(args), args.output))
     return 0
+
+
+def _cmd_plan(args: argparse.Namespace) -> int:
+    from kubevram.planner.report import plan_command
+
+    cluster = _read(args.cluster, "--cluster") if args.cluster else None
+    print(
+        plan_command(
+            _read(args.file, "-f"), args.file, _model_config(args), cluster, args.cluster or "", args.output
+        )
+    )
+    return 0
+
+
+def _cmd_crd(args: argparse.Namespace) -> int:
+    from kubevram.api.crd import render_crd_yaml
+
+    text = render_crd_yaml()
+    if args.write:
+        for target in args.write:
+            Path(target).write_text(text, encoding="utf-8")
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
+def _cmd_operator(args: argparse.Namespace) -> int:
+    from kubevram.controller.run import run_operator
+
+    return run_operator(
+        namespaces=args.namespace or [],
+        all_namespaces=args.all_namespaces,
+        liveness=args.liveness,
+        verbose=args.verbose,
+    )
+
+
+def _cmd_worker(args: argparse.Namespace) -> int:
+    from kubevram.worker.serve import run_worker
+
+    return run_worker(args)
+
+
+def _model_config(args: argparse.Namespace) -> dict | None:
+    if not getattr(args, "model_config", None):
+        return None
+    import json
+
+    text = _read(args.model_config, "--model-config")
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise CliError(f"--model-config: {args.model_config!r} is not JSON: {exc.msg} at line {exc.lineno}") from None
+    if not isinstance(value, dict):
+        raise CliError(f"--model-config: {args.model_config!r} holds {type(value).__name__}, not a JSON object")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="kubevram", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    est = sub.add_parser("estimate", help="GPU memory one replica of each LLMDeployment needs")
+    est.add_argument("-f", "--file", required=True, help="YAML with one or more LLMDeployment documents ('-' reads stdin)")
+    est.add_argument("--model-config", help="the model's Hugging Face config.json")
+    est.add_argument("-o", "--output", choices=["table", "json"], default="table")
+    est.set_defaults(func=_cmd_estimate)
+
+    plan = sub.add_parser("plan", help="place every replica on nodes and GPUs, with device maps")
+    plan.add_argument("-f", "--file", required=True, help="YAML with one or more LLMDeployment documents")
+    plan.add_argument("--cluster", help="Node objects as `kubectl get nodes -o yaml` prints them (default: a sample)")
+    plan.add_argument("--model-config", help="the model's Hugging Face config.json")
+    plan.add_argument("-o", "--output", choices=["table", "json"], default="table")
+    plan.set_defaults(func=_cmd_plan)
+
+    crd = sub.add_parser("crd", help="print the LLMDeployment CRD generated from the API types")
+    crd.add_argument("--write", nargs="*", metavar="PATH", help="write it to these files instead")
+    crd.set_defaults(func=_cmd_crd)
+
+    op = sub.add_parser("operator", help="run the kopf operator against the cluster in KUBECONFIG")
+    scope = op.add_mutually_exclusive_group()
+    scope.add_argument("-n", "--namespace", action="append", help="watch this namespace (repeatable)")
+    scope.add_argument("-A", "--all-namespaces", action="store_true", help="watch every namespace (default)")
+    op.add_argument("--liveness", default=None, help="liveness endpoint, e.g. http://0.0.0.0:8080/healthz")
+    op.add_argument("-v", "--verbose", action="store_true")
+    op.set_defaults(func=_cmd_operator)
+
+    wk = sub.add_parser("worker", help="serve a model over an OpenAI-compatible API")
+    wk.add_argument("--model", required=True, help="model directory or hub id")
+    wk.add_argument("--plan", help="plan JSON written by the operator (device map, max memory, dtype)")
+    wk.add_argument("--host", default="0.0.0.0")
+    wk.add_argument("--port", type=int, default=8000)
+    wk.add_argument("--admin-port", type=int, default=None, help="serve /v1/admin/* on this port only")
+    wk.add_argument("--deployment", help="LLMDeployment YAML whose generation defaults apply")
+    wk.set_defaults(func=_cmd_worker)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from kubevram.api.errors import SpecError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except (CliError, SpecError) as exc:
+        print(f"kubevram {args.command}: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
