@@ -28,7 +28,6 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from kubevram.api.errors import SpecError, from_validation_error
 from kubevram.api.v1alpha1 import (
-    API_VERSION,
     GenerationSpec,
     MemoryReleaseSpec,
     PrecisionSpec,
@@ -58,8 +57,8 @@ class PlanModel(_Plan):
 class WorkerPlan(_Plan):
     """One worker pod's loading and serving plan, as the operator renders it."""
 
-    apiVersion: Literal["llm.kubevram.io/v1alpha1"] = Field(default=API_VERSION)
-    kind: Literal["WorkerPlan"] = Field(default=WORKER_PLAN_KIND)
+    apiVersion: Literal["llm.kubevram.io/v1alpha1"] = "llm.kubevram.io/v1alpha1"
+    kind: Literal["WorkerPlan"] = "WorkerPlan"
     deployment: DeploymentRef
     model: PlanModel
     precision: PrecisionSpec = Field(default_factory=PrecisionSpec)
