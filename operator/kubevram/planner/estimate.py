@@ -1,0 +1,236 @@
+"""GPU memory of one replica: weights, KV cache, activations, CUDA context and allocator headroom.
+
+Every formula is here, in bytes, with its source:
+
+* **Weights** (seed 002: size = parameters x bytes per parameter): float32 4 B, float16/bfloat16 2 B.
+  int8 and int4 follow bitsandbytes as transformers uses it: LLM.int8 stores each quantized Linear
+  weight in 1 B plus one float32 scale per output row; NF4 packs two weights a byte plus one float32
+  absmax per block of 64. Embeddings, norms, biases and the output head stay in float16
+  (``modules.Linear.bytes``).
+* **KV cache** (DESIGN.md; seed 003: memory grows with the sequence because of the KV cache):
+  ``2 x layers x kv_heads x head_dim x bytes x tokens x batch``; a sliding-window layer keeps at most
+  ``sliding_window - 1`` tokens (transformers' ``DynamicSlidingWindowLayer``). ``precision.kvCache``
+  ``auto`` is the compute dtype (float16 for int8/int4 weights).
+* **Activations** at a prefill of ``maxSequenceLength x maxBatchSize`` tokens (``T``), with SDPA
+  attention (no ``T^2`` score matrix): the peak inside one decoder block is the larger of attention
+  (residual, normed input, q and rotated q, rotated k, k/v repeated to every head for GQA, output) and
+  MLP (residual, normed input, three ``T x intermediate`` tensors: activation, up projection and their
+  product); MoE adds its router logits. Where the logits are computed the workspace is the final norm
+  over ``T`` positions plus the logits of the last position of each row in the compute dtype, their
+  float32 copy and the sampler's probabilities, sort keys and indices (``20 B + dtype`` per vocabulary
+  entry and row). Reference: seed 000 measured ChatGLM-6B's full forward at
+  ``MemCost = 1.13 MiB x SeqLen + 3717 MiB``; ``full_forward_bytes_per_token`` reproduces the slope.
+* **Overhead per GPU**: CUDA context, kernels and cuBLAS workspaces, 1.25 GiB by default (seed 001:
+  "CUDA kernels take 1-2 GB"; seed 003: "about 1.3 GB"), overridable by ``spec.estimation.overheadPerGPU``.
+* **Allocator headroom**: the caching allocator rounds blocks (512 B; 2 MiB small-pool segments, 20 MiB
+  segments for 1-10 MiB requests, larger requests to 2 MiB) and fragments; ``spec.estimation.fragmentation``
+  (5 % by default) of the dynamic memory (KV cache and activations) is reserved for it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from kubevram.api.quantity import GiB, MiB, parse_quantity
+from kubevram.api.v1alpha1 import LLMDeploymentSpec
+from kubevram.planner.facts import ModelFacts
+from kubevram.planner.modules import COMPUTE_DTYPE, FLOAT_BYTES, Kind, Module, model_modules
+
+DEFAULT_OVERHEAD_BYTES = 1280 * MiB  # 1.25 GiB
+DEFAULT_FRAGMENTATION = 0.05
+KV_BYTES: dict[str, int] = {"float32": 4, "float16": 2, "bfloat16": 2, "float8": 1}
+SAMPLER_BYTES_PER_LOGIT = 4 + 4 + 4 + 8  # float32 logits, probabilities, sorted values, int64 indices
+
+
+@dataclass(frozen=True)
+class Workload:
+    """What a replica must serve: precisions and the serving limits the memory is sized for."""
+
+    weights: str = "bfloat16"
+    kv_cache: str = "auto"
+    max_sequence_length: int = 4096
+    max_batch_size: int = 1
+    overhead_per_gpu: int = DEFAULT_OVERHEAD_BYTES
+    fragmentation: float = DEFAULT_FRAGMENTATION
+    # From calibration (the seed's MemCost = a x SeqLen + b): activation bytes per prefill token.
+    activation_bytes_per_token: float | None = None
+
+    @classmethod
+    def from_spec(cls, spec: LLMDeploymentSpec, activation_bytes_per_token: float | None = None) -> Workload:
+        overhead = spec.estimation.overheadPerGPU
+        return cls(
+            weights=str(spec.precision.weights),
+            kv_cache=str(spec.precision.kvCache),
+            max_sequence_length=spec.serving.maxSequenceLength,
+            max_batch_size=spec.serving.maxBatchSize,
+            overhead_per_gpu=parse_quantity(overhead) if overhead is not None else DEFAULT_OVERHEAD_BYTES,
+            fragmentation=spec.estimation.fragmentation,
+            activation_bytes_per_token=activation_bytes_per_token if spec.estimation.useCalibration else None,
+        )
+
+    @property
+    def compute_dtype(self) -> str:
+        return COMPUTE_DTYPE[self.weights]
+
+    @property
+    def compute_bytes(self) -> int:
+        return FLOAT_BYTES[self.compute_dtype]
+
+    @property
+    def kv_bytes(self) -> int:
+        return FLOAT_BYTES[self.compute_dtype] if self.kv_cache == "auto" else KV_BYTES[self.kv_cache]
+
+    @property
+    def prefill_tokens(self) -> int:
+        return self.max_sequence_length * self.max_batch_size
+
+
+def kv_bytes_per_token(facts: ModelFacts, workload: Workload) -> int:
+    """KV cache bytes one token adds across all layers (before any sliding-window cap)."""
+    return facts.kv_bytes_per_token_per_dtype_byte * workload.kv_bytes
+
+
+def layer_kv_bytes(facts: ModelFacts, layer: int, workload: Workload) -> int:
+    """KV cache of one decoder layer at ``maxSequenceLength x maxBatchSize``, sliding window applied."""
+    tokens = facts.tokens_kept(layer, workload.max_sequence_length)
+    return 2 * facts.num_kv_heads * facts.head_dim * workload.kv_bytes * tokens * workload.max_batch_size
+
+
+def kv_cache_bytes(facts: ModelFacts, workload: Workload) -> int:
+    return sum(layer_kv_bytes(facts, i, workload) for i in range(facts.num_layers))
+
+
+def layer_activation_bytes(facts: ModelFacts, workload: Workload, tokens: int | None = None) -> int:
+    """Peak transient bytes inside one decoder block during a prefill of ``tokens`` (default ``T``)."""
+    t = workload.prefill_tokens if tokens is None else tokens
+    if workload.activation_bytes_per_token is not None:
+        return int(workload.activation_bytes_per_token * t)
+    dt = workload.compute_bytes
+    h, q, kv = facts.hidden_size, facts.num_attention_heads * facts.head_dim, facts.num_kv_heads * facts.head_dim
+    attention = h + h + 2 * q + kv + 2 * q + q  # residual, normed, q and q_rot, k_rot, k/v per head, output
+    mlp = h + h + 3 * facts.intermediate_size
+    router = facts.num_experts * 4 // dt if facts.num_experts else 0  # float32 router logits
+    return t * dt * max(attention, mlp + router)
+
+
+def logits_bytes_per_position(facts: ModelFacts, workload: Workload) -> int:
+    """Bytes per (position, vocabulary entry) of the logits a forward keeps.
+
+    transformers' heads return the compute dtype and the generation loop upcasts to float32;
+    ChatGLM-6B's remote code instead copies them once more (``permute(...).contiguous()``).
+    """
+    dt = workload.compute_bytes
+    return 2 * dt if facts.family == "chatglm" and facts.chatglm_version == 1 else dt + 4
+
+
+def head_activation_bytes(facts: ModelFacts, workload: Workload) -> int:
+    """Workspace where the logits are computed: final norm over ``T`` positions, then the last position's
+    logits per row (``logits_to_keep=1``), their float32 copy and the sampler's working tensors."""
+    dt = workload.compute_bytes
+    norm = workload.prefill_tokens * facts.hidden_size * dt
+    logits = workload.max_batch_size * facts.vocab_size * (dt + SAMPLER_BYTES_PER_LOGIT)
+    return norm + logits
+
+
+def activation_bytes(facts: ModelFacts, workload: Workload) -> int:
+    """The activation workspace of a single-GPU replica: the larger of a decoder block's and the head's."""
+    return max(layer_activation_bytes(facts, workload), head_activation_bytes(facts, workload))
+
+
+def full_forward_bytes_per_token(facts: ModelFacts, workload: Workload) -> float:
+    """Bytes per token of a plain ``model(input_ids)`` forward that returns every position's logits and
+    the KV cache (the seed's experiment): the slope ``a`` of ``MemCost = a x SeqLen + b``."""
+    one = Workload(**{**asdict(workload), "max_sequence_length": 1, "max_batch_size": 1})
+    return (
+        kv_bytes_per_token(facts, workload)
+        + layer_activation_bytes(facts, one, tokens=1)
+        + facts.vocab_size * logits_bytes_per_position(facts, workload)
+    )
+
+
+def weights_bytes(modules: list[Module], precision: str) -> int:
+    return sum(m.weight_bytes(precision) for m in modules)
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """The memory of one replica (bytes). ``totalBytes`` is what a single GPU would need."""
+
+    parameters: int
+    weightsBytes: int
+    kvCacheBytesPerToken: int
+    kvCacheBytes: int
+    activationBytes: int
+    overheadBytesPerGPU: int
+    fragmentationBytes: int
+    totalBytes: int
+    dtype: str
+    maxSequenceLength: int
+    maxBatchSize: int
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def estimate(facts: ModelFacts, workload: Workload) -> Estimate:
+    """Estimate one replica's GPU memory as if it ran on a single GPU."""
+    modules = model_modules(facts)
+    weights = weights_bytes(modules, workload.weights)
+    kv = kv_cache_bytes(facts, workload)
+    act = activation_bytes(facts, workload)
+    frag = int((kv + act) * workload.fragmentation)
+    return Estimate(
+        parameters=sum(m.params for m in modules),
+        weightsBytes=weights,
+        kvCacheBytesPerToken=kv_bytes_per_token(facts, workload),
+        kvCacheBytes=kv,
+        activationBytes=act,
+        overheadBytesPerGPU=workload.overhead_per_gpu,
+        fragmentationBytes=frag,
+        totalBytes=weights + kv + act + workload.overhead_per_gpu + frag,
+        dtype=workload.weights,
+        maxSequenceLength=workload.max_sequence_length,
+        maxBatchSize=workload.max_batch_size,
+    )
+
+
+def gpu_bytes_for(
+    facts: ModelFacts, modules: list[Module], workload: Workload, *, with_head: bool
+) -> dict[str, int]:
+    """What one GPU holding ``modules`` needs: its weights, the KV of exactly its layers, the activation
+    workspace (the head's where the logits are computed), the overhead and the allocator headroom."""
+    weights = weights_bytes(modules, workload.weights)
+    kv = sum(layer_kv_bytes(facts, m.layer, workload) for m in modules if m.layer is not None)
+    has_layers = any(m.kind is Kind.layer for m in modules)
+    act = max(
+        layer_activation_bytes(facts, workload) if has_layers else 0,
+        head_activation_bytes(facts, workload) if with_head else 0,
+        workload.prefill_tokens * facts.hidden_size * workload.compute_bytes,  # the residual stream passing by
+    )
+    frag = int((kv + act) * workload.fragmentation)
+    return {
+        "weights": weights,
+        "kvCache": kv,
+        "activations": act,
+        "overhead": workload.overhead_per_gpu,
+        "fragmentation": frag,
+        "total": weights + kv + act + workload.overhead_per_gpu + frag,
+    }
+
+
+__all__ = [
+    "DEFAULT_OVERHEAD_BYTES",
+    "Estimate",
+    "GiB",
+    "Workload",
+    "activation_bytes",
+    "estimate",
+    "full_forward_bytes_per_token",
+    "gpu_bytes_for",
+    "head_activation_bytes",
+    "kv_bytes_per_token",
+    "kv_cache_bytes",
+    "layer_activation_bytes",
+    "layer_kv_bytes",
+]
