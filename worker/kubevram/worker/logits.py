@@ -165,12 +165,12 @@ class ChineseLogitsProcessor:
         self.boosted = boosted
         self.log_alpha = alpha.log()
 
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         if scores.shape[-1] != self.boosted.shape[0]:
             raise ValueError(f"scores have {scores.shape[-1]} logits, the mask {self.boosted.shape[0]}")
         log_alpha = self.log_alpha.to(device=scores.device, dtype=scores.dtype)
         boost = self.boosted.to(device=scores.device, dtype=scores.dtype)
-        return torch.addcmul(scores, log_alpha, boost)  # type: ignore[return-value]
+        return torch.addcmul(scores, log_alpha, boost)
 
 
 class SuppressLeadingPunctuationLogitsProcessor:
@@ -195,10 +195,10 @@ class SuppressLeadingPunctuationLogitsProcessor:
         self.punctuation = punctuation
         self.prompt_lengths = torch.as_tensor(prompt_lengths, dtype=torch.long).reshape(-1, 1)
 
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         first = self.prompt_lengths.to(scores.device) == input_ids.shape[-1]  # (batch, 1)
         forbid = first & self.punctuation.to(scores.device)  # (batch, vocab)
-        return scores.masked_fill(forbid, -math.inf)  # type: ignore[return-value]
+        return scores.masked_fill(forbid, -math.inf)
 
 
 class RepetitionPenaltyLogitsProcessor:
@@ -217,15 +217,15 @@ class RepetitionPenaltyLogitsProcessor:
             raise ValueError(f"`penalty` must be > 0, got {self.penalty.flatten().tolist()}")
         self.seen_mask = seen_mask
 
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         ids = input_ids
         if self.seen_mask is not None:
             # Padding positions repeat the row's last token, which is penalised anyway.
-            ids = torch.where(self.seen_mask.to(ids.device), ids, ids[:, -1:])  # type: ignore[assignment]
+            ids = torch.where(self.seen_mask.to(ids.device), ids, ids[:, -1:])
         penalty = self.penalty.to(device=scores.device, dtype=scores.dtype)
         picked = scores.gather(1, ids)
         picked = torch.where(picked < 0, picked * penalty, picked / penalty)
-        return scores.scatter(1, ids, picked)  # type: ignore[return-value]
+        return scores.scatter(1, ids, picked)
 
 
 class TemperatureLogitsWarper:
@@ -236,8 +236,8 @@ class TemperatureLogitsWarper:
         if not bool((self.temperature > 0).all()):
             raise ValueError(f"`temperature` must be > 0, got {self.temperature.flatten().tolist()}")
 
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        return scores / self.temperature.to(device=scores.device, dtype=scores.dtype)  # type: ignore[return-value]
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        return scores / self.temperature.to(device=scores.device, dtype=scores.dtype)
 
 
 class TopPLogitsWarper:
@@ -253,11 +253,11 @@ class TopPLogitsWarper:
             raise ValueError(f"`top_p` must be in (0, 1], got {self.top_p.flatten().tolist()}")
         self.min_tokens_to_keep = min_tokens_to_keep
 
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         sorted_logits, sorted_indices = torch.sort(scores, descending=False)
         cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
         top_p = self.top_p.to(device=scores.device, dtype=cumulative.dtype)
         remove_sorted = cumulative <= (1 - top_p)
         remove_sorted[..., -self.min_tokens_to_keep :] = False
         remove = remove_sorted.scatter(1, sorted_indices, remove_sorted)
-        return scores.masked_fill(remove, -math.inf)  # type: ignore[return-value]
+        return scores.masked_fill(remove, -math.inf)

@@ -1,0 +1,90 @@
+"""A tiny random Llama with a byte-level BPE tokenizer that knows CJK, saved like a real model."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+CJK_TEXT = (
+    "你好世界我们他们的是在有不了人这中大为上个国和地到以说时要就出会可也你对生能而子那得于着下自之年过发后作里用道"
+    "行所然家种事成方多经么去法学如都同现当没动面起看定天分还进好小部其些主样理心她本前开但因只从想实日军者意无力它与"
+    "长把机十民第公此已工使情明性知全三又关点正业外将两高间由问很最重并物手应战向头文体政美相见被利什二等产或新己制身"
+)
+ENGLISH = (
+    "the quick brown fox jumps over the lazy dog and then the model says hello world to every user who "
+    "asks a question about memory planning on kubernetes clusters with many gpus"
+)
+PUNCT = "，。？！：“”、；,.?!:;\"'()"
+
+
+def build_tokenizer():
+    """Byte-level BPE (like Qwen's) trained on CJK, English and punctuation: a few hundred tokens."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    rng = random.Random(0)
+    chars = list(CJK_TEXT)
+    corpus = []
+    for _ in range(400):
+        rng.shuffle(chars)
+        corpus.append("".join(chars[:30]) + rng.choice("，。？！：") + " " + ENGLISH + " " + PUNCT)
+    corpus += [c * 3 for c in CJK_TEXT] + [p * 3 for p in PUNCT]
+    trainer = trainers.BpeTrainer(
+        vocab_size=900,
+        special_tokens=["<pad>", "<s>", "</s>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(corpus, trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="<pad>",
+        clean_up_tokenization_spaces=False,
+    )
+    fast.chat_template = (
+        "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
+        "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+    )
+    return fast
+
+
+def build_model(vocab_size: int, tokenizer, seed: int = 0):
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=False,
+    )
+    model = LlamaForCausalLM(config)
+    # Random init at std 0.02 gives near-flat logits; a larger output head gives the model opinions.
+    with torch.no_grad():
+        model.lm_head.weight.normal_(0, 1.0)
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """A directory ``kubevram worker --model DIR`` loads: config, safetensors weights, tokenizer."""
+    path = tmp_path_factory.mktemp("tiny-llama-cjk")
+    tokenizer = build_tokenizer()
+    model = build_model(len(tokenizer), tokenizer)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path

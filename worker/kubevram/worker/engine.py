@@ -1,0 +1,499 @@
+"""The engine: the one thread that owns the model and runs the inference loop.
+
+Requests arrive from the HTTP layer (any thread or event loop) through :meth:`Engine.submit`, wait in a
+bounded queue, and are batched, up to ``max_batch_size``, into one left-padded batch: one prefill,
+then one decode step per token with a KV cache (``DynamicCache``), every row sampled with its own
+parameters (:mod:`kubevram.worker.logits`). Rows leave the batch when they finish, hit a stop string
+or are cancelled (the cache shrinks with them); the next batch starts when the current one is empty.
+Text is decoded incrementally and handed back through an ``asyncio.Queue`` per request.
+
+An out-of-memory error in a step fails the requests of that batch (status 503), drops the batch's
+cache and tensors, empties the CUDA cache, and the loop goes on serving. :meth:`run_between_steps`
+runs a function on the engine thread between two steps (the hook the VRAM release uses).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import concurrent.futures
+import gc
+import itertools
+import logging
+import threading
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import torch
+
+from kubevram.worker.logits import (
+    ChineseLogitsProcessor,
+    RepetitionPenaltyLogitsProcessor,
+    SuppressLeadingPunctuationLogitsProcessor,
+    TemperatureLogitsWarper,
+    TokenClasses,
+    TopPLogitsWarper,
+)
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+class EngineError(Exception):
+    """A request the engine refuses or could not finish: ``status`` is the HTTP status to answer."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        type: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+        retry_after: int | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.type = type
+        self.param = param
+        self.code = code
+        self.retry_after = retry_after
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """What one request asks of generation. ``temperature == 0`` is greedy; ``chinese_alpha == 1`` is off."""
+
+    max_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    repetition_penalty: float = 1.0
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+    ignore_eos: bool = False
+    chinese_alpha: float = 1.0
+    suppress_leading_punctuation: bool = False
+
+
+@dataclass
+class Output:
+    """One piece of a request's result: new ``text``; the last one has ``finish_reason`` set."""
+
+    text: str
+    completion_tokens: int
+    prompt_tokens: int
+    finish_reason: str | None = None
+    error: EngineError | None = None
+
+
+class RequestHandle:
+    """What :meth:`Engine.submit` returns: iterate it for :class:`Output` pieces; cancel it to stop."""
+
+    _ids = itertools.count()
+
+    def __init__(self, prompt_ids: Sequence[int], params: SamplingParams,
+                 loop: asyncio.AbstractEventLoop) -> None:
+        self.id = next(self._ids)
+        self.prompt_ids = list(prompt_ids)
+        self.params = params
+        self.loop = loop
+        self.queue: asyncio.Queue[Output] = asyncio.Queue()
+        self.cancelled = threading.Event()
+        self.submitted = time.monotonic()
+        self.finished = False
+
+    def cancel(self) -> None:
+        """Stop generating for this request (the engine drops it before its next step)."""
+        self.cancelled.set()
+
+    def _put(self, output: Output) -> None:
+        try:
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, output)
+        except RuntimeError:  # the event loop is closed: nobody is listening any more
+            self.cancelled.set()
+
+    async def __aiter__(self) -> AsyncIterator[Output]:
+        while True:
+            output = await self.queue.get()
+            yield output
+            if output.finish_reason is not None or output.error is not None:
+                return
+
+    async def result(self) -> Output:
+        """All the text at once (raises the request's :class:`EngineError`, if any)."""
+        text, last = [], None
+        async for output in self:
+            text.append(output.text)
+            last = output
+        assert last is not None
+        if last.error is not None:
+            raise last.error
+        return Output("".join(text), last.completion_tokens, last.prompt_tokens, last.finish_reason)
+
+
+class EngineHooks:
+    """Callbacks the engine calls on its thread (metrics); the default does nothing."""
+
+    def on_prefill(self, batch_size: int, prompt_tokens: int) -> None: ...
+
+    def on_tokens(self, count: int) -> None: ...
+
+    def on_finished(self, reason: str) -> None: ...
+
+
+@dataclass
+class _Row:
+    handle: RequestHandle
+    generator: torch.Generator | None
+    generated: list[int] = field(default_factory=list)
+    prefix_offset: int = 0
+    read_offset: int = 0
+    text: str = ""
+    emitted: int = 0
+    checked: int = 0
+
+
+@dataclass
+class _Batch:
+    rows: list[_Row]
+    input_ids: torch.Tensor  # (batch, seq): every token so far, left-padded
+    attention_mask: torch.Tensor  # (batch, seq)
+    positions: torch.Tensor  # (batch,): position of the last token
+    prompt_length: int  # padded prompt length (the first step is at this length)
+    cache: Any
+
+
+class Engine:
+    """Owns ``model`` and ``tokenizer``; one loop thread; see the module docstring."""
+
+    def __init__(
+        self,
+        model: Any,
+        tokenizer: Any,
+        *,
+        max_batch_size: int = 1,
+        max_queue: int = 256,
+        max_sequence_length: int = 4096,
+        token_classes: TokenClasses | None = None,
+        eos_token_ids: Sequence[int] = (),
+        hooks: EngineHooks | None = None,
+    ) -> None:
+        if max_batch_size < 1 or max_queue < 1:
+            raise ValueError(f"max_batch_size ({max_batch_size}) and max_queue ({max_queue}) must be >= 1")
+        self.model = model
+        self.tokenizer = tokenizer
+        self.max_batch_size = max_batch_size
+        self.max_queue = max_queue
+        self.max_sequence_length = max_sequence_length
+        self.eos_token_ids = sorted(set(eos_token_ids))
+        self.hooks = hooks or EngineHooks()
+        self.device = _input_device(model)
+        self.token_classes = token_classes.to(self.device) if token_classes is not None else None
+        pad = getattr(tokenizer, "pad_token_id", None)
+        self.pad_token_id = int(pad if pad is not None else (self.eos_token_ids or [0])[0])
+        self._eos = torch.tensor(self.eos_token_ids or [-1], device=self.device)
+        self._pending: collections.deque[RequestHandle] = collections.deque()
+        self._callbacks: collections.deque[tuple[Callable[[], Any], concurrent.futures.Future[Any]]] = (
+            collections.deque()
+        )
+        self._cond = threading.Condition()
+        self._batch: _Batch | None = None
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self._generator = torch.Generator(device=self.device)
+        self._generator.seed()
+        self.running = 0
+        self.steps = 0
+        self.oom_count = 0
+
+    # ---- the outside: any thread --------------------------------------------------------------
+
+    @property
+    def queue_depth(self) -> int:
+        return len(self._pending)
+
+    def start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._loop, name="kubevram-engine", daemon=True)
+            self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None
+
+    def check_admission(self, prompt_tokens: int, max_tokens: int) -> None:
+        """Raise 400 when the prompt plus ``max_tokens`` passes ``max_sequence_length``."""
+        if prompt_tokens + max_tokens > self.max_sequence_length:
+            raise EngineError(
+                400,
+                f"This model's maximum context length is {self.max_sequence_length} tokens "
+                f"(serving.maxSequenceLength); the request has {prompt_tokens} prompt tokens and "
+                f"max_tokens {max_tokens} ({prompt_tokens + max_tokens} in all).",
+                param="max_tokens",
+                code="context_length_exceeded",
+            )
+
+    def submit(self, prompt_ids: Sequence[int], params: SamplingParams,
+               loop: asyncio.AbstractEventLoop | None = None) -> RequestHandle:
+        """Queue a request; 400 if it is too long, 429 (with a Retry-After) if the queue is full."""
+        if not prompt_ids:
+            raise EngineError(400, "the prompt has no tokens", param="prompt")
+        self.check_admission(len(prompt_ids), params.max_tokens)
+        handle = RequestHandle(prompt_ids, params, loop or asyncio.get_running_loop())
+        with self._cond:
+            if len(self._pending) >= self.max_queue:
+                raise EngineError(
+                    429, f"the request queue is full ({self.max_queue} waiting); retry later",
+                    type="rate_limit_exceeded", code="queue_full", retry_after=1,
+                )
+            self._pending.append(handle)
+            self._cond.notify_all()
+        return handle
+
+    async def run_between_steps(self, fn: Callable[[], T]) -> T:
+        """Run ``fn`` on the engine thread while no step runs; return (or raise) its result."""
+        future: concurrent.futures.Future[T] = concurrent.futures.Future()
+        with self._cond:
+            self._callbacks.append((fn, future))
+            self._cond.notify_all()
+        return await asyncio.wrap_future(future)
+
+    # ---- the loop: the engine thread ----------------------------------------------------------
+
+    def _loop(self) -> None:
+        log.info("engine loop started (max batch %d, queue %d)", self.max_batch_size, self.max_queue)
+        while True:
+            with self._cond:
+                while not (self._stopping or self._callbacks or self._pending or self._batch):
+                    self._cond.wait()
+                if self._stopping:
+                    break
+                callbacks = list(self._callbacks)
+                self._callbacks.clear()
+                new: list[RequestHandle] = []
+                if self._batch is None:
+                    while self._pending and len(new) < self.max_batch_size:
+                        new.append(self._pending.popleft())
+            for fn, future in callbacks:
+                if future.set_running_or_notify_cancel():
+                    try:
+                        future.set_result(fn())
+                    except BaseException as exc:
+                        future.set_exception(exc)
+            new = [h for h in new if not h.cancelled.is_set()]
+            if new:
+                self._guarded(self._prefill, new)
+            elif self._batch is not None:
+                self._guarded(self._decode, None)
+        self._fail_all(EngineError(503, "the worker is shutting down", type="service_unavailable"))
+
+    def _guarded(self, step: Callable[[Any], None], arg: Any) -> None:
+        rows = arg if arg is not None else (self._batch.rows if self._batch else [])
+        try:
+            with torch.inference_mode():
+                step(arg)
+        except torch.OutOfMemoryError as exc:
+            self.oom_count += 1
+            log.error("out of memory in a step of %d requests; failing them and freeing the batch: %s",
+                      len(rows), str(exc).splitlines()[0] if str(exc) else "")
+            self._drop_batch(rows, EngineError(
+                503, "out of memory while generating; the request was dropped, retry later",
+                type="service_unavailable", code="out_of_memory",
+            ))
+        except Exception as exc:
+            log.exception("generation step failed")
+            self._drop_batch(rows, EngineError(500, f"generation failed: {exc}", type="server_error"))
+
+    def _drop_batch(self, rows: Sequence[Any], error: EngineError) -> None:
+        for row in rows:
+            handle = row.handle if isinstance(row, _Row) else row
+            handle._put(Output("", 0, len(handle.prompt_ids), error=error))
+            self.hooks.on_finished("error")
+        self._batch = None
+        self.running = 0
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+    def _fail_all(self, error: EngineError) -> None:
+        rows: list[Any] = list(self._batch.rows) if self._batch else []
+        rows += list(self._pending)
+        self._pending.clear()
+        self._drop_batch(rows, error)
+
+    def _prefill(self, handles: list[RequestHandle]) -> None:
+        from transformers import DynamicCache
+
+        width = max(len(h.prompt_ids) for h in handles)
+        ids = torch.full((len(handles), width), self.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(handles), width), dtype=torch.long)
+        for i, h in enumerate(handles):
+            ids[i, width - len(h.prompt_ids):] = torch.tensor(h.prompt_ids, dtype=torch.long)
+            mask[i, width - len(h.prompt_ids):] = 1
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+        rows = [_Row(h, _row_generator(h.params.seed, self.device)) for h in handles]
+        self.running = len(rows)
+        self.hooks.on_prefill(len(rows), sum(len(h.prompt_ids) for h in handles))
+        cache = DynamicCache(config=self.model.config)
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=position_ids,
+                         past_key_values=cache, use_cache=True, logits_to_keep=1)
+        self._batch = _Batch(rows, ids, mask, position_ids[:, -1], width, out.past_key_values)
+        self._advance(out.logits[:, -1, :])
+
+    def _decode(self, _: None) -> None:
+        batch = self._batch
+        assert batch is not None
+        positions = batch.positions + 1
+        out = self.model(input_ids=batch.input_ids[:, -1:], attention_mask=batch.attention_mask,
+                         position_ids=positions[:, None], past_key_values=batch.cache, use_cache=True)
+        batch.positions = positions
+        self._advance(out.logits[:, -1, :])
+
+    def _advance(self, logits: torch.Tensor) -> None:
+        """Sample one token per row, append it, decode text, retire finished and cancelled rows."""
+        batch = self._batch
+        assert batch is not None
+        self.steps += 1
+        tokens = self._sample(batch, logits.float())
+        batch.input_ids = torch.cat([batch.input_ids, tokens[:, None]], dim=-1)
+        ones = batch.attention_mask.new_ones((len(tokens), 1))
+        batch.attention_mask = torch.cat([batch.attention_mask, ones], dim=-1)
+        is_eos = torch.isin(tokens, self._eos).tolist()
+        keep = []
+        for i, (row, token, eos) in enumerate(zip(batch.rows, tokens.tolist(), is_eos, strict=True)):
+            if row.handle.cancelled.is_set():
+                self.hooks.on_finished("cancelled")
+                continue
+            if self._append(row, token, eos):
+                keep.append(i)
+        self.hooks.on_tokens(len(batch.rows))
+        if not keep:
+            self._batch = None
+            self.running = 0
+        elif len(keep) < len(batch.rows):
+            index = torch.tensor(keep, device=batch.input_ids.device)
+            batch.cache.batch_select_indices(index)
+            batch.rows = [batch.rows[i] for i in keep]
+            batch.input_ids = batch.input_ids[index]
+            batch.attention_mask = batch.attention_mask[index]
+            batch.positions = batch.positions[index]
+            self.running = len(keep)
+
+    def _append(self, row: _Row, token: int, eos: bool) -> bool:
+        """Add a token to a row and send its new text; False when the row is finished."""
+        params = row.handle.params
+        reason = None
+        if eos and not params.ignore_eos:
+            reason = "stop"
+        else:
+            row.generated.append(token)
+            row.text += self._decode_increment(row)
+            if params.stop:
+                start = max(0, row.checked - max(len(s) for s in params.stop) + 1)
+                hits = [i for i in (row.text.find(s, start) for s in params.stop) if i >= 0]
+                row.checked = len(row.text)
+                if hits:
+                    row.text = row.text[: min(hits)]
+                    reason = "stop"
+            total = len(row.handle.prompt_ids) + len(row.generated)
+            if reason is None and (
+                len(row.generated) >= params.max_tokens
+                or total >= self.max_sequence_length
+            ):
+                reason = "length"
+        if reason is None:
+            hold = max((len(s) for s in params.stop), default=1) - 1
+            end = len(row.text) - hold
+        else:
+            end = len(row.text)
+        if end > row.emitted or reason is not None:
+            row.handle._put(Output(row.text[row.emitted: max(end, row.emitted)], len(row.generated),
+                                   len(row.handle.prompt_ids), finish_reason=reason))
+            row.emitted = max(end, row.emitted)
+        if reason is not None:
+            row.handle.finished = True
+            self.hooks.on_finished(reason)
+            return False
+        return True
+
+    def _decode_increment(self, row: _Row) -> str:
+        """The text the last token adds, waiting while it ends in an incomplete UTF-8 sequence."""
+        decode = self.tokenizer.decode
+        prefix = decode(row.generated[row.prefix_offset : row.read_offset], skip_special_tokens=True)
+        text = decode(row.generated[row.prefix_offset :], skip_special_tokens=True)
+        if len(text) > len(prefix) and not text.endswith("\ufffd"):
+            row.prefix_offset, row.read_offset = row.read_offset, len(row.generated)
+            return str(text[len(prefix):])
+        return ""
+
+    def _sample(self, batch: _Batch, scores: torch.Tensor) -> torch.Tensor:
+        """Logits ``(batch, vocab)`` -> next tokens ``(batch,)``, each row with its own parameters."""
+        params = [row.handle.params for row in batch.rows]
+        ids = batch.input_ids
+
+        def column(values: list[float]) -> torch.Tensor:
+            return torch.tensor(values, dtype=torch.float32, device=scores.device)[:, None]
+
+        if any(p.repetition_penalty != 1.0 for p in params):
+            penalty = RepetitionPenaltyLogitsProcessor(column([p.repetition_penalty for p in params]),
+                                                       batch.attention_mask.bool())
+            scores = penalty(ids, scores)
+        classes = self.token_classes
+        if classes is not None and any(p.chinese_alpha != 1.0 for p in params):
+            boost = ChineseLogitsProcessor(classes.boosted, column([p.chinese_alpha for p in params]))
+            scores = boost(ids, scores)
+        if classes is not None and ids.shape[-1] == batch.prompt_length and any(
+            p.suppress_leading_punctuation for p in params
+        ):
+            lengths = [batch.prompt_length if p.suppress_leading_punctuation else -1 for p in params]
+            suppress = SuppressLeadingPunctuationLogitsProcessor(classes.punctuation, lengths)
+            scores = suppress(ids, scores)
+        greedy = scores.argmax(dim=-1)
+        sampled_rows = [i for i, p in enumerate(params) if p.temperature > 0]
+        if not sampled_rows:
+            return greedy
+        index = torch.tensor(sampled_rows, device=scores.device)
+        sub = scores[index]
+        sub_ids = ids[index]
+        sub = TemperatureLogitsWarper(column([params[i].temperature for i in sampled_rows]))(sub_ids, sub)
+        if any(params[i].top_p < 1.0 for i in sampled_rows):
+            sub = TopPLogitsWarper(column([params[i].top_p for i in sampled_rows]))(sub_ids, sub)
+        probs = sub.softmax(dim=-1)
+        picks = torch.empty(len(sampled_rows), dtype=torch.long, device=scores.device)
+        unseeded = [j for j, i in enumerate(sampled_rows) if batch.rows[i].generator is None]
+        if unseeded:
+            where = torch.tensor(unseeded, device=scores.device)
+            picks[where] = torch.multinomial(probs[where], 1, generator=self._generator).flatten()
+        for j, i in enumerate(sampled_rows):  # seeded rows: each draws from its own generator
+            generator = batch.rows[i].generator
+            if generator is not None:
+                picks[j] = torch.multinomial(probs[j], 1, generator=generator)[0]
+        return greedy.index_copy(0, index, picks)
+
+
+def _row_generator(seed: int | None, device: torch.device) -> torch.Generator | None:
+    if seed is None:
+        return None
+    generator = torch.Generator(device=device)
+    generator.manual_seed(seed)
+    return generator
+
+
+def _input_device(model: Any) -> torch.device:
+    """Where input ids go: the device of the input embeddings (accelerate's hooks move the rest)."""
+    try:
+        device = model.get_input_embeddings().weight.device
+        if device.type != "meta":
+            return torch.device(device)
+    except AttributeError:
+        pass
+    return torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
