@@ -28,9 +28,11 @@ def _read(path: str, what: str) -> str:
 
 
 def _cmd_estimate(args: argparse.Namespace) -> int:
+    from kubevram.introspect import meta_facts
     from kubevram.planner.report import estimate_command
 
-    print(estimate_command(_read(args.file, "-f"), args.file, _model_config(args), args.output))
+    text = _read(args.file, "-f")
+    print(estimate_command(text, args.file, _model_config(args), args.output, fallback=meta_facts))
     return 0
 
 
@@ -84,9 +86,13 @@ def _model_config(args: argparse.Namespace) -> dict | None:
     try:
         value = json.loads(text)
     except json.JSONDecodeError as exc:
-        raise CliError(f"--model-config: {args.model_config!r} is not JSON: {exc.msg} at line {exc.lineno}") from None
+        raise CliError(
+            f"--model-config: {args.model_config!r} is not JSON: {exc.msg} at line {exc.lineno}"
+        ) from None
     if not isinstance(value, dict):
-        raise CliError(f"--model-config: {args.model_config!r} holds {type(value).__name__}, not a JSON object")
+        raise CliError(
+            f"--model-config: {args.model_config!r} holds {type(value).__name__}, not a JSON object"
+        )
     return value
 
 
@@ -95,14 +101,18 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     est = sub.add_parser("estimate", help="GPU memory one replica of each LLMDeployment needs")
-    est.add_argument("-f", "--file", required=True, help="YAML with one or more LLMDeployment documents ('-' reads stdin)")
+    est.add_argument(
+        "-f", "--file", required=True, help="YAML with one or more LLMDeployment documents ('-' reads stdin)"
+    )
     est.add_argument("--model-config", help="the model's Hugging Face config.json")
     est.add_argument("-o", "--output", choices=["table", "json"], default="table")
     est.set_defaults(func=_cmd_estimate)
 
     plan = sub.add_parser("plan", help="place every replica on nodes and GPUs, with device maps")
     plan.add_argument("-f", "--file", required=True, help="YAML with one or more LLMDeployment documents")
-    plan.add_argument("--cluster", help="Node objects as `kubectl get nodes -o yaml` prints them (default: a sample)")
+    plan.add_argument(
+        "--cluster", help="Node objects as `kubectl get nodes -o yaml` prints them (default: a sample)"
+    )
     plan.add_argument("--model-config", help="the model's Hugging Face config.json")
     plan.add_argument("-o", "--output", choices=["table", "json"], default="table")
     plan.set_defaults(func=_cmd_plan)

@@ -19,7 +19,8 @@ def parse_deployment(obj: Any, source: str = "") -> LLMDeployment:
     api_version = str(obj.get("apiVersion", ""))
     if kind != KIND or not api_version.startswith(GROUP + "/"):
         raise SpecError(
-            "kind", f"{kind!r} ({api_version or 'no apiVersion'}) is not an LLMDeployment ({API_VERSION})",
+            "kind",
+            f"{kind!r} ({api_version or 'no apiVersion'}) is not an LLMDeployment ({API_VERSION})",
             source=source,
         )
     if api_version != API_VERSION:
@@ -34,7 +35,7 @@ def parse_deployment(obj: Any, source: str = "") -> LLMDeployment:
 
 
 def load_deployments(text: str, source: str = "") -> list[LLMDeployment]:
-    """Every LLMDeployment in a YAML stream (several documents, or a ``List``); empty documents are skipped."""
+    """Every LLMDeployment in a YAML stream (several documents, or a ``List``); empty ones skipped."""
     try:
         docs = [d for d in yaml.safe_load_all(text) if d is not None]
     except yaml.YAMLError as exc:

@@ -1,4 +1,4 @@
-"""Kubernetes resource quantities (``40Gi``, ``512Mi``, ``1.5G``, ``1e9``) to integers, and back for people."""
+"""Kubernetes resource quantities (``40Gi``, ``512Mi``, ``1.5G``) to integers, and back for people."""
 
 from __future__ import annotations
 

@@ -227,7 +227,10 @@ class EstimationSpec(_Model):
         "0.5-1.3 GiB).",
     )
     fragmentation: float = Field(
-        default=0.05, ge=0, le=1, description="Headroom for allocator rounding, as a share of the dynamic memory."
+        default=0.05,
+        ge=0,
+        le=1,
+        description="Headroom for allocator rounding, as a share of the dynamic memory.",
     )
     useCalibration: bool = Field(
         default=False, description="Use the activation coefficient refitted from the workers' measurements."
@@ -261,7 +264,9 @@ class LLMDeploymentSpec(_Model):
     replicas: int = Field(default=1, ge=0, le=1000, description="Number of worker replicas.")
     model: ModelSpec = Field(description="The model to serve and where its facts come from.")
     precision: PrecisionSpec = Field(default_factory=PrecisionSpec, description="Weight and KV precision.")
-    serving: ServingSpec = Field(default_factory=ServingSpec, description="Serving limits the VRAM is sized for.")
+    serving: ServingSpec = Field(
+        default_factory=ServingSpec, description="Serving limits the VRAM is sized for."
+    )
     placement: PlacementSpec = Field(default_factory=PlacementSpec, description="Where replicas may run.")
     generation: GenerationSpec = Field(default_factory=GenerationSpec, description="Generation defaults.")
     memoryRelease: MemoryReleaseSpec = Field(
@@ -278,7 +283,9 @@ class Condition(BaseModel):
     model_config = ConfigDict(extra="allow")
 
     type: str = Field(description="Planned, Scheduled or Ready.")
-    status: str = Field(description="True, False or Unknown.", json_schema_extra={"enum": ["True", "False", "Unknown"]})
+    status: str = Field(
+        description="True, False or Unknown.", json_schema_extra={"enum": ["True", "False", "Unknown"]}
+    )
     reason: str = Field(default="", description="CamelCase reason.")
     message: str = Field(default="", description="What happened, with the numbers.")
     lastTransitionTime: str | None = Field(default=None, description="RFC 3339 time of the last change.")
@@ -344,7 +351,9 @@ class LLMDeploymentStatus(BaseModel):
         description="Predicted vs measured peak per GPU and the refitted activation coefficient.",
         json_schema_extra={"x-kubernetes-preserve-unknown-fields": True},
     )
-    autoscaling: AutoscalingStatus | None = Field(default=None, description="Signal for the cluster autoscaler.")
+    autoscaling: AutoscalingStatus | None = Field(
+        default=None, description="Signal for the cluster autoscaler."
+    )
 
 
 class LLMDeployment(BaseModel):

@@ -107,7 +107,11 @@ def layer_activation_bytes(facts: ModelFacts, workload: Workload, tokens: int | 
     if workload.activation_bytes_per_token is not None:
         return int(workload.activation_bytes_per_token * t)
     dt = workload.compute_bytes
-    h, q, kv = facts.hidden_size, facts.num_attention_heads * facts.head_dim, facts.num_kv_heads * facts.head_dim
+    h, q, kv = (
+        facts.hidden_size,
+        facts.num_attention_heads * facts.head_dim,
+        facts.num_kv_heads * facts.head_dim,
+    )
     attention = h + h + 2 * q + kv + 2 * q + q  # residual, normed, q and q_rot, k_rot, k/v per head, output
     mlp = h + h + 3 * facts.intermediate_size
     router = facts.num_experts * 4 // dt if facts.num_experts else 0  # float32 router logits
@@ -206,7 +210,9 @@ def gpu_bytes_for(
     act = max(
         layer_activation_bytes(facts, workload) if has_layers else 0,
         head_activation_bytes(facts, workload) if with_head else 0,
-        workload.prefill_tokens * facts.hidden_size * workload.compute_bytes,  # the residual stream passing by
+        workload.prefill_tokens
+        * facts.hidden_size
+        * workload.compute_bytes,  # the residual stream passing by
     )
     frag = int((kv + act) * workload.fragmentation)
     return {

@@ -105,6 +105,8 @@ class ModelFacts:
     falcon_ln_count: int = 1
     chatglm_version: int = 0  # 1: ChatGLM-6B, 2: ChatGLM2/3
     config_dtype: str | None = None
+    # Only for architectures sized by introspection (family "meta"): their top-level modules.
+    modules: tuple[Any, ...] = ()
 
     @property
     def kv_bytes_per_token_per_dtype_byte(self) -> int:
@@ -129,7 +131,9 @@ def _get(config: Mapping[str, Any], keys: tuple[str, ...]) -> tuple[str, Any] | 
     return None
 
 
-def _positive_int(config: Mapping[str, Any], keys: tuple[str, ...], where: str, default: int | None = None) -> int:
+def _positive_int(
+    config: Mapping[str, Any], keys: tuple[str, ...], where: str, default: int | None = None
+) -> int:
     found = _get(config, keys)
     if found is None:
         if default is not None:
@@ -151,7 +155,9 @@ def _bool(config: Mapping[str, Any], key: str, default: bool, where: str) -> boo
     return value
 
 
-def _sliding(config: Mapping[str, Any], model_type: str, layers: int, where: str) -> tuple[int | None, tuple[bool, ...]]:
+def _sliding(
+    config: Mapping[str, Any], model_type: str, layers: int, where: str
+) -> tuple[int | None, tuple[bool, ...]]:
     """Which layers keep a sliding window, following each transformers config class."""
     window = config.get("sliding_window")
     if window is None or model_type not in ("mistral", "mixtral", "qwen2", "phi3"):
@@ -201,10 +207,14 @@ def facts_from_config(config: Mapping[str, Any], where: str = "spec.model.config
         head_dim = hidden // heads
     kv_heads = _kv_heads(config, family, heads, where)
     if heads % kv_heads:
-        raise SpecError(f"{where}.num_key_value_heads", f"{kv_heads} does not divide num_attention_heads {heads}")
+        raise SpecError(
+            f"{where}.num_key_value_heads", f"{kv_heads} does not divide num_attention_heads {heads}"
+        )
     intermediate = _positive_int(
-        config, ("intermediate_size", "n_inner", "ffn_hidden_size"), where, default=4 * hidden if family in (
-            "gpt2", "falcon") else None
+        config,
+        ("intermediate_size", "n_inner", "ffn_hidden_size"),
+        where,
+        default=4 * hidden if family in ("gpt2", "falcon") else None,
     )
     vocab = _positive_int(config, ("vocab_size",), where)
     tie = _bool(config, "tie_word_embeddings", TIE_DEFAULT[model_type], where)
@@ -232,7 +242,10 @@ def facts_from_config(config: Mapping[str, Any], where: str = "spec.model.config
         sliding_layers=sliding_layers,
         rotary_dim=rotary,
         max_position_embeddings=int(
-            config.get("max_position_embeddings") or config.get("n_positions") or config.get("seq_length") or 0
+            config.get("max_position_embeddings")
+            or config.get("n_positions")
+            or config.get("seq_length")
+            or 0
         ),
         ln_bias=family in ("gpt2", "gpt_neox", "falcon"),
         parallel_attn=_bool(config, "parallel_attn", True, where),
@@ -260,7 +273,11 @@ def _biases(config: Mapping[str, Any], model_type: str, where: str) -> tuple[boo
     """(q/k/v bias, output projection bias, MLP bias), as each transformers model builds its Linears."""
     if model_type in ("llama", "gemma"):
         attention = _bool(config, "attention_bias", False, where)
-        return attention, attention, _bool(config, "mlp_bias", False, where) if model_type == "llama" else False
+        return (
+            attention,
+            attention,
+            _bool(config, "mlp_bias", False, where) if model_type == "llama" else False,
+        )
     if model_type == "qwen2":
         return True, False, False
     if model_type == "gpt2":
@@ -289,7 +306,9 @@ def _rotary_dim(config: Mapping[str, Any], family: str, head_dim: int) -> int:
         return 0
     if family == "falcon" and config.get("alibi"):
         return 0
-    factor = config.get("rotary_pct", 0.25) if family == "gpt_neox" else config.get("partial_rotary_factor", 1.0)
+    factor = (
+        config.get("rotary_pct", 0.25) if family == "gpt_neox" else config.get("partial_rotary_factor", 1.0)
+    )
     return int(head_dim * float(factor))
 
 
@@ -299,7 +318,7 @@ def _dtype(config: Mapping[str, Any]) -> str | None:
 
 
 def _chatglm(config: Mapping[str, Any], where: str) -> ModelFacts:
-    """ChatGLM's remote-code configs: v1 (ChatGLM-6B, ``inner_hidden_size``) and v2/v3 (``ffn_hidden_size``)."""
+    """ChatGLM's remote-code configs: v1 (ChatGLM-6B, ``inner_hidden_size``), v2/v3 (``ffn_hidden_size``)."""
     layers = _positive_int(config, ("num_layers", "num_hidden_layers"), where)
     hidden = _positive_int(config, ("hidden_size",), where)
     heads = _positive_int(config, ("num_attention_heads",), where)

@@ -100,6 +100,8 @@ class Module:
 
 def model_modules(facts: ModelFacts) -> list[Module]:
     """The top-level modules of ``facts``' model, in the order transformers' ``named_children`` gives."""
+    if facts.modules:
+        return list(facts.modules)
     return _BUILDERS[facts.family](facts)
 
 
@@ -166,7 +168,10 @@ def _gpt2(f: ModelFacts) -> list[Module]:
     return [
         Module("transformer.wte", Kind.embedding, other_params=f.vocab_size * h),
         Module("transformer.wpe", Kind.embedding, other_params=(f.max_position_embeddings or 1024) * h),
-        *(Module(f"transformer.h.{i}", Kind.layer, block, other_params=4 * h, layer=i) for i in range(f.num_layers)),
+        *(
+            Module(f"transformer.h.{i}", Kind.layer, block, other_params=4 * h, layer=i)
+            for i in range(f.num_layers)
+        ),
         Module("transformer.ln_f", Kind.norm, other_params=2 * h),
         _head(f, "lm_head", "transformer.wte"),
     ]
@@ -182,7 +187,10 @@ def _gpt_neox(f: ModelFacts) -> list[Module]:
     )
     return [
         Module("gpt_neox.embed_in", Kind.embedding, other_params=f.vocab_size * h),
-        *(Module(f"gpt_neox.layers.{i}", Kind.layer, block, other_params=4 * h, layer=i) for i in range(f.num_layers)),
+        *(
+            Module(f"gpt_neox.layers.{i}", Kind.layer, block, other_params=4 * h, layer=i)
+            for i in range(f.num_layers)
+        ),
         Module("gpt_neox.final_layer_norm", Kind.norm, other_params=2 * h),
         Module("gpt_neox.rotary_emb", Kind.rotary, buffer_bytes=_rotary_buffers(f)),
         _head(f, "lm_head", "gpt_neox.embed_in"),
@@ -203,7 +211,11 @@ def _falcon(f: ModelFacts) -> list[Module]:
         Linear(f.intermediate_size, h, f.mlp_bias),
         Linear(h, f.intermediate_size, f.mlp_bias),
     )
-    rotary = [Module("transformer.rotary_emb", Kind.rotary, buffer_bytes=_rotary_buffers(f))] if f.rotary_dim else []
+    rotary = (
+        [Module("transformer.rotary_emb", Kind.rotary, buffer_bytes=_rotary_buffers(f))]
+        if f.rotary_dim
+        else []
+    )
     return [
         Module("transformer.word_embeddings", Kind.embedding, other_params=f.vocab_size * h),
         *(
@@ -229,7 +241,14 @@ def _chatglm(f: ModelFacts) -> list[Module]:
         return [
             Module("transformer.word_embeddings", Kind.embedding, other_params=f.vocab_size * h),
             *(
-                Module(f"transformer.layers.{i}", Kind.layer, block, other_params=4 * h, buffer_bytes=inv_freq, layer=i)
+                Module(
+                    f"transformer.layers.{i}",
+                    Kind.layer,
+                    block,
+                    other_params=4 * h,
+                    buffer_bytes=inv_freq,
+                    layer=i,
+                )
                 for i in range(f.num_layers)
             ),
             Module("transformer.final_layernorm", Kind.norm, other_params=2 * h),
