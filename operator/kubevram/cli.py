@@ -136,6 +136,11 @@ def build_parser() -> argparse.ArgumentParser:
     wk.add_argument("--port", type=int, default=8000)
     wk.add_argument("--admin-port", type=int, default=None, help="serve /v1/admin/* on this port only")
     wk.add_argument("--deployment", help="LLMDeployment YAML whose generation defaults apply")
+    wk.add_argument("--served-model-name", help="the name clients put in `model` (default: the model id)")
+    wk.add_argument("--max-batch-size", type=int, help="override serving.maxBatchSize")
+    wk.add_argument("--max-sequence-length", type=int, help="override serving.maxSequenceLength")
+    wk.add_argument("--max-queue", type=int, default=256, help="waiting requests before 429 (default 256)")
+    wk.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     wk.set_defaults(func=_cmd_worker)
     return parser
 
