@@ -94,7 +94,7 @@ def kv_bytes_per_token(facts: ModelFacts, workload: Workload) -> int:
 def layer_kv_bytes(facts: ModelFacts, layer: int, workload: Workload) -> int:
     """KV cache of one decoder layer at ``maxSequenceLength x maxBatchSize``, sliding window applied."""
     tokens = facts.tokens_kept(layer, workload.max_sequence_length)
-    return 2 * facts.num_kv_heads * facts.head_dim * workload.kv_bytes * tokens * workload.max_batch_size
+    return 2 * facts.cache_heads * facts.head_dim * workload.kv_bytes * tokens * workload.max_batch_size
 
 
 def kv_cache_bytes(facts: ModelFacts, workload: Workload) -> int:

@@ -109,9 +109,15 @@ class ModelFacts:
     modules: tuple[Any, ...] = ()
 
     @property
+    def cache_heads(self) -> int:
+        """Heads the KV cache stores. transformers' Falcon (new decoder architecture) broadcasts its
+        ``num_kv_heads`` to every attention head before caching; everyone else caches the KV heads."""
+        return self.num_attention_heads if self.falcon_new_arch else self.num_kv_heads
+
+    @property
     def kv_bytes_per_token_per_dtype_byte(self) -> int:
         """KV elements per token across all layers (K and V): multiply by the KV dtype's bytes."""
-        return 2 * self.num_layers * self.num_kv_heads * self.head_dim
+        return 2 * self.num_layers * self.cache_heads * self.head_dim
 
     def tokens_kept(self, layer: int, tokens: int) -> int:
         """Tokens a layer's KV cache holds after ``tokens`` tokens.
