@@ -1,0 +1,227 @@
+"""The Kubernetes adapter: the only module of the operator that talks to the API server.
+
+Sync, on the official ``kubernetes`` client (kopf runs sync handlers in a thread pool). The client
+is configured from ``KUBECONFIG`` (or ``~/.kube/config``) or, inside a pod, the service account, the
+first time an adapter is made. Writes are idempotent: ``apply`` creates a missing object and
+merge-patches an existing one (a 409 on create, i.e. someone created it meanwhile, becomes a patch),
+so a restarted operator or a retried handler never makes duplicates.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+from collections.abc import Iterable
+from typing import Any
+
+from kubernetes import client, config
+from kubernetes.client.exceptions import ApiException
+
+from kubevram.controller.render import LABEL_DEPLOYMENT, LABEL_MANAGED_BY, MANAGED_BY, RESERVATION
+
+MERGE_PATCH = "application/merge-patch+json"
+
+_config_lock = threading.Lock()
+_configured: dict[str, client.ApiClient] = {}
+
+
+def api_client() -> client.ApiClient:
+    """One ``ApiClient`` per ``KUBECONFIG`` value, from the in-cluster account or the kubeconfig."""
+    key = os.environ.get("KUBECONFIG", "")
+    with _config_lock:
+        if key not in _configured:
+            configuration = client.Configuration()
+            try:
+                config.load_incluster_config(client_configuration=configuration)
+            except config.ConfigException:
+                # KUBECONFIG is read now, not when the kubernetes package was imported.
+                config.load_kube_config(config_file=key or None, client_configuration=configuration)
+            _configured[key] = client.ApiClient(configuration)
+        return _configured[key]
+
+
+def reset_client() -> None:
+    """Forget the configured client (the next adapter reads ``KUBECONFIG`` again)."""
+    with _config_lock:
+        _configured.clear()
+
+
+class ConfigNotReadable(Exception):
+    """A ConfigMap (or key) holding a model config is missing or is not a JSON object."""
+
+
+class Cluster:
+    """Reads the inventory (nodes, kubevram workloads) and applies children."""
+
+    def __init__(self, api: client.ApiClient | None = None) -> None:
+        self.api = api or api_client()
+
+    # ------------------------------------------------------------------------------------ reading
+
+    def _request(
+        self, method: str, path: str, body: Any = None, content_type: str = "application/json"
+    ) -> Any:
+        """One API call; non-2xx answers raise ``ApiException`` (``.status`` 404, 409, ...)."""
+        headers = {"Accept": "application/json"}
+        if body is not None:
+            headers["Content-Type"] = content_type
+        method, url, headers, body, post = self.api.param_serialize(
+            method=method, resource_path=path, header_params=headers, body=body, auth_settings=["BearerToken"]
+        )
+        response = self.api.call_api(method, url, header_params=headers, body=body, post_params=post)
+        response.read()
+        text = response.data.decode("utf-8") if response.data else ""
+        if not 200 <= response.status < 300:
+            raise ApiException(status=response.status, reason=response.reason, body=text)
+        return json.loads(text) if text else None
+
+    def _get(self, path: str) -> dict[str, Any] | None:
+        try:
+            data = self._request("GET", path)
+        except ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise
+        return data if isinstance(data, dict) else None
+
+    def _raw(self, method: str, path: str, body: Any = None, content_type: str = "application/json") -> Any:
+        return self._request(method, path, body, content_type)
+
+    def list_nodes(self) -> list[dict[str, Any]]:
+        """Every Node as the API returns it (plain dicts with GFD labels and allocatable)."""
+        data = self._get("/api/v1/nodes") or {}
+        return list(data.get("items") or [])
+
+    def list_workloads(self) -> list[dict[str, Any]]:
+        """Every Deployment kubevram manages, in every namespace."""
+        selector = f"{LABEL_MANAGED_BY}={MANAGED_BY}"
+        data = self._get(f"/apis/apps/v1/deployments?labelSelector={selector}") or {}
+        items = data.get("items") or []
+        # The label selector is a server-side filter; filter again for servers that ignore it.
+        return [d for d in items if (d.get("metadata", {}).get("labels") or {}).get(LABEL_MANAGED_BY) == MANAGED_BY]
+
+    def list_owned_workloads(self, namespace: str, name: str) -> list[dict[str, Any]]:
+        return [
+            d
+            for d in self.list_workloads()
+            if d["metadata"].get("namespace") == namespace
+            and (d["metadata"].get("labels") or {}).get(LABEL_DEPLOYMENT) == name
+        ]
+
+    def reservations(self) -> list[dict[str, Any]]:
+        """kubevram's reservations as pod-shaped dicts, one per replica of every worker workload.
+
+        The pod template carries the reservation annotation; a workload with N replicas reserves N
+        times. Reading templates rather than pods counts replicas whose pods do not exist yet (just
+        applied, or pending), so two plans made a second apart never book the same GPU twice.
+        """
+        pods = []
+        for workload in self.list_workloads():
+            meta = workload["metadata"]
+            template_meta = ((workload.get("spec") or {}).get("template") or {}).get("metadata") or {}
+            annotations = template_meta.get("annotations") or {}
+            if RESERVATION not in annotations:
+                continue
+            try:
+                node = json.loads(annotations[RESERVATION]).get("node") or ""
+            except (ValueError, AttributeError):
+                continue
+            for index in range(int((workload.get("spec") or {}).get("replicas") or 0)):
+                pods.append(
+                    {
+                        "apiVersion": "v1",
+                        "kind": "Pod",
+                        "metadata": {
+                            "name": f"{meta['name']}-{index}",
+                            "namespace": meta.get("namespace"),
+                            "labels": dict(template_meta.get("labels") or {}),
+                            "annotations": dict(annotations),
+                        },
+                        "spec": {"nodeName": node} if node else {},
+                        "status": {"phase": "Running" if node else "Pending"},
+                    }
+                )
+        return pods
+
+    def read_config_json(self, namespace: str, name: str, key: str) -> dict[str, Any]:
+        """The JSON object under ``key`` of a ConfigMap; ``ConfigNotReadable`` says why not."""
+        cm = self._get(f"/api/v1/namespaces/{namespace}/configmaps/{name}")
+        if cm is None:
+            raise ConfigNotReadable(f"ConfigMap {namespace}/{name} not found")
+        text = (cm.get("data") or {}).get(key)
+        if text is None:
+            raise ConfigNotReadable(f"ConfigMap {namespace}/{name} has no key {key!r}")
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ConfigNotReadable(f"{key!r} of ConfigMap {namespace}/{name} is not JSON: {exc.msg}") from None
+        if not isinstance(value, dict):
+            raise ConfigNotReadable(f"{key!r} of ConfigMap {namespace}/{name} is not a JSON object")
+        return value
+
+    def get_secret(self, namespace: str, name: str) -> dict[str, Any] | None:
+        return self._get(f"/api/v1/namespaces/{namespace}/secrets/{name}")
+
+    # ------------------------------------------------------------------------------------ writing
+
+    @staticmethod
+    def _collection(manifest: dict[str, Any]) -> str:
+        api_version = manifest["apiVersion"]
+        plural = _PLURALS[manifest["kind"]]
+        namespace = manifest["metadata"].get("namespace")
+        prefix = f"/api/{api_version}" if "/" not in api_version else f"/apis/{api_version}"
+        return f"{prefix}/namespaces/{namespace}/{plural}" if namespace else f"{prefix}/{plural}"
+
+    def apply(self, manifest: dict[str, Any]) -> str:
+        """Create the object, or merge-patch it when it exists. Returns ``created`` or ``patched``."""
+        collection = self._collection(manifest)
+        path = f"{collection}/{manifest['metadata']['name']}"
+        if self._get(path) is None:
+            try:
+                self._raw("POST", collection, manifest)
+                return "created"
+            except ApiException as exc:
+                if exc.status != 409:
+                    raise
+        self._raw("PATCH", path, manifest, MERGE_PATCH)
+        return "patched"
+
+    def create_if_absent(self, manifest: dict[str, Any]) -> bool:
+        """Create the object unless it exists (never touch an existing one). True when created."""
+        collection = self._collection(manifest)
+        if self._get(f"{collection}/{manifest['metadata']['name']}") is not None:
+            return False
+        try:
+            self._raw("POST", collection, manifest)
+        except ApiException as exc:
+            if exc.status == 409:
+                return False
+            raise
+        return True
+
+    def delete(self, manifest_or_kind: dict[str, Any]) -> None:
+        """Delete one object; a missing object is not an error."""
+        path = f"{self._collection(manifest_or_kind)}/{manifest_or_kind['metadata']['name']}"
+        try:
+            self._raw("DELETE", path, {"propagationPolicy": "Background"})
+        except ApiException as exc:
+            if exc.status != 404:
+                raise
+
+    def delete_workloads(self, workloads: Iterable[dict[str, Any]]) -> None:
+        for workload in workloads:
+            self.delete({"apiVersion": "apps/v1", "kind": "Deployment", "metadata": workload["metadata"]})
+
+
+_PLURALS = {
+    "ConfigMap": "configmaps",
+    "Secret": "secrets",
+    "Service": "services",
+    "ServiceAccount": "serviceaccounts",
+    "Deployment": "deployments",
+    "RoleBinding": "rolebindings",
+    "Node": "nodes",
+    "Namespace": "namespaces",
+    "Pod": "pods",
+}

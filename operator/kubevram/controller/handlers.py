@@ -1,0 +1,58 @@
+"""kopf handlers for LLMDeployment: each is a decorator, a one-line docstring and one call.
+
+The work lives in ``kubevram.controller.reconcile`` (plan, render, apply, report); importing this
+module registers the handlers with kopf and does nothing else.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import kopf
+
+from kubevram.api.v1alpha1 import GROUP, PLURAL, VERSION
+from kubevram.controller.adapter import Cluster
+from kubevram.controller.reconcile import Reconciler, Settings
+
+RESOURCE = (GROUP, VERSION, PLURAL)
+#: How often ready replicas are re-read from the workloads (seconds; the chart may set it).
+READY_INTERVAL = float(os.environ.get("KUBEVRAM_READY_INTERVAL") or 15)
+
+
+def reconciler(body: kopf.Body) -> Reconciler:
+    """A reconciler on the cluster in KUBECONFIG, reporting events on ``body``."""
+
+    def report(reason: str, message: str, warning: bool) -> None:
+        (kopf.warn if warning else kopf.info)(body, reason=reason, message=message)
+
+    return Reconciler(Cluster(), Settings.from_env(), report=report)
+
+
+@kopf.on.startup()
+def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
+    """Keep kopf's bookkeeping under kubevram's own annotation prefix and finalizer."""
+    settings.persistence.finalizer = f"{GROUP}/finalizer"
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix=GROUP)
+    settings.posting.level = 20  # logging.INFO: plan decisions become events on the resource
+
+
+@kopf.on.create(*RESOURCE)
+@kopf.on.update(*RESOURCE, field="spec")
+@kopf.on.resume(*RESOURCE)
+def reconcile(body: kopf.Body, patch: kopf.Patch, **_: Any) -> None:
+    """Plan the deployment against the cluster and apply its children."""
+    reconciler(body).plan_and_apply(body, patch)
+
+
+@kopf.on.delete(*RESOURCE)
+def release(body: kopf.Body, logger: kopf.Logger, **_: Any) -> None:
+    """Remove the workloads at once, so their GPUs are free for the next plan."""
+    logger.info("released the reservations of %d workload(s)", reconciler(body).release(body))
+
+
+@kopf.timer(*RESOURCE, interval=READY_INTERVAL, idle=READY_INTERVAL / 2)
+def readiness(body: kopf.Body, patch: kopf.Patch, **_: Any) -> None:
+    """Copy the workloads' ready replicas into the status."""
+    reconciler(body).refresh_readiness(body, patch)

@@ -1,0 +1,314 @@
+"""One reconciliation of an LLMDeployment: parse, read the inventory, plan, render, apply, report.
+
+``plan_and_apply`` is the one function the kopf handlers call on create, update and resume. It is
+idempotent: run twice on the same cluster it makes no second child, and a restarted operator
+finds what it made by name. Outcomes:
+
+* a spec the schema could not reject (unreadable model config, a model no node could ever hold
+  without offload) -> ``Planned=False`` naming the field and value, no children,
+  ``kopf.PermanentError`` (no retries until the spec changes);
+* replicas that fit nowhere now -> ``Scheduled=False`` with the numbers, a ``<name>-pending``
+  workload whose node affinity asks the cluster autoscaler for a big enough GPU, and
+  ``kopf.TemporaryError(delay=...)``: the retry re-plans against the nodes of that moment;
+* otherwise ``Planned`` and ``Scheduled`` are True and the workloads run.
+
+Re-planning keeps what runs: when only ``spec.replicas`` changed (a scale), placed replicas stay
+where they are and only the difference is planned (or removed, newest first); any other spec change
+re-plans every replica and rolls the workloads out.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import secrets
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import kopf
+from kubernetes.client.exceptions import ApiException
+
+from kubevram.api.errors import SpecError
+from kubevram.api.load import parse_deployment
+from kubevram.api.v1alpha1 import DEFAULT_WORKER_IMAGE, LLMDeployment
+from kubevram.controller import render, status
+from kubevram.controller.adapter import Cluster, ConfigNotReadable
+
+log = logging.getLogger(__name__)
+
+#: ``planner(deployment, nodes, pods, model_config) -> plan JSON`` for one deployment.
+Planner = Callable[[LLMDeployment, list[dict[str, Any]], list[dict[str, Any]], dict[str, Any] | None], dict[str, Any]]
+
+PLAN_INPUT = "llm.kubevram.io/plan-input"
+TRANSIENT_STATUSES = {409, 429, 500, 502, 503, 504}
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The operator's knobs, from its environment (the Helm chart sets them)."""
+
+    worker_image: str | None = None
+    worker_cluster_role: str = "kubevram-worker"
+    retry_delay: float = 30.0
+    ready_interval: float = 15.0
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
+        env = os.environ if env is None else env
+        return cls(
+            worker_image=env.get("KUBEVRAM_WORKER_IMAGE") or None,
+            worker_cluster_role=env.get("KUBEVRAM_WORKER_CLUSTERROLE") or "kubevram-worker",
+            retry_delay=float(env.get("KUBEVRAM_RETRY_DELAY") or 30),
+            ready_interval=float(env.get("KUBEVRAM_READY_INTERVAL") or 15),
+        )
+
+    def image_for(self, deployment: LLMDeployment) -> str:
+        if self.worker_image and deployment.spec.worker.image == DEFAULT_WORKER_IMAGE:
+            return self.worker_image
+        return deployment.spec.worker.image
+
+
+def default_planner() -> Planner:
+    from kubevram.controller.planning import plan_deployment
+
+    return plan_deployment
+
+
+def plan_input_hash(deployment: LLMDeployment, model_config: Mapping[str, Any] | None) -> str:
+    """Everything a placement depends on except the replica count: equal hashes mean 'only scaled'."""
+    spec = deployment.spec.model_dump(mode="json")
+    spec.pop("replicas", None)
+    return render._digest({"spec": spec, "config": model_config}, 16)
+
+
+class Reconciler:
+    """Holds the cluster adapter, the planner and the settings for one reconciliation."""
+
+    def __init__(
+        self,
+        cluster: Cluster,
+        settings: Settings,
+        planner: Planner | None = None,
+        report: Callable[[str, str, bool], None] | None = None,
+    ) -> None:
+        self.cluster = cluster
+        self.settings = settings
+        self.planner = planner or default_planner()
+        self.report = report or (lambda reason, message, warning: None)
+
+    # ------------------------------------------------------------------------------ the steps
+
+    def _fail(self, body: Mapping[str, Any], patch: Any, type_: str, reason: str, message: str) -> None:
+        meta = body["metadata"]
+        patch.status.update(
+            status.failed_status(
+                meta["name"],
+                type_,
+                reason,
+                message,
+                generation=meta.get("generation"),
+                old_conditions=(body.get("status") or {}).get("conditions"),
+                now=status.now_rfc3339(),
+            )
+        )
+        self.report(reason, message, True)
+
+    def _model_config(self, deployment: LLMDeployment) -> dict[str, Any] | None:
+        model = deployment.spec.model
+        if model.config is not None:
+            return dict(model.config)
+        if model.configMapRef is not None:
+            ref = model.configMapRef
+            try:
+                return self.cluster.read_config_json(deployment.namespace, ref.name, ref.key)
+            except ConfigNotReadable as exc:
+                raise SpecError(
+                    "spec.model.configMapRef", f"{{name: {ref.name!r}, key: {ref.key!r}}}: {exc}"
+                ) from None
+        return None
+
+    def _previous_plan(self, namespace: str, name: str) -> tuple[dict[str, Any] | None, str | None]:
+        cm = self.cluster._get(f"/api/v1/namespaces/{namespace}/configmaps/{render.config_map_name(name)}")
+        if cm is None:
+            return None, None
+        try:
+            plan = json.loads((cm.get("data") or {}).get("plan.json") or "null")
+        except json.JSONDecodeError:
+            return None, None
+        return plan, ((cm.get("metadata") or {}).get("annotations") or {}).get(PLAN_INPUT)
+
+    def _plan(
+        self,
+        deployment: LLMDeployment,
+        model_config: dict[str, Any] | None,
+        input_hash: str,
+        nodes: list[dict[str, Any]],
+        pods: list[dict[str, Any]],
+    ) -> tuple[dict[str, Any], str]:
+        """The new plan and how it was made (``full``, ``kept``, ``scaled-down``, ``scaled-up``)."""
+        name, namespace = deployment.name, deployment.namespace
+        desired = deployment.spec.replicas
+        own = [
+            p
+            for p in pods
+            if p["metadata"].get("namespace") == namespace
+            and p["metadata"].get("labels", {}).get(render.LABEL_DEPLOYMENT) == name
+        ]
+        others = [p for p in pods if p not in own]
+        previous, previous_hash = self._previous_plan(namespace, name)
+        if previous is None or previous_hash != input_hash:
+            return self.planner(deployment, nodes, others, model_config), "full"
+        kept = list(previous.get("replicas") or [])
+        if desired <= len(kept):
+            plan = {**previous, "replicas": kept[:desired], "unscheduled": {"count": 0, "reason": ""}}
+            return plan, "kept" if desired == len(kept) and not _pending(previous) else "scaled-down"
+        # Plan only the difference; the kept replicas' workloads stay in the inventory as reservations.
+        placed_pods = [p for p in own if (p.get("spec") or {}).get("nodeName")]
+        delta = deployment.model_copy(update={"spec": deployment.spec.model_copy(update={"replicas": desired - len(kept)})})
+        extra = self.planner(delta, nodes, others + placed_pods, model_config)
+        plan = {**extra, "replicas": kept + list(extra.get("replicas") or [])}
+        return plan, "scaled-up" if desired > len(kept) + _pending(previous) or extra.get("replicas") else "kept"
+
+    def _fits_empty_cluster(
+        self, deployment: LLMDeployment, model_config: dict[str, Any] | None, nodes: list[dict[str, Any]]
+    ) -> bool:
+        one = deployment.model_copy(update={"spec": deployment.spec.model_copy(update={"replicas": 1})})
+        return bool(self.planner(one, nodes, [], model_config).get("replicas"))
+
+    # ------------------------------------------------------------------------------- the whole
+
+    def plan_and_apply(self, body: Mapping[str, Any], patch: Any) -> None:
+        meta = body["metadata"]
+        name, namespace = meta["name"], meta.get("namespace") or "default"
+        source = f"{namespace}/{name}"
+        try:
+            deployment = parse_deployment(
+                {"apiVersion": body.get("apiVersion"), "kind": body.get("kind"), "metadata": dict(meta),
+                 "spec": dict(body.get("spec") or {})},
+            )
+            model_config = self._model_config(deployment)
+            nodes = self.cluster.list_nodes()
+            pods = self.cluster.reservations()
+            input_hash = plan_input_hash(deployment, model_config)
+            plan, how = self._plan(deployment, model_config, input_hash, nodes, pods)
+            if not plan.get("replicas") and _pending(plan) and deployment.spec.placement.offload == "none":
+                if not self._fits_empty_cluster(deployment, model_config, nodes):
+                    total = (plan.get("estimate") or {}).get("totalBytes")
+                    largest = _largest_node_mib(nodes)
+                    raise SpecError(
+                        "spec.placement.offload",
+                        f"'none', but one replica needs {status.gib(total) if total else 'more'} of GPU memory "
+                        f"and no node could hold it even empty (largest node: {largest} MiB of GPU memory); "
+                        "allow offload: cpu, lower spec.precision.weights or add bigger GPU nodes",
+                    )
+        except SpecError as exc:
+            field = exc.field or "spec"
+            self._fail(body, patch, status.PLANNED, "InvalidSpec", f"{field}: {exc.message}")
+            raise kopf.PermanentError(f"{source}: {exc}") from None
+        except ApiException as exc:
+            raise _transient(exc, self.settings) from None
+
+        try:
+            self._apply(body, deployment, plan, input_hash)
+        except ApiException as exc:
+            raise _transient(exc, self.settings) from None
+
+        ready = sum(
+            int((w.get("status") or {}).get("readyReplicas") or 0)
+            for w in self.cluster.list_owned_workloads(namespace, name)
+        )
+        new_status = status.planned_status(
+            name,
+            plan,
+            desired=deployment.spec.replicas,
+            ready=ready,
+            generation=meta.get("generation"),
+            old_conditions=(body.get("status") or {}).get("conditions"),
+            now=status.now_rfc3339(),
+        )
+        patch.status.update(new_status)
+        placed = len(plan.get("replicas") or [])
+        nodes_used = sorted({r["node"] for r in plan.get("replicas") or []})
+        self.report(
+            "Planned",
+            f"{how}: {placed} replica(s) placed on {', '.join(nodes_used) or 'no node'}, "
+            f"{_pending(plan)} pending; {new_status['vramPerReplica'] or '?'} GPU memory per replica",
+            False,
+        )
+        if _pending(plan):
+            reason = (plan.get("unscheduled") or {}).get("reason") or "no node has room"
+            self.report("Unschedulable", f"{_pending(plan)} replica(s) pending: {reason}", True)
+            raise kopf.TemporaryError(
+                f"{source}: {_pending(plan)} replica(s) pending: {reason}", delay=self.settings.retry_delay
+            )
+
+    def _apply(self, body: Mapping[str, Any], deployment: LLMDeployment, plan: dict[str, Any], input_hash: str) -> None:
+        name, namespace = deployment.name, deployment.namespace
+        self.cluster.create_if_absent(render.render_secret(body, secrets.token_urlsafe(32)))
+        children = render.render_children(
+            body, deployment.spec, plan,
+            image=self.settings.image_for(deployment),
+            cluster_role=self.settings.worker_cluster_role,
+        )
+        for child in children:
+            if child["kind"] == "ConfigMap":
+                child["metadata"]["annotations"] = {PLAN_INPUT: input_hash}
+            self.cluster.apply(child)
+        wanted = {c["metadata"]["name"] for c in children if c["kind"] == "Deployment"}
+        stale = [w for w in self.cluster.list_owned_workloads(namespace, name) if w["metadata"]["name"] not in wanted]
+        self.cluster.delete_workloads(stale)
+
+    def release(self, body: Mapping[str, Any]) -> int:
+        """On deletion: remove the workloads now, so their GPUs are free for the next plan."""
+        meta = body["metadata"]
+        owned = self.cluster.list_owned_workloads(meta.get("namespace") or "default", meta["name"])
+        self.cluster.delete_workloads(owned)
+        return len(owned)
+
+    def refresh_readiness(self, body: Mapping[str, Any], patch: Any) -> None:
+        """Ready replicas from the workloads' status, with the Ready condition and phase."""
+        meta = body["metadata"]
+        old = body.get("status") or {}
+        if old.get("phase") in (None, "Failed"):
+            return
+        owned = self.cluster.list_owned_workloads(meta.get("namespace") or "default", meta["name"])
+        ready = sum(int((w.get("status") or {}).get("readyReplicas") or 0) for w in owned)
+        desired = int((body.get("spec") or {}).get("replicas") or 0)
+        if ready == old.get("readyReplicas") and old.get("conditions"):
+            return
+        pending = int((old.get("autoscaling") or {}).get("pendingReplicas") or 0)
+        ok = ready >= desired
+        patch.status["readyReplicas"] = ready
+        patch.status["conditions"] = status.merge_conditions(
+            old.get("conditions"),
+            [status.condition(status.READY, ok, "AllReplicasReady" if ok else "ReplicasNotReady",
+                              f"{ready} of {desired} replica(s) ready", meta.get("generation"))],
+            status.now_rfc3339(),
+        )
+        patch.status["phase"] = (
+            "Scheduling" if pending else "Running" if ok and desired else "Degraded" if ready else "Planned"
+        )
+
+
+def _pending(plan: Mapping[str, Any]) -> int:
+    return int((plan.get("unscheduled") or {}).get("count") or 0)
+
+
+def _largest_node_mib(nodes: list[dict[str, Any]]) -> int:
+    best = 0
+    for node in nodes:
+        labels = (node.get("metadata") or {}).get("labels") or {}
+        try:
+            best = max(best, int(labels.get("nvidia.com/gpu.memory", 0)) * int(labels.get("nvidia.com/gpu.count", 0)))
+        except ValueError:
+            continue
+    return best
+
+
+def _transient(exc: ApiException, settings: Settings) -> Exception:
+    """API errors worth a retry (conflicts, throttling, server errors) become ``TemporaryError``."""
+    if exc.status in TRANSIENT_STATUSES:
+        return kopf.TemporaryError(f"API {exc.status} {exc.reason}: retrying", delay=min(settings.retry_delay, 5))
+    return exc

@@ -1,0 +1,426 @@
+"""Pure rendering: an LLMDeployment and its plan in, the children's manifests out.
+
+No API calls and no globals: everything a manifest depends on (the resource's body, the plan JSON,
+the worker image, the ClusterRole name) is an argument, so every rule here is tested with plain
+dicts. The plan is the JSON form of ``kubevram plan -o json`` for one deployment::
+
+    {"name": ..., "estimate": {...}, "replicas": [{"node", "gpus", "maxMemory", "deviceMap"}, ...],
+     "unscheduled": {"count", "reason", "autoscaling": {"gpuClass", "minGpuMemoryMiB", "gpuCount"}}}
+
+Children, all in the resource's namespace and owned by it (garbage-collected with it):
+
+* ConfigMap ``<name>-plan``: one ``plan-<shape>.json`` (a ``WorkerPlan``) per distinct device map;
+* Secret ``<name>-admin``: the admin token (rendered once; never rotated by a reconcile);
+* ServiceAccount ``<name>-worker`` and RoleBinding ``<name>-worker`` to the workers' ClusterRole;
+* Service ``<name>``: port 8000 (the OpenAI API); the admin port 8001 stays out of it;
+* one Deployment ``<name>-<shape>`` per placement shape (node, node GPUs and budgets), pinned to its
+  node, and ``<name>-pending`` for replicas that fit nowhere yet, whose node affinity on
+  ``nvidia.com/gpu.memory`` tells the cluster autoscaler which node group to grow.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping
+from typing import Any
+
+from kubevram.api.v1alpha1 import API_VERSION, KIND, LLMDeploymentSpec
+from kubevram.api.workerplan import WorkerPlan
+
+MANAGED_BY = "kubevram"
+LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
+LABEL_DEPLOYMENT = "llm.kubevram.io/deployment"
+LABEL_SHAPE = "llm.kubevram.io/shape"
+RESERVATION = "llm.kubevram.io/reservation"
+PLAN_HASH = "llm.kubevram.io/plan-hash"
+PENDING = "pending"
+
+PLAN_DIR = "/etc/kubevram"
+MODEL_DIR = "/models"
+OFFLOAD_DIR = "/offload"
+API_PORT = 8000
+ADMIN_PORT = 8001
+TOKEN_KEY = "token"
+GPU_RESOURCE = "nvidia.com/gpu"
+GPU_MEMORY_LABEL = "nvidia.com/gpu.memory"
+HOSTNAME_LABEL = "kubernetes.io/hostname"
+
+
+def _digest(value: Any, length: int = 8) -> str:
+    text = json.dumps(value, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:length]
+
+
+def _base_name(name: str) -> str:
+    # Deployment names become pod name prefixes: keep room for "-<shape>-<rs hash>-<pod hash>".
+    return name[:36].rstrip("-")
+
+
+def config_map_name(name: str) -> str:
+    return f"{_base_name(name)}-plan"
+
+
+def secret_name(name: str) -> str:
+    return f"{_base_name(name)}-admin"
+
+
+def service_account_name(name: str) -> str:
+    return f"{_base_name(name)}-worker"
+
+
+def selector_labels(name: str) -> dict[str, str]:
+    """The labels every worker pod of the deployment carries (the Service's and HPA's selector)."""
+    return {LABEL_MANAGED_BY: MANAGED_BY, LABEL_DEPLOYMENT: name}
+
+
+def selector_string(name: str) -> str:
+    return ",".join(f"{k}={v}" for k, v in selector_labels(name).items())
+
+
+def owner_reference(body: Mapping[str, Any]) -> dict[str, Any]:
+    meta = body["metadata"]
+    return {
+        "apiVersion": API_VERSION,
+        "kind": KIND,
+        "name": meta["name"],
+        "uid": meta["uid"],
+        "controller": True,
+        "blockOwnerDeletion": True,
+    }
+
+
+def _metadata(body: Mapping[str, Any], name: str, **labels: str) -> dict[str, Any]:
+    return {
+        "name": name,
+        "namespace": body["metadata"].get("namespace") or "default",
+        "labels": {
+            "app.kubernetes.io/name": "kubevram-worker",
+            "app.kubernetes.io/instance": body["metadata"]["name"],
+            **selector_labels(body["metadata"]["name"]),
+            **labels,
+        },
+        "ownerReferences": [owner_reference(body)],
+    }
+
+
+# ------------------------------------------------------------------------------------- shapes
+
+
+def worker_shape(replica: Mapping[str, Any] | None) -> str:
+    """The key of a worker plan: replicas with the same device map and budgets share one plan file."""
+    if replica is None:
+        return PENDING
+    return _digest({"maxMemory": replica.get("maxMemory"), "deviceMap": replica.get("deviceMap")})
+
+
+def placement_shape(replica: Mapping[str, Any]) -> str:
+    """The key of a workload: node, node GPUs and budgets (replicas that are exactly alike)."""
+    return _digest(
+        {
+            "node": replica.get("node"),
+            "gpus": replica.get("gpus"),
+            "maxMemory": replica.get("maxMemory"),
+            "deviceMap": replica.get("deviceMap"),
+        }
+    )
+
+
+def plan_key(shape: str) -> str:
+    return f"plan-{shape}.json"
+
+
+def group_replicas(plan: Mapping[str, Any]) -> list[tuple[str, list[dict[str, Any]]]]:
+    """Placed replicas grouped by placement shape, in plan order: ``[(shape, [replica, ...]), ...]``."""
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for replica in plan.get("replicas") or []:
+        groups.setdefault(placement_shape(replica), []).append(dict(replica))
+    return list(groups.items())
+
+
+def reservation(replica: Mapping[str, Any] | None, sharing: str) -> dict[str, Any]:
+    """``{"node", "gpus": {node GPU index: bytes}, "sharing"}``: what one pod holds, for later plans."""
+    if replica is None:
+        return {"node": "", "gpus": {}, "sharing": sharing}
+    budgets = replica.get("maxMemory") or {}
+    gpus = {str(node_index): int(budgets.get(str(pod_index), 0)) for pod_index, node_index in enumerate(replica["gpus"])}
+    return {"node": replica.get("node") or "", "gpus": gpus, "sharing": sharing}
+
+
+# ---------------------------------------------------------------------------------- the plans
+
+
+def worker_plan(body: Mapping[str, Any], spec: LLMDeploymentSpec, replica: Mapping[str, Any] | None) -> WorkerPlan:
+    """What one worker loads: the spec's serving settings plus the replica's device map and budgets."""
+    device_map = dict(replica["deviceMap"]) if replica and replica.get("deviceMap") is not None else None
+    max_memory = {k: int(v) for k, v in replica["maxMemory"].items()} if replica and replica.get("maxMemory") else None
+    uses_disk = bool(max_memory and "disk" in max_memory) or bool(
+        device_map and "disk" in device_map.values()
+    )
+    return WorkerPlan.model_validate(
+        {
+            "deployment": {"name": body["metadata"]["name"], "namespace": body["metadata"].get("namespace") or "default"},
+            "model": {"id": spec.model.id, "trustRemoteCode": spec.model.trustRemoteCode},
+            "precision": spec.precision.model_dump(),
+            "serving": spec.serving.model_dump(),
+            "generation": spec.generation.model_dump(),
+            "memoryRelease": spec.memoryRelease.model_dump(),
+            "deviceMap": device_map,
+            "maxMemory": max_memory,
+            "offloadFolder": OFFLOAD_DIR if uses_disk else None,
+        }
+    )
+
+
+def render_config_map(body: Mapping[str, Any], spec: LLMDeploymentSpec, plan: Mapping[str, Any]) -> dict[str, Any]:
+    data: dict[str, str] = {}
+    for replica in plan.get("replicas") or []:
+        data.setdefault(plan_key(worker_shape(replica)), worker_plan(body, spec, replica).to_json())
+    if (plan.get("unscheduled") or {}).get("count"):
+        data[plan_key(PENDING)] = worker_plan(body, spec, None).to_json()
+    data["plan.json"] = json.dumps(dict(plan), indent=2, sort_keys=True)
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": _metadata(body, config_map_name(body["metadata"]["name"])),
+        "data": data,
+    }
+
+
+# ------------------------------------------------------------------------------ the workloads
+
+
+def _model_argument(spec: LLMDeploymentSpec) -> str:
+    if spec.model.volume and not spec.model.id.startswith("/"):
+        return f"{MODEL_DIR}/{spec.model.id}"
+    return spec.model.id
+
+
+def _gpu_count(replica: Mapping[str, Any] | None, plan: Mapping[str, Any], spec: LLMDeploymentSpec) -> int:
+    if replica is not None:
+        return max(1, len(replica.get("gpus") or []))
+    autoscaling = (plan.get("unscheduled") or {}).get("autoscaling") or {}
+    return max(1, int(autoscaling.get("gpuCount") or spec.placement.gpusPerReplica or 1))
+
+
+def _affinity(replica: Mapping[str, Any] | None, plan: Mapping[str, Any]) -> dict[str, Any]:
+    if replica is not None:
+        expressions = [{"key": HOSTNAME_LABEL, "operator": "In", "values": [replica["node"]]}]
+    else:
+        autoscaling = (plan.get("unscheduled") or {}).get("autoscaling") or {}
+        terms = autoscaling.get("nodeAffinity")
+        if terms:
+            return {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": terms}}}
+        expressions = []
+        mib = autoscaling.get("minGpuMemoryMiB")
+        if mib:
+            # Gt is strict: a GPU of exactly minGpuMemoryMiB fits.
+            expressions.append({"key": GPU_MEMORY_LABEL, "operator": "Gt", "values": [str(int(mib) - 1)]})
+        if not expressions:
+            expressions.append({"key": GPU_MEMORY_LABEL, "operator": "Exists"})
+    return {
+        "nodeAffinity": {
+            "requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [{"matchExpressions": expressions}]}
+        }
+    }
+
+
+def _resources(
+    spec: LLMDeploymentSpec, replica: Mapping[str, Any] | None, plan: Mapping[str, Any]
+) -> dict[str, Any]:
+    user = spec.worker.resources or {}
+    requests = {k: str(v) for k, v in (user.get("requests") or {}).items()}
+    limits = {k: str(v) for k, v in (user.get("limits") or {}).items()}
+    gpus = str(_gpu_count(replica, plan, spec))
+    requests[GPU_RESOURCE] = gpus
+    limits[GPU_RESOURCE] = gpus
+    cpu_budget = ((replica or {}).get("maxMemory") or {}).get("cpu")
+    if cpu_budget and "memory" not in requests:
+        # CPU-offloaded layers live in the pod's memory: ask the scheduler for it.
+        requests["memory"] = str(int(cpu_budget))
+    return {"requests": requests, "limits": limits}
+
+
+def _env(body: Mapping[str, Any], spec: LLMDeploymentSpec) -> list[dict[str, Any]]:
+    name = body["metadata"]["name"]
+    env: list[dict[str, Any]] = [
+        {
+            "name": "KUBEVRAM_ADMIN_TOKEN",
+            "valueFrom": {"secretKeyRef": {"name": secret_name(name), "key": TOKEN_KEY}},
+        },
+        {"name": "KUBEVRAM_DEPLOYMENT", "value": name},
+        {"name": "KUBEVRAM_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
+        {"name": "KUBEVRAM_POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+        {"name": "KUBEVRAM_NODE_NAME", "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}},
+    ]
+    if spec.model.volume:
+        env.append({"name": "HF_HUB_OFFLINE", "value": "1"})
+    names = {e["name"] for e in spec.worker.env if isinstance(e, dict)}
+    return [e for e in env if e["name"] not in names] + [dict(e) for e in spec.worker.env]
+
+
+def render_workload(
+    body: Mapping[str, Any],
+    spec: LLMDeploymentSpec,
+    plan: Mapping[str, Any],
+    *,
+    shape: str,
+    replica: Mapping[str, Any] | None,
+    count: int,
+    image: str,
+) -> dict[str, Any]:
+    """One Deployment: ``count`` replicas alike (``replica`` None: the pending ones)."""
+    name = body["metadata"]["name"]
+    key = plan_key(worker_shape(replica))
+    labels = {**selector_labels(name), LABEL_SHAPE: shape}
+    template_annotations = {
+        RESERVATION: json.dumps(reservation(replica, spec.placement.sharing), sort_keys=True),
+        PLAN_HASH: _digest(worker_plan(body, spec, replica).model_dump(mode="json")),
+    }
+    volumes: list[dict[str, Any]] = [
+        {"name": "plan", "configMap": {"name": config_map_name(name), "items": [{"key": key, "path": key}]}}
+    ]
+    mounts: list[dict[str, Any]] = [{"name": "plan", "mountPath": PLAN_DIR, "readOnly": True}]
+    if spec.model.volume:
+        volumes.append({"name": "model", **spec.model.volume})
+        mounts.append({"name": "model", "mountPath": MODEL_DIR, "readOnly": True})
+    if spec.placement.offload == "disk":
+        volumes.append({"name": "offload", "emptyDir": {}})
+        mounts.append({"name": "offload", "mountPath": OFFLOAD_DIR})
+    tolerations = [{"key": GPU_RESOURCE, "operator": "Exists", "effect": "NoSchedule"}]
+    tolerations += [t.model_dump(exclude_none=True) for t in spec.placement.tolerations]
+    container = {
+        "name": "worker",
+        "image": image,
+        "command": ["kubevram"],
+        "args": [
+            "worker",
+            "--model",
+            _model_argument(spec),
+            "--plan",
+            f"{PLAN_DIR}/{key}",
+            "--port",
+            str(API_PORT),
+            "--admin-port",
+            str(ADMIN_PORT),
+        ],
+        "ports": [
+            {"name": "http", "containerPort": API_PORT, "protocol": "TCP"},
+            {"name": "admin", "containerPort": ADMIN_PORT, "protocol": "TCP"},
+        ],
+        "env": _env(body, spec),
+        "resources": _resources(spec, replica, plan),
+        "volumeMounts": mounts,
+        "startupProbe": {"httpGet": {"path": "/healthz", "port": "http"}, "periodSeconds": 5, "failureThreshold": 60},
+        "livenessProbe": {"httpGet": {"path": "/healthz", "port": "http"}, "periodSeconds": 10, "failureThreshold": 3},
+        "readinessProbe": {"httpGet": {"path": "/readyz", "port": "http"}, "periodSeconds": 5, "failureThreshold": 3},
+    }
+    pod_spec: dict[str, Any] = {
+        "serviceAccountName": service_account_name(name),
+        "affinity": _affinity(replica, plan),
+        "tolerations": tolerations,
+        "containers": [container],
+        "volumes": volumes,
+        "terminationGracePeriodSeconds": 30,
+    }
+    if spec.placement.nodeSelector:
+        pod_spec["nodeSelector"] = dict(spec.placement.nodeSelector)
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": _metadata(body, f"{_base_name(name)}-{shape}", **{LABEL_SHAPE: shape}),
+        "spec": {
+            "replicas": count,
+            "selector": {"matchLabels": labels},
+            # Pinned GPUs leave no room to surge: replace pods one at a time.
+            "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 0, "maxUnavailable": 1}},
+            "template": {
+                "metadata": {
+                    "labels": {"app.kubernetes.io/name": "kubevram-worker", **labels},
+                    "annotations": template_annotations,
+                },
+                "spec": pod_spec,
+            },
+        },
+    }
+
+
+def render_workloads(
+    body: Mapping[str, Any], spec: LLMDeploymentSpec, plan: Mapping[str, Any], *, image: str
+) -> list[dict[str, Any]]:
+    """One Deployment per placement shape, plus ``<name>-pending`` when replicas are unscheduled."""
+    out = [
+        render_workload(body, spec, plan, shape=shape, replica=replicas[0], count=len(replicas), image=image)
+        for shape, replicas in group_replicas(plan)
+    ]
+    pending = int((plan.get("unscheduled") or {}).get("count") or 0)
+    if pending:
+        out.append(render_workload(body, spec, plan, shape=PENDING, replica=None, count=pending, image=image))
+    return out
+
+
+# ---------------------------------------------------------------------- service, RBAC, secret
+
+
+def render_service(body: Mapping[str, Any]) -> dict[str, Any]:
+    name = body["metadata"]["name"]
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": _metadata(body, _base_name(name)),
+        "spec": {
+            "type": "ClusterIP",
+            "selector": selector_labels(name),
+            "ports": [{"name": "http", "port": API_PORT, "targetPort": "http", "protocol": "TCP"}],
+        },
+    }
+
+
+def render_service_account(body: Mapping[str, Any]) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1",
+        "kind": "ServiceAccount",
+        "metadata": _metadata(body, service_account_name(body["metadata"]["name"])),
+    }
+
+
+def render_role_binding(body: Mapping[str, Any], cluster_role: str) -> dict[str, Any]:
+    """Lets the workers patch their LLMDeployment's status (the ClusterRole ships with the chart)."""
+    name = service_account_name(body["metadata"]["name"])
+    return {
+        "apiVersion": "rbac.authorization.k8s.io/v1",
+        "kind": "RoleBinding",
+        "metadata": _metadata(body, name),
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": cluster_role},
+        "subjects": [
+            {"kind": "ServiceAccount", "name": name, "namespace": body["metadata"].get("namespace") or "default"}
+        ],
+    }
+
+
+def render_secret(body: Mapping[str, Any], token: str) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": _metadata(body, secret_name(body["metadata"]["name"])),
+        "type": "Opaque",
+        "stringData": {TOKEN_KEY: token},
+    }
+
+
+def render_children(
+    body: Mapping[str, Any],
+    spec: LLMDeploymentSpec,
+    plan: Mapping[str, Any],
+    *,
+    image: str,
+    cluster_role: str,
+) -> list[dict[str, Any]]:
+    """Every child but the Secret (which is created once, with a random token, by the caller)."""
+    return [
+        render_service_account(body),
+        render_role_binding(body, cluster_role),
+        render_config_map(body, spec, plan),
+        render_service(body),
+        *render_workloads(body, spec, plan, image=image),
+    ]

@@ -1,0 +1,270 @@
+"""A Kubernetes API over HTTP for the operator tests and the benchmark: kmock's emulator, mended.
+
+kmock's ``KubernetesEmulator`` keeps objects in memory and serves list, watch, get, create,
+merge-patch and delete over real HTTP. The operator talks to it exactly as to a cluster: kopf's
+watches and the ``kubernetes`` client both read the kubeconfig this module writes.
+
+It runs in its own thread and event loop, so tests stay synchronous and kopf runs in
+``kopf.testing.KopfRunner``'s thread, as it would in a pod. What this module adds to kmock 0.8
+(the API server's own bookkeeping, which the operator relies on):
+
+* ``metadata.uid``, ``creationTimestamp``, ``resourceVersion`` and a name from ``generateName``
+  (events) on create; ``generation`` starting
+  at 1 and growing by one on every change of ``spec`` (what ``observedGeneration`` is compared with);
+* the discovery of the resources involved (LLMDeployment with its status and scale subresources).
+
+There is no controller-manager: Deployments get no pods and ownerReferences are not
+garbage-collected. Tests read the objects over HTTP, like ``kubectl``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import itertools
+import json
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import kmock
+from kmock._internal import enums
+from kubernetes import client as k8s_client
+from kubernetes.client.exceptions import ApiException
+
+from kubevram.api.v1alpha1 import GROUP, KIND, PLURAL, SHORT_NAMES, SINGULAR, VERSION
+
+LLMD = f"{GROUP}/{VERSION}/{PLURAL}"
+LLMD_PATH = f"/apis/{GROUP}/{VERSION}"
+
+
+class MendedEmulator(kmock.KubernetesEmulator):
+    """kmock's emulator plus the metadata a real API server fills in."""
+
+    _versions = itertools.count(1000)
+
+    async def _handle(self, request: Any) -> Any:
+        data = request.data if isinstance(request.data, dict) else None
+        if request.resource is not None and data is not None:
+            meta = data.setdefault("metadata", {}) if request.action in (
+                enums.action.CREATE, enums.action.UPDATE
+            ) else None
+            if request.action == enums.action.CREATE and meta is not None:
+                meta.setdefault("uid", str(uuid.uuid4()))
+                meta.setdefault(
+                    "creationTimestamp", datetime.datetime.now(tz=datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+                )
+                meta["generation"] = 1
+                if not meta.get("name") and meta.get("generateName"):
+                    meta["name"] = f"{meta['generateName']}{uuid.uuid4().hex[:5]}"
+                if request.namespace and not meta.get("namespace"):
+                    meta["namespace"] = request.namespace
+            elif request.action == enums.action.UPDATE and meta is not None and request.name is not None:
+                key = (request.resource, request.namespace, request.name)
+                if "spec" in data and request.subresource is None and key in self.objects:
+                    current = self.objects[key]
+                    if not current.deleted and current.get("spec") != _merged(current.get("spec"), data["spec"]):
+                        meta["generation"] = int(current.get("metadata", {}).get("generation") or 1) + 1
+            if meta is not None:
+                meta["resourceVersion"] = str(next(self._versions))
+        return await super()._handle(request)
+
+
+def _merged(base: Any, patch: Any) -> Any:
+    """JSON merge patch (RFC 7386), to tell whether a patch changes ``spec``."""
+    if not isinstance(patch, dict) or not isinstance(base, dict):
+        return patch
+    out = dict(base)
+    for key, value in patch.items():
+        if value is None:
+            out.pop(key, None)
+        else:
+            out[key] = _merged(base.get(key), value)
+    return out
+
+
+def declare_resources(emulator: kmock.KubernetesEmulator) -> None:
+    """The resources the operator discovers, watches and writes."""
+    info = emulator.resources[LLMD]
+    info.kind = KIND
+    info.singular = SINGULAR
+    info.namespaced = True
+    info.shortnames = set(SHORT_NAMES)
+    info.verbs = {"list", "watch", "get", "patch", "create", "delete", "update"}
+    info.subresources = {"status", "scale"}
+    for resource, kind, namespaced in [
+        ("v1/nodes", "Node", False),
+        ("v1/namespaces", "Namespace", False),
+        ("v1/pods", "Pod", True),
+        ("v1/configmaps", "ConfigMap", True),
+        ("v1/secrets", "Secret", True),
+        ("v1/services", "Service", True),
+        ("v1/serviceaccounts", "ServiceAccount", True),
+        ("v1/events", "Event", True),
+        ("apps/v1/deployments", "Deployment", True),
+        ("rbac.authorization.k8s.io/v1/rolebindings", "RoleBinding", True),
+    ]:
+        info = emulator.resources[resource]
+        info.kind = kind
+        info.namespaced = namespaced
+        info.verbs = {"list", "watch", "get", "patch", "create", "delete"}
+
+
+class EmulatedCluster:
+    """The emulator on a local port, in a background thread, with a kubeconfig pointing at it."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.kubeconfig = directory / "kubeconfig"
+        self.emulator: MendedEmulator | None = None
+        self.url = ""
+        self._loop = asyncio.new_event_loop()
+        self._ready = threading.Event()
+        self._stop: asyncio.Event | None = None
+        self._thread = threading.Thread(target=self._run, name="kmock", daemon=True)
+        self._api: k8s_client.ApiClient | None = None
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self._loop)
+        self._loop.run_until_complete(self._main())
+
+    async def _main(self) -> None:
+        self._stop = asyncio.Event()
+        async with MendedEmulator() as emulator, kmock.Server(emulator) as server:
+            declare_resources(emulator)
+            self.emulator = emulator
+            self.url = str(server.url).rstrip("/")
+            self._ready.set()
+            await self._stop.wait()
+
+    def start(self) -> EmulatedCluster:
+        self._thread.start()
+        if not self._ready.wait(10):
+            raise RuntimeError("the kmock emulator did not start")
+        self.kubeconfig.write_text(
+            json.dumps(
+                {
+                    "apiVersion": "v1",
+                    "kind": "Config",
+                    "current-context": "kmock",
+                    "clusters": [{"name": "kmock", "cluster": {"server": self.url}}],
+                    "users": [{"name": "kmock", "user": {"token": "kmock"}}],
+                    "contexts": [{"name": "kmock", "context": {"cluster": "kmock", "user": "kmock"}}],
+                }
+            ),
+            encoding="utf-8",
+        )
+        configuration = k8s_client.Configuration()
+        configuration.host = self.url
+        self._api = k8s_client.ApiClient(configuration)
+        # kmock 0.8 misparses /api/v1/namespaces (no plural after "namespaces"): load it as an object.
+        self.call(lambda: self._load("v1/namespaces", None, "default", {"metadata": {"name": "default"}}))
+        return self
+
+    def _load(self, resource: str, namespace: str | None, name: str, obj: dict[str, Any]) -> None:
+        assert self.emulator is not None
+        self.emulator.objects[resource, namespace, name] = {"apiVersion": "v1", "kind": "Namespace", **obj}
+
+    def stop(self) -> None:
+        if self._stop is not None:
+            self._loop.call_soon_threadsafe(self._stop.set)
+        self._thread.join(10)
+
+    def call(self, coro_fn: Callable[[], Any]) -> Any:
+        """Run ``coro_fn()`` in the emulator's loop (to touch kmock's DSL or objects safely)."""
+
+        async def wrapper() -> Any:
+            return coro_fn()
+
+        return asyncio.run_coroutine_threadsafe(wrapper(), self._loop).result(10)
+
+    # ---------------------------------------------------------------------- kubectl over HTTP
+
+    def request(self, method: str, path: str, body: Any = None, content_type: str = "application/json") -> Any:
+        assert self._api is not None
+        headers = {"Accept": "application/json"}
+        if body is not None:
+            headers["Content-Type"] = content_type
+        response = self._api.call_api(method, self.url + path, header_params=headers,
+                                      body=body)
+        response.read()
+        text = response.data.decode("utf-8") if response.data else ""
+        if not 200 <= response.status < 300:
+            raise ApiException(status=response.status, reason=response.reason, body=text)
+        return json.loads(text) if text else None
+
+    def create(self, collection: str, obj: dict[str, Any]) -> Any:
+        return self.request("POST", collection, obj)
+
+    def get(self, path: str) -> dict[str, Any] | None:
+        try:
+            return self.request("GET", path)  # type: ignore[no-any-return]
+        except ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise
+
+    def patch(self, path: str, patch: dict[str, Any]) -> Any:
+        return self.request("PATCH", path, patch, "application/merge-patch+json")
+
+    def delete(self, path: str) -> Any:
+        return self.request("DELETE", path)
+
+    def items(self, collection: str) -> list[dict[str, Any]]:
+        return list((self.get(collection) or {}).get("items") or [])
+
+    # ------------------------------------------------------------------------- conveniences
+
+    def add_node(self, node: dict[str, Any]) -> None:
+        self.create("/api/v1/nodes", node)
+
+    def create_llmd(self, obj: dict[str, Any], namespace: str = "default") -> Any:
+        return self.create(f"{LLMD_PATH}/namespaces/{namespace}/{PLURAL}", obj)
+
+    def llmd_path(self, name: str, namespace: str = "default") -> str:
+        return f"{LLMD_PATH}/namespaces/{namespace}/{PLURAL}/{name}"
+
+    def llmd(self, name: str, namespace: str = "default") -> dict[str, Any] | None:
+        return self.get(self.llmd_path(name, namespace))
+
+    def deployments(self, namespace: str = "default") -> list[dict[str, Any]]:
+        return self.items(f"/apis/apps/v1/namespaces/{namespace}/deployments")
+
+    def wait_for(self, what: str, probe: Callable[[], Any], timeout: float = 20.0, interval: float = 0.1) -> Any:
+        """Poll ``probe`` until it returns something truthy; fail naming ``what`` after ``timeout``."""
+        deadline = time.monotonic() + timeout
+        last: Any = None
+        while time.monotonic() < deadline:
+            last = probe()
+            if last:
+                return last
+            time.sleep(interval)
+        raise AssertionError(f"timed out after {timeout}s waiting for {what}; last: {last!r}")
+
+
+def gpu_node(name: str, *, gpus: int = 4, memory_mib: int = 81920, product: str = "NVIDIA-A100-SXM4-80GB",
+             cpu: str = "64", memory: str = "512Gi", labels: dict[str, str] | None = None) -> dict[str, Any]:
+    """A Node as the API returns it on a GPU node: GFD labels and the device plugin's allocatable."""
+    return {
+        "apiVersion": "v1",
+        "kind": "Node",
+        "metadata": {
+            "name": name,
+            "labels": {
+                "kubernetes.io/hostname": name,
+                "nvidia.com/gpu.present": "true",
+                "nvidia.com/gpu.count": str(gpus),
+                "nvidia.com/gpu.memory": str(memory_mib),
+                "nvidia.com/gpu.product": product,
+                **(labels or {}),
+            },
+        },
+        "status": {
+            "capacity": {"cpu": cpu, "memory": memory, "nvidia.com/gpu": str(gpus)},
+            "allocatable": {"cpu": cpu, "memory": memory, "nvidia.com/gpu": str(gpus)},
+            "conditions": [{"type": "Ready", "status": "True"}],
+        },
+    }
