@@ -1,0 +1,442 @@
+"""GPU inventory from Node objects, as ``kubectl get nodes -o yaml`` prints them, minus what pods hold.
+
+What a node offers is read from NVIDIA GPU Feature Discovery (GFD) labels and the device plugin's
+allocatable resources:
+
+================================  ==========================================================
+``nvidia.com/gpu.memory``         MiB per GPU (per MIG device with the ``single`` MIG strategy)
+``nvidia.com/gpu.product``        e.g. ``NVIDIA-A100-SXM4-80GB`` (``-SHARED`` with time-slicing)
+``nvidia.com/gpu.count``          physical GPUs (MIG devices with the ``single`` strategy)
+``nvidia.com/gpu.replicas``       time-slicing replicas per GPU; > 1 means the node shares GPUs
+``nvidia.com/mig.strategy``       ``single`` or ``mixed``
+``nvidia.com/mig-<P>.count``      ``mixed``: MIG devices of profile ``P`` (e.g. ``mig-3g.20gb``)
+``nvidia.com/mig-<P>.memory``     ``mixed``: MiB of each such device
+allocatable ``nvidia.com/gpu``    whole GPUs (or time-slices, or ``single`` MIG devices) to request
+allocatable ``nvidia.com/mig-P``  ``mixed``: devices of profile ``P`` to request
+================================  ==========================================================
+
+Three kinds of device come out of it (``Device.kind``):
+
+* ``gpu``: a whole GPU on a node that does not share; taken whole by one ``exclusive`` replica.
+* ``timeslice``: a GPU on a time-sliced node (``gpu.replicas`` > 1); ``shared`` replicas take VRAM
+  slices of it, at most ``gpu.replicas`` of them, and the slices' budgets never exceed its memory.
+* ``mig``: a MIG device (a hardware partition); one replica takes one device whole, in either mode.
+
+Usable memory of a device for planning = label MiB x 2^20 minus what pods already hold. Pods tell what
+they hold with the annotation ``llm.kubevram.io/reservation`` (``{"node", "gpus": {index: bytes},
+"sharing"}``) that the operator writes on every kubevram worker: an ``exclusive`` reservation holds the
+whole device, a ``shared`` one holds its bytes and one time-slice. Other pods that request
+``nvidia.com/gpu`` (or a MIG resource) on a node hold that many devices whose indices nobody knows:
+they lower the node's allocatable count instead.
+
+Rule for re-planning: reservations of pods that belong to a deployment being planned (label
+``llm.kubevram.io/deployment`` = its name, in its namespace) are NOT counted, because the plan being
+made replaces them; everything else is. So re-planning deployment X never finds X blocking itself.
+
+A node that is not a GPU node (no ``nvidia.com/gpu*`` label and no GPU allocatable) is left out
+silently; a GPU node whose labels are missing or malformed is left out with a warning naming the node
+and the label. Nothing here raises on bad input. Pure: plain dicts in, dataclasses out.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from kubevram.api.quantity import MiB, parse_quantity
+
+GPU_RESOURCE = "nvidia.com/gpu"
+LABEL_MEMORY = "nvidia.com/gpu.memory"
+LABEL_PRODUCT = "nvidia.com/gpu.product"
+LABEL_COUNT = "nvidia.com/gpu.count"
+LABEL_REPLICAS = "nvidia.com/gpu.replicas"
+LABEL_SHARING_STRATEGY = "nvidia.com/gpu.sharing-strategy"
+LABEL_MIG_STRATEGY = "nvidia.com/mig.strategy"
+ANNOTATION_RESERVATION = "llm.kubevram.io/reservation"
+LABEL_DEPLOYMENT = "llm.kubevram.io/deployment"
+_MIG_LABEL = re.compile(r"^nvidia\.com/(mig-\d+g\.\d+gb)\.(count|memory)$")
+_MIG_RESOURCE = re.compile(r"^nvidia\.com/mig-\d+g\.\d+gb$")
+
+
+@dataclass(frozen=True)
+class Device:
+    """One schedulable GPU device of a node, as the node advertises it."""
+
+    index: int  # the node's own numbering, as the plan's ``gpus`` lists it
+    memory_bytes: int
+    kind: str  # "gpu" | "timeslice" | "mig"
+    resource: str = GPU_RESOURCE  # what a pod requests to get it
+    slots: int = 1  # time-slices it offers (time-sliced GPUs only)
+
+
+@dataclass(frozen=True)
+class Taint:
+    key: str
+    value: str
+    effect: str
+
+
+@dataclass
+class NodeInventory:
+    """A schedulable GPU node and what is left on it."""
+
+    name: str
+    product: str
+    gpu_memory_mib: int  # per GPU (or per single-strategy MIG device), from the label
+    gpu_count: int
+    labels: dict[str, str]
+    taints: tuple[Taint, ...]
+    ready: bool
+    unschedulable: bool
+    devices: tuple[Device, ...]
+    allocatable: dict[str, int]  # resource name -> count (nvidia.com/gpu, nvidia.com/mig-*)
+    sharing: str  # "none" | "time-slicing" | "mig-single" | "mig-mixed"
+    cpu_memory_bytes: int = 0  # allocatable memory, for CPU offload
+    disk_bytes: int = 0  # allocatable ephemeral-storage, for disk offload
+    # What pods hold, filled by ``apply_pods``:
+    committed: dict[int, int] = field(default_factory=dict)  # device index -> bytes held by shared slices
+    slots_used: dict[int, int] = field(default_factory=dict)  # device index -> time-slices held
+    held_whole: set[int] = field(default_factory=set)  # device indices held whole
+    foreign: dict[str, int] = field(default_factory=dict)  # resource -> devices held by non-kubevram pods
+
+    @property
+    def shares(self) -> bool:
+        return self.sharing != "none"
+
+    def free_bytes(self, index: int) -> int:
+        """Usable bytes left on a device (0 when held whole)."""
+        if index in self.held_whole:
+            return 0
+        return self.devices[index].memory_bytes - self.committed.get(index, 0)
+
+    def requestable(self, resource: str) -> int:
+        """How many more of ``resource`` the device plugin can still hand out on this node."""
+        used = sum(1 for i in self.held_whole if self.devices[i].resource == resource)
+        used += sum(n for i, n in self.slots_used.items() if self.devices[i].resource == resource)
+        return self.allocatable.get(resource, 0) - used - self.foreign.get(resource, 0)
+
+
+@dataclass
+class Inventory:
+    nodes: list[NodeInventory]
+    warnings: list[str]
+
+    def by_name(self) -> dict[str, NodeInventory]:
+        return {n.name: n for n in self.nodes}
+
+
+def _map(obj: Any, key: str) -> Mapping[str, Any]:
+    """``obj[key]`` when both are mappings, else an empty mapping: malformed objects never raise."""
+    value = obj.get(key) if isinstance(obj, Mapping) else None
+    return value if isinstance(value, Mapping) else {}
+
+
+def _int_label(
+    labels: Mapping[str, str], key: str, node: str, warnings: list[str], *, default: int | None = None,
+    minimum: int = 1,
+) -> int | None:
+    raw = labels.get(key)
+    if raw is None:
+        if default is None:
+            warnings.append(f"node {node}: skipped, label {key} is missing")
+        return default
+    try:
+        value = int(str(raw).strip())
+    except ValueError:
+        warnings.append(f"node {node}: skipped, label {key}={raw!r} is not an integer")
+        return None
+    if value < minimum:
+        warnings.append(f"node {node}: skipped, label {key}={raw!r} must be >= {minimum}")
+        return None
+    return value
+
+
+def _count(value: Any) -> int | None:
+    try:
+        return parse_quantity(str(value))
+    except ValueError:
+        return None
+
+
+def _ready(status: Mapping[str, Any]) -> bool:
+    for cond in status.get("conditions") or []:
+        if isinstance(cond, Mapping) and cond.get("type") == "Ready":
+            return str(cond.get("status")) == "True"
+    return False
+
+
+def _taints(spec: Mapping[str, Any]) -> tuple[Taint, ...]:
+    out = []
+    for t in spec.get("taints") or []:
+        if isinstance(t, Mapping) and t.get("key"):
+            out.append(Taint(str(t["key"]), str(t.get("value") or ""), str(t.get("effect") or "")))
+    return tuple(out)
+
+
+def _looks_like_gpu_node(labels: Mapping[str, str], allocatable: Mapping[str, Any]) -> bool:
+    return any(k.startswith(("nvidia.com/gpu", "nvidia.com/mig")) for k in labels) or any(
+        k == GPU_RESOURCE or _MIG_RESOURCE.match(k) for k in allocatable
+    )
+
+
+def node_inventory(obj: Any, warnings: list[str]) -> NodeInventory | None:
+    """One Node object -> its inventory, or None (with a warning when it is a GPU node gone wrong)."""
+    if not isinstance(obj, Mapping):
+        warnings.append(f"skipped an item that is not a Node object ({type(obj).__name__})")
+        return None
+    meta = _map(obj, "metadata")
+    name = str(meta.get("name") or "")
+    if obj.get("kind") not in (None, "Node"):
+        warnings.append(f"skipped {obj.get('kind')} {name or '(unnamed)'}: not a Node")
+        return None
+    if not name:
+        warnings.append("skipped a Node without metadata.name")
+        return None
+    raw_labels = _map(meta, "labels")
+    labels = {str(k): str(v) for k, v in raw_labels.items()}
+    spec = _map(obj, "spec")
+    status = _map(obj, "status")
+    raw_alloc = _map(status, "allocatable")
+    if not _looks_like_gpu_node(labels, raw_alloc):
+        return None
+    allocatable: dict[str, int] = {}
+    for key, value in raw_alloc.items():
+        if key == GPU_RESOURCE or _MIG_RESOURCE.match(str(key)):
+            n = _count(value)
+            if n is None or n < 0:
+                warnings.append(f"node {name}: skipped, allocatable {key}={value!r} is not a count")
+                return None
+            allocatable[str(key)] = n
+    cpu_mem = _count(raw_alloc.get("memory", 0)) or 0
+    disk = _count(raw_alloc.get("ephemeral-storage", 0)) or 0
+
+    mig = labels.get(LABEL_MIG_STRATEGY, "")
+    product = labels.get(LABEL_PRODUCT, "")
+    devices: list[Device] = []
+    if mig == "mixed":
+        profiles: dict[str, dict[str, str]] = {}
+        for key, value in labels.items():
+            m = _MIG_LABEL.match(key)
+            if m:
+                profiles.setdefault(m.group(1), {})[m.group(2)] = value
+        for profile in sorted(profiles):
+            count = _int_label(labels, f"nvidia.com/{profile}.count", name, warnings, minimum=0)
+            mem = _int_label(labels, f"nvidia.com/{profile}.memory", name, warnings)
+            if count is None or mem is None:
+                return None
+            resource = f"nvidia.com/{profile}"
+            devices += [Device(len(devices), mem * MiB, "mig", resource) for _ in range(count)]
+        # Full GPUs left out of MIG on a mixed node are plain GPUs.
+        full = allocatable.get(GPU_RESOURCE, 0)
+        full_mem = _int_label(labels, LABEL_MEMORY, name, warnings, default=0, minimum=0) if full else 0
+        if full and not full_mem:
+            warnings.append(f"node {name}: {full} full GPUs ignored, label {LABEL_MEMORY} is missing")
+            full = 0
+        if full_mem is None:
+            return None
+        devices += [Device(len(devices), full_mem * MiB, "gpu") for _ in range(full)]
+        if not devices:
+            warnings.append(f"node {name}: skipped, MIG strategy mixed but no nvidia.com/mig-<P>.count label")
+            return None
+        mem_mib = max(d.memory_bytes for d in devices) // MiB
+        sharing = "mig-mixed"
+    else:
+        mem_mib_ = _int_label(labels, LABEL_MEMORY, name, warnings)
+        if mem_mib_ is None:
+            return None
+        mem_mib = mem_mib_
+        replicas = _int_label(labels, LABEL_REPLICAS, name, warnings, default=1)
+        if replicas is None:
+            return None
+        if LABEL_COUNT in labels:
+            count = _int_label(labels, LABEL_COUNT, name, warnings, minimum=0)
+            if count is None:
+                return None
+        elif GPU_RESOURCE in allocatable:
+            count = allocatable[GPU_RESOURCE] // replicas if mig != "single" else allocatable[GPU_RESOURCE]
+        else:
+            warnings.append(f"node {name}: skipped, label {LABEL_COUNT} is missing (no {GPU_RESOURCE})")
+            return None
+        strategy = labels.get(LABEL_SHARING_STRATEGY, "")
+        if mig == "single":
+            sharing = "mig-single"
+            devices = [Device(i, mem_mib * MiB, "mig") for i in range(count)]
+        elif replicas > 1 and strategy in ("", "time-slicing", "mps"):
+            sharing = "time-slicing"
+            devices = [Device(i, mem_mib * MiB, "timeslice", slots=replicas) for i in range(count)]
+        else:
+            sharing = "none"
+            devices = [Device(i, mem_mib * MiB, "gpu") for i in range(count)]
+        if GPU_RESOURCE not in allocatable:
+            allocatable[GPU_RESOURCE] = count * (replicas if sharing == "time-slicing" else 1)
+    return NodeInventory(
+        name=name,
+        product=product or "unknown",
+        gpu_memory_mib=mem_mib,
+        gpu_count=len(devices),
+        labels=labels,
+        taints=_taints(spec),
+        ready=_ready(status),
+        unschedulable=bool(spec.get("unschedulable")),
+        devices=tuple(devices),
+        allocatable=allocatable,
+        sharing=sharing,
+        cpu_memory_bytes=cpu_mem,
+        disk_bytes=disk,
+    )
+
+
+def _pod_gpu_requests(pod: Mapping[str, Any]) -> dict[str, int]:
+    """GPU resources a pod asks for (max of requests and limits, summed over its containers)."""
+    out: dict[str, int] = {}
+    spec = _map(pod, "spec")
+    for c in spec.get("containers") or []:
+        res = _map(c, "resources")
+        for key in {*(res.get("requests") or {}), *(res.get("limits") or {})}:
+            if key == GPU_RESOURCE or _MIG_RESOURCE.match(str(key)):
+                n = max(_count((res.get("requests") or {}).get(key, 0)) or 0,
+                        _count((res.get("limits") or {}).get(key, 0)) or 0)
+                out[str(key)] = out.get(str(key), 0) + n
+    return out
+
+
+def apply_pods(
+    nodes: Iterable[NodeInventory],
+    pods: Sequence[Mapping[str, Any]],
+    warnings: list[str],
+    *,
+    replanned: Iterable[tuple[str, str]] = (),
+) -> None:
+    """Subtract what ``pods`` hold from ``nodes`` (in place); pods of ``replanned`` (namespace, name)
+    deployments are ignored, since the plan being made replaces them."""
+    by_name = {n.name: n for n in nodes}
+    skip = set(replanned)
+    for pod in pods:
+        if not isinstance(pod, Mapping):
+            continue
+        meta = _map(pod, "metadata")
+        status = _map(pod, "status")
+        if status.get("phase") in ("Succeeded", "Failed"):
+            continue
+        pod_name = f"{meta.get('namespace') or 'default'}/{meta.get('name') or '(unnamed)'}"
+        annotations = _map(meta, "annotations")
+        spec = _map(pod, "spec")
+        raw = annotations.get(ANNOTATION_RESERVATION)
+        if raw is None:
+            node = by_name.get(str(spec.get("nodeName") or ""))
+            if node is not None:
+                for resource, n in _pod_gpu_requests(pod).items():
+                    node.foreign[resource] = node.foreign.get(resource, 0) + n
+            continue
+        labels = _map(meta, "labels")
+        owner = (str(meta.get("namespace") or "default"), str(labels.get(LABEL_DEPLOYMENT, "")))
+        if owner in skip:
+            continue
+        try:
+            reservation = json.loads(raw) if isinstance(raw, str) else raw
+            gpus = {int(k): int(v) for k, v in (reservation.get("gpus") or {}).items()}
+        except (ValueError, TypeError, AttributeError):
+            warnings.append(f"pod {pod_name}: annotation {ANNOTATION_RESERVATION} is malformed; ignored")
+            continue
+        node_name = str(spec.get("nodeName") or reservation.get("node") or "")
+        node = by_name.get(node_name)
+        if node is None or not gpus:
+            continue  # not bound yet, or on a node that is not a schedulable GPU node
+        shared = reservation.get("sharing") == "shared"
+        for index, nbytes in sorted(gpus.items()):
+            if not 0 <= index < len(node.devices):
+                warnings.append(f"pod {pod_name}: GPU {index} is not on node {node_name}; ignored")
+                continue
+            if shared and node.devices[index].kind == "timeslice":
+                node.committed[index] = node.committed.get(index, 0) + max(0, nbytes)
+                node.slots_used[index] = node.slots_used.get(index, 0) + 1
+            else:
+                node.held_whole.add(index)
+
+
+def build_inventory(
+    nodes: Sequence[Any], pods: Sequence[Mapping[str, Any]] = (), *, replanned: Iterable[tuple[str, str]] = ()
+) -> Inventory:
+    """Inventory of every GPU node in ``nodes`` (sorted by name; duplicates keep the first by name
+    and content, with a warning) minus what ``pods`` hold."""
+    warnings: list[str] = []
+    seen: dict[str, NodeInventory] = {}
+    keyed = []
+    for obj in nodes:
+        try:
+            text = json.dumps(obj, sort_keys=True, default=str)
+        except (TypeError, ValueError):
+            text = repr(obj)
+        keyed.append((text, obj))
+    parsed = []
+    for _text, obj in sorted(keyed, key=lambda item: item[0]):
+        inv = node_inventory(obj, warnings)
+        if inv is not None:
+            parsed.append(inv)
+    for inv in sorted(parsed, key=lambda n: n.name):
+        if inv.name in seen:
+            warnings.append(f"node {inv.name}: listed twice; the second is ignored")
+            continue
+        seen[inv.name] = inv
+    out = list(seen.values())
+    apply_pods(out, pods, warnings, replanned=replanned)
+    return Inventory(out, sorted(warnings))
+
+
+def tolerates(taint: Taint, tolerations: Sequence[Mapping[str, Any]]) -> bool:
+    """Kubernetes' rule: a toleration matches a taint by key (or empty key with Exists), value
+    (Equal, the default) and effect (empty matches every effect)."""
+    for t in tolerations:
+        op = t.get("operator") or "Equal"
+        key = t.get("key") or ""
+        if key and key != taint.key:
+            continue
+        if not key and op != "Exists":
+            continue
+        if op == "Equal" and (t.get("value") or "") != taint.value:
+            continue
+        effect = t.get("effect") or ""
+        if effect and effect != taint.effect:
+            continue
+        return True
+    return False
+
+
+def admits(
+    node: NodeInventory, node_selector: Mapping[str, str], tolerations: Sequence[Mapping[str, Any]]
+) -> str:
+    """Empty when a replica with these constraints may run on ``node``, else why not (short)."""
+    if not node.ready:
+        return "not Ready"
+    if node.unschedulable:
+        return "unschedulable (cordoned)"
+    for key, value in node_selector.items():
+        if node.labels.get(key) != value:
+            return f"nodeSelector {key}={value} does not match"
+    for taint in node.taints:
+        if taint.effect in ("NoSchedule", "NoExecute") and not tolerates(taint, tolerations):
+            return f"taint {taint.key}={taint.value}:{taint.effect} not tolerated"
+    return ""
+
+
+__all__ = [
+    "ANNOTATION_RESERVATION",
+    "GPU_RESOURCE",
+    "LABEL_COUNT",
+    "LABEL_DEPLOYMENT",
+    "LABEL_MEMORY",
+    "LABEL_PRODUCT",
+    "LABEL_REPLICAS",
+    "Device",
+    "Inventory",
+    "NodeInventory",
+    "Taint",
+    "admits",
+    "apply_pods",
+    "build_inventory",
+    "node_inventory",
+    "tolerates",
+]
