@@ -50,8 +50,9 @@ def _cmd_plan(args: argparse.Namespace) -> int:
 
 def _cmd_crd(args: argparse.Namespace) -> int:
     from kubevram.api.crd import render_crd_yaml
+    from kubevram.api.reference import render_reference
 
-    text = render_crd_yaml()
+    text = render_reference() if args.reference else render_crd_yaml()
     if args.write:
         for target in args.write:
             Path(target).write_text(text, encoding="utf-8")
@@ -119,6 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     crd = sub.add_parser("crd", help="print the LLMDeployment CRD generated from the API types")
     crd.add_argument("--write", nargs="*", metavar="PATH", help="write it to these files instead")
+    crd.add_argument("--reference", action="store_true", help="the field reference in Markdown instead")
     crd.set_defaults(func=_cmd_crd)
 
     op = sub.add_parser("operator", help="run the kopf operator against the cluster in KUBECONFIG")
