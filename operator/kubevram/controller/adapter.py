@@ -144,6 +144,20 @@ class Cluster:
                 )
         return pods
 
+    def foreign_gpu_pods(self) -> list[dict[str, Any]]:
+        """Running or pending pods that are not kubevram's but hold GPUs on a node (the planner
+        subtracts what they request)."""
+        data = self._get("/api/v1/pods?fieldSelector=status.phase!=Succeeded,status.phase!=Failed") or {}
+        out = []
+        for pod in data.get("items") or []:
+            labels = (pod.get("metadata") or {}).get("labels") or {}
+            if labels.get(LABEL_MANAGED_BY) == MANAGED_BY or not (pod.get("spec") or {}).get("nodeName"):
+                continue
+            containers = (pod.get("spec") or {}).get("containers") or []
+            if any("nvidia.com/" in json.dumps(c.get("resources") or {}) for c in containers):
+                out.append(pod)
+        return out
+
     def read_config_json(self, namespace: str, name: str, key: str) -> dict[str, Any]:
         """The JSON object under ``key`` of a ConfigMap; ``ConfigNotReadable`` says why not."""
         cm = self._get(f"/api/v1/namespaces/{namespace}/configmaps/{name}")

@@ -164,8 +164,9 @@ class Reconciler:
         if desired <= len(kept):
             plan = {**previous, "replicas": kept[:desired], "unscheduled": {"count": 0, "reason": ""}}
             return plan, "kept" if desired == len(kept) and not _pending(previous) else "scaled-down"
-        # Plan only the difference; the kept replicas' workloads stay in the inventory as reservations.
-        placed_pods = [p for p in own if (p.get("spec") or {}).get("nodeName")]
+        # Plan only the difference; the kept replicas stay in the inventory as reservations (under
+        # another owner label: the planner ignores the pods of the deployment it is planning).
+        placed_pods = [_as_kept(p) for p in own if (p.get("spec") or {}).get("nodeName")]
         delta = deployment.model_copy(update={"spec": deployment.spec.model_copy(update={"replicas": desired - len(kept)})})
         extra = self.planner(delta, nodes, others + placed_pods, model_config)
         plan = {**extra, "replicas": kept + list(extra.get("replicas") or [])}
@@ -190,7 +191,7 @@ class Reconciler:
             )
             model_config = self._model_config(deployment)
             nodes = self.cluster.list_nodes()
-            pods = self.cluster.reservations()
+            pods = self.cluster.reservations() + self.cluster.foreign_gpu_pods()
             input_hash = plan_input_hash(deployment, model_config)
             plan, how = self._plan(deployment, model_config, input_hash, nodes, pods)
             if not plan.get("replicas") and _pending(plan) and deployment.spec.placement.offload == "none":
@@ -290,6 +291,14 @@ class Reconciler:
         patch.status["phase"] = (
             "Scheduling" if pending else "Running" if ok and desired else "Degraded" if ready else "Planned"
         )
+
+
+def _as_kept(pod: dict[str, Any]) -> dict[str, Any]:
+    meta = dict(pod["metadata"])
+    labels = dict(meta.get("labels") or {})
+    labels[render.LABEL_DEPLOYMENT] = f"{labels.get(render.LABEL_DEPLOYMENT, '')}.kept"
+    meta["labels"] = labels
+    return {**pod, "metadata": meta}
 
 
 def _pending(plan: Mapping[str, Any]) -> int:

@@ -139,11 +139,21 @@ def group_replicas(plan: Mapping[str, Any]) -> list[tuple[str, list[dict[str, An
 
 
 def reservation(replica: Mapping[str, Any] | None, sharing: str) -> dict[str, Any]:
-    """``{"node", "gpus": {node GPU index: bytes}, "sharing"}``: what one pod holds, for later plans."""
+    """``{"node", "gpus": {node GPU index: bytes}, "sharing"}``: what one pod holds, for later plans.
+
+    The planner's own ``reservation`` (a whole GPU's memory for exclusive replicas) is used when the
+    plan has it; otherwise the replica's per-GPU budgets.
+    """
     if replica is None:
         return {"node": "", "gpus": {}, "sharing": sharing}
-    budgets = replica.get("maxMemory") or {}
-    gpus = {str(node_index): int(budgets.get(str(pod_index), 0)) for pod_index, node_index in enumerate(replica["gpus"])}
+    if replica.get("reservation"):
+        gpus = {str(k): int(v) for k, v in replica["reservation"].items()}
+    else:
+        budgets = replica.get("maxMemory") or {}
+        gpus = {
+            str(node_index): int(budgets.get(str(pod_index), 0))
+            for pod_index, node_index in enumerate(replica["gpus"])
+        }
     return {"node": replica.get("node") or "", "gpus": gpus, "sharing": sharing}
 
 
@@ -208,12 +218,10 @@ def _affinity(replica: Mapping[str, Any] | None, plan: Mapping[str, Any]) -> dic
         expressions = [{"key": HOSTNAME_LABEL, "operator": "In", "values": [replica["node"]]}]
     else:
         autoscaling = (plan.get("unscheduled") or {}).get("autoscaling") or {}
-        terms = autoscaling.get("nodeAffinity")
-        if terms:
-            return {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": terms}}}
-        expressions = []
+        # The planner's NodeSelectorRequirements: GPU memory (and count) a node group must offer.
+        expressions = [dict(r) for r in autoscaling.get("nodeAffinity") or []]
         mib = autoscaling.get("minGpuMemoryMiB")
-        if mib:
+        if mib and not any(r.get("key") == GPU_MEMORY_LABEL for r in expressions):
             # Gt is strict: a GPU of exactly minGpuMemoryMiB fits.
             expressions.append({"key": GPU_MEMORY_LABEL, "operator": "Gt", "values": [str(int(mib) - 1)]})
         if not expressions:
@@ -232,8 +240,10 @@ def _resources(
     requests = {k: str(v) for k, v in (user.get("requests") or {}).items()}
     limits = {k: str(v) for k, v in (user.get("limits") or {}).items()}
     gpus = str(_gpu_count(replica, plan, spec))
-    requests[GPU_RESOURCE] = gpus
-    limits[GPU_RESOURCE] = gpus
+    # nvidia.com/gpu, or the MIG device resource the planner chose (nvidia.com/mig-1g.10gb, ...).
+    resource = str((replica or {}).get("resource") or GPU_RESOURCE)
+    requests[resource] = gpus
+    limits[resource] = gpus
     cpu_budget = ((replica or {}).get("maxMemory") or {}).get("cpu")
     if cpu_budget and "memory" not in requests:
         # CPU-offloaded layers live in the pod's memory: ask the scheduler for it.

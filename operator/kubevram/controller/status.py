@@ -68,6 +68,10 @@ def gib(value: int) -> str:
 
 
 def replica_gpu_bytes(replica: Mapping[str, Any]) -> int:
+    """GPU memory one replica is planned to use: its per-GPU totals, else its GPU budgets."""
+    per_gpu = replica.get("perGpu")
+    if per_gpu:
+        return sum(int(g.get("total") or 0) for g in per_gpu if isinstance(g, Mapping))
     return sum(int(v) for k, v in (replica.get("maxMemory") or {}).items() if str(k).isdigit())
 
 
