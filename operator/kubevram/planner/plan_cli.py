@@ -1,0 +1,228 @@
+"""``kubevram plan``: place LLMDeployments on a cluster's GPUs and show the plan, for people or as JSON.
+
+``plan_command(text, source, model_config, cluster_text, cluster_source, output)`` is everything the
+command prints. The cluster is Node objects as ``kubectl get nodes -o yaml`` prints them (a ``List``,
+a ``NodeList`` or several documents); without ``--cluster`` the built-in sample cluster
+(``sample_cluster.yaml`` next to this module) is used, so the command runs on a laptop.
+
+The table shows, per deployment, the memory of one replica and where its replicas go (or why they
+cannot, and which node group the cluster autoscaler should grow), then per node and GPU a bar of
+fixed width: weights, KV cache, activations, overhead (CUDA context and allocator headroom), memory
+held by pods already running, and what is free. Warnings (nodes skipped for bad labels, ...) go to
+``warn`` (stderr by default), so ``-o json`` prints JSON only.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable, Mapping, Sequence
+from importlib import resources
+from typing import Any
+
+import yaml
+
+from kubevram.api.errors import SpecError
+from kubevram.api.load import load_deployments
+from kubevram.api.quantity import GiB
+from kubevram.api.v1alpha1 import LLMDeployment
+from kubevram.planner.facts import ModelFacts
+from kubevram.planner.inventory import NodeInventory
+from kubevram.planner.placement import ClusterPlan, DeploymentPlan, plan_cluster
+from kubevram.planner.report import Fallback, resolve_facts
+
+SAMPLE_CLUSTER = "sample_cluster.yaml"
+BAR_WIDTH = 40
+SEGMENTS = (  # (per-GPU key(s), character, legend)
+    (("weights",), "█", "weights"),
+    (("kvCache",), "▓", "KV cache"),
+    (("activations",), "▒", "activations"),
+    (("overhead", "fragmentation", "offloadBuffer"), "░", "overhead (CUDA context, allocator headroom)"),
+)
+HELD = "▪"
+FREE = "·"
+
+
+def sample_cluster_text() -> str:
+    return resources.files("kubevram.planner").joinpath(SAMPLE_CLUSTER).read_text(encoding="utf-8")
+
+
+def load_nodes(text: str, source: str = "") -> tuple[list[Any], list[str]]:
+    """Node objects from YAML (a List/NodeList or several documents) and warnings for what is not a Node.
+
+    Raises ``SpecError`` only when the text is not YAML at all or holds no Node.
+    """
+    try:
+        docs = [d for d in yaml.safe_load_all(text) if d is not None]
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark is not None else "unknown position"
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise SpecError("", f"malformed YAML at {where}: {problem}", source=source or "--cluster") from None
+    warnings: list[str] = []
+    nodes: list[Any] = []
+    for doc in docs:
+        is_list = isinstance(doc, dict) and doc.get("kind") in ("List", "NodeList")
+        items = doc["items"] if is_list and isinstance(doc.get("items"), list) else [doc]
+        for item in items:
+            if isinstance(item, dict) and item.get("kind", "Node") == "Node":
+                nodes.append(item)
+            else:
+                kind = item.get("kind") if isinstance(item, dict) else type(item).__name__
+                warnings.append(f"{source or '--cluster'}: skipped a {kind}, not a Node")
+    if not nodes:
+        raise SpecError("", "no Node objects found (expected `kubectl get nodes -o yaml` output)",
+                        source=source or "--cluster")
+    return nodes, warnings
+
+
+def plan_command(
+    text: str,
+    source: str,
+    model_config: Mapping[str, Any] | None,
+    cluster_text: str | None,
+    cluster_source: str,
+    output: str,
+    *,
+    fallback: Fallback | None = None,
+    warn: Callable[[str], None] | None = None,
+    node_classes: Sequence[Mapping[str, Any]] | None = None,
+) -> str:
+    """Everything ``kubevram plan`` prints; raises ``SpecError`` (exit 2) on bad input."""
+    warn = warn or (lambda line: print(f"warning: {line}", file=sys.stderr))
+    deployments = load_deployments(text, source)
+    sample = cluster_text is None
+    nodes, warnings = load_nodes(sample_cluster_text() if sample else str(cluster_text),
+                                 "sample cluster" if sample else cluster_source)
+
+    def resolve(dep: LLMDeployment, config: Mapping[str, Any] | None) -> ModelFacts:
+        return resolve_facts(dep, config, fallback)
+
+    plan = plan_cluster(
+        deployments, nodes, model_config=model_config, node_classes=node_classes, resolve=resolve
+    )
+    for dp in plan.deployments:
+        if dp.error is not None:
+            where = ": ".join(part for part in (source, dp.name) if part)
+            raise SpecError(dp.error.field, dp.error.message, source=where)
+    for line in [*warnings, *plan.warnings]:
+        warn(line)
+    if output == "json":
+        return json.dumps(plan.to_json(), indent=2)
+    title = "sample cluster (built in; --cluster NODES.yaml plans on yours)" if sample else cluster_source
+    return render_table(plan, title)
+
+
+# ------------------------------------------------------------------------------------------ table
+
+
+def _gib(n: float) -> str:
+    return f"{n / GiB:.1f}"
+
+
+def _summary(dp: DeploymentPlan) -> list[str]:
+    est = dp.estimate
+    total = len(dp.replicas) + dp.unscheduled
+    head = f"{dp.namespace}/{dp.name}"
+    size = f"{_gib(est.totalBytes)} GiB" if est is not None else "-"
+    lines = [f"{head:<36} {size:>11}   {len(dp.replicas)}/{total} placed"]
+    where: dict[tuple[str, tuple[int, ...], bool], int] = {}
+    for r in dp.replicas:
+        key = (r.node, tuple(r.gpus), r.shared)
+        where[key] = where.get(key, 0) + 1
+    for (node, gpus, shared), count in where.items():
+        mode = "shared slice" if shared else "exclusive"
+        times = f" x{count}" if count > 1 else ""
+        lines.append(f"    {node} GPU {','.join(map(str, gpus))} ({mode}){times}")
+    if dp.unscheduled:
+        lines.append(f"    {dp.unscheduled} pending: {dp.reason}")
+        sig = dp.autoscaling or {}
+        terms = ", ".join(f"{t['key']} {t['operator']} {','.join(t.get('values') or [])}"
+                          for t in sig.get("nodeAffinity") or [])
+        if sig.get("gpuClass"):
+            lines.append(
+                f"    autoscaler: grow node class {sig['gpuClass']} ({sig['gpuProduct']}), "
+                f"{sig['gpuCount']} GPU(s) with >= {sig['minGpuMemoryMiB']} MiB; pending pods carry [{terms}]"
+            )
+        elif sig:
+            lines.append(f"    autoscaler: {sig.get('message', '')}; pending pods carry [{terms}]")
+    return lines
+
+
+def _bar(total: int, parts: Sequence[tuple[str, int]], width: int = BAR_WIDTH) -> str:
+    """``parts`` (character, bytes) laid out in ``width`` cells by cumulative rounding; the rest is free."""
+    out = []
+    cum, pos = 0, 0
+    for char, nbytes in parts:
+        cum += max(0, nbytes)
+        end = min(width, round(cum * width / total)) if total else 0
+        if nbytes > 0 and end == pos and pos < width:
+            end = pos + 1  # a non-empty part stays visible
+        out.append(char * (end - pos))
+        pos = end
+    out.append(FREE * (width - pos))
+    return "".join(out)
+
+
+# node GPU index -> [(replica name, its per-GPU breakdown there, bytes it reserves there, shared)]
+_Planned = dict[int, list[tuple[str, dict[str, int], int, bool]]]
+
+
+def _node_lines(node: NodeInventory, planned: _Planned) -> list[str]:
+    mem = node.devices[0].memory_bytes if node.devices else 0
+    uniform = all(d.memory_bytes == mem for d in node.devices)
+    size = f"{len(node.devices)} x {_gib(mem)} GiB" if uniform else f"{len(node.devices)} devices"
+    sharing = {"none": "", "time-slicing": f", time-sliced x{node.devices[0].slots if node.devices else 1}",
+               "mig-single": ", MIG single", "mig-mixed": ", MIG mixed"}[node.sharing]
+    lines = [f"{node.name}  {node.product}  {size}{sharing}"]
+    for dev in node.devices:
+        here = planned.get(dev.index, [])
+        parts: list[tuple[str, int]] = []
+        used = 0
+        planned_whole = any(not shared for _, _, _, shared in here)
+        planned_bytes = sum(res for _, _, res, shared in here if shared)
+        for _, per_gpu, _, _ in here:
+            for keys, char, _legend in SEGMENTS:
+                n = sum(int(per_gpu.get(k, 0)) for k in keys)
+                parts.append((char, n))
+                used += n
+        if dev.index in node.held_whole and not planned_whole:
+            held = dev.memory_bytes
+        else:
+            held = max(0, node.committed.get(dev.index, 0) - planned_bytes)
+        parts.append((HELD, held))
+        used += held
+        who = ", ".join(dict.fromkeys(name for name, _, _, _ in here))
+        if held:
+            who = f"{who}, running pods" if who else "running pods"
+        bar = _bar(dev.memory_bytes, parts)
+        figures = f"{_gib(used):>6}/{_gib(dev.memory_bytes)} GiB"
+        lines.append(f"  GPU {dev.index:<2} [{bar}] {figures}  {who}".rstrip())
+    return lines
+
+
+def render_table(plan: ClusterPlan, title: str) -> str:
+    lines = [f"Plan on {title}", "", f"{'DEPLOYMENT':<36} {'PER REPLICA':>11}   REPLICAS"]
+    for dp in plan.deployments:
+        lines += _summary(dp)
+    planned: dict[str, _Planned] = {}
+    for dp in plan.deployments:
+        for i, r in enumerate(dp.replicas):
+            for pod_index, node_index in enumerate(r.gpus):
+                planned.setdefault(r.node, {}).setdefault(node_index, []).append(
+                    (f"{dp.namespace}/{dp.name}#{i}", r.plan.per_gpu[pod_index], r.reservation[node_index],
+                     r.shared)
+                )
+    shown = [n for n in plan.inventory.nodes if n.name in planned or n.held_whole or n.committed]
+    idle = len(plan.inventory.nodes) - len(shown)
+    lines += ["", "GPUS (per node)"]
+    for node in shown:
+        lines += _node_lines(node, planned.get(node.name, {}))
+    if idle:
+        lines.append(f"({idle} more GPU node{'s' if idle > 1 else ''} with nothing planned or running)")
+    legend = "  ".join(f"{char} {name}" for _, char, name in SEGMENTS)
+    lines += ["", f"legend: {legend}  {HELD} held by running pods  {FREE} free"]
+    return "\n".join(lines)
+
+
+__all__ = ["load_nodes", "plan_command", "render_table", "sample_cluster_text"]
