@@ -37,12 +37,14 @@ def _cmd_estimate(args: argparse.Namespace) -> int:
 
 
 def _cmd_plan(args: argparse.Namespace) -> int:
-    from kubevram.planner.report import plan_command
+    from kubevram.introspect import meta_facts
+    from kubevram.planner.plan_cli import plan_command
 
     cluster = _read(args.cluster, "--cluster") if args.cluster else None
     print(
         plan_command(
-            _read(args.file, "-f"), args.file, _model_config(args), cluster, args.cluster or "", args.output
+            _read(args.file, "-f"), args.file, _model_config(args), cluster, args.cluster or "", args.output,
+            fallback=meta_facts,
         )
     )
     return 0
