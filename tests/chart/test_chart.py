@@ -347,6 +347,25 @@ def test_bindings_name_the_operator_service_account(variant: Any) -> None:
         assert per_namespace == set()
 
 
+def test_cluster_wide_reads_survive_namespaced_mode(variant: Any) -> None:
+    """GPUs are shared by every namespace: even an operator that watches a few namespaces must list
+    nodes, pods and Deployments cluster-wide to know what is free (kubevram.controller.adapter does)."""
+    _name, values, docs, _notes = variant
+    if not values.get("rbac", {}).get("create", True):
+        return
+    roles = {r["metadata"]["name"]: r for r in find(docs, "ClusterRole")}
+    bound = [roles[b["roleRef"]["name"]] for b in find(docs, "ClusterRoleBinding")]
+    cluster_wide = set().union(*(rule_triples(role) for role in bound))
+    for needed in [("", "nodes", "list"), ("", "pods", "list"), ("", "pods", "watch"),
+                   ("apps", "deployments", "list"),
+                   ("apiextensions.k8s.io", "customresourcedefinitions", "list")]:
+        assert needed in cluster_wide, needed
+    # ... but no write anywhere beyond the watched namespaces.
+    writes = {"create", "patch", "update", "delete"}
+    if values.get("watchNamespaces"):
+        assert not {v for _, _, v in cluster_wide} & writes
+
+
 def test_existing_rbac_and_service_account_are_used() -> None:
     values = VARIANTS["existing-rbac"]
     docs, _ = render_chart(values)
