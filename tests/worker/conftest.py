@@ -88,3 +88,106 @@ def tiny_model_dir(tmp_path_factory):
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+@pytest.fixture(scope="session")
+def loaded(tiny_model_dir):
+    """The tiny model loaded once by the worker's own loader (tokenizer, model, token sets)."""
+    from kubevram.worker.loader import load
+
+    return load(str(tiny_model_dir), None)
+
+
+class Served:
+    """A worker app on a real uvicorn server on 127.0.0.1, in a thread."""
+
+    def __init__(self, state, server, thread):
+        self.state = state
+        self.server = server
+        self.thread = thread
+        self.url = f"http://127.0.0.1:{server.config.port}"
+
+    @property
+    def engine(self):
+        return self.state.engine
+
+    def metric(self, name: str, labels: dict[str, str] | None = None) -> float:
+        value = self.state.metrics.registry.get_sample_value(name, labels or {})
+        return 0.0 if value is None else value
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def serve():
+    """``serve(state)`` starts a real HTTP server for ``state``; all are stopped at the end."""
+    import threading
+    import time
+
+    import uvicorn
+
+    from kubevram.worker.api import create_app
+
+    started = []
+
+    def start(state) -> Served:
+        config = uvicorn.Config(create_app(state), host="127.0.0.1", port=_free_port(), log_level="warning")
+        server = uvicorn.Server(config)
+        thread = threading.Thread(target=server.run, daemon=True)
+        thread.start()
+        deadline = time.monotonic() + 30
+        while not server.started:
+            if not thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("the test server did not start")
+            time.sleep(0.01)
+        served = Served(state, server, thread)
+        started.append(served)
+        return served
+
+    yield start
+    for served in started:
+        served.server.should_exit = True
+        if served.state.engine is not None:
+            served.state.engine.stop()
+        served.thread.join(10)
+
+
+@pytest.fixture
+def make_worker(loaded, serve):
+    """``make_worker(max_batch_size=4, max_queue=64, chinese=None)``: a fresh engine over the shared model,
+    its own metrics registry, served over HTTP."""
+    from kubevram.api.v1alpha1 import GenerationSpec, ServingSpec
+    from kubevram.worker.engine import Engine
+    from kubevram.worker.metrics import WorkerMetrics
+    from kubevram.worker.service import WorkerState
+
+    def make(max_batch_size: int = 4, max_queue: int = 64, max_sequence_length: int = 512, generation=None):
+        metrics = WorkerMetrics()
+        engine = Engine(
+            loaded.model,
+            loaded.tokenizer,
+            max_batch_size=max_batch_size,
+            max_queue=max_queue,
+            max_sequence_length=max_sequence_length,
+            token_classes=loaded.token_classes,
+            eos_token_ids=loaded.eos_token_ids,
+            hooks=metrics,
+        )
+        engine.start()
+        metrics.bind(engine)
+        state = WorkerState(
+            model_names=["tiny"],
+            serving=ServingSpec(maxBatchSize=max_batch_size, maxSequenceLength=max_sequence_length),
+            generation=generation or GenerationSpec(),
+            metrics=metrics,
+            engine=engine,
+        )
+        return serve(state)
+
+    return make

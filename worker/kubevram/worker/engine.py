@@ -95,8 +95,9 @@ class RequestHandle:
 
     _ids = itertools.count()
 
-    def __init__(self, prompt_ids: Sequence[int], params: SamplingParams,
-                 loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(
+        self, prompt_ids: Sequence[int], params: SamplingParams, loop: asyncio.AbstractEventLoop
+    ) -> None:
         self.id = next(self._ids)
         self.prompt_ids = list(prompt_ids)
         self.params = params
@@ -241,8 +242,9 @@ class Engine:
                 code="context_length_exceeded",
             )
 
-    def submit(self, prompt_ids: Sequence[int], params: SamplingParams,
-               loop: asyncio.AbstractEventLoop | None = None) -> RequestHandle:
+    def submit(
+        self, prompt_ids: Sequence[int], params: SamplingParams, loop: asyncio.AbstractEventLoop | None = None
+    ) -> RequestHandle:
         """Queue a request; 400 if it is too long, 429 (with a Retry-After) if the queue is full."""
         if not prompt_ids:
             raise EngineError(400, "the prompt has no tokens", param="prompt")
@@ -251,8 +253,11 @@ class Engine:
         with self._cond:
             if len(self._pending) >= self.max_queue:
                 raise EngineError(
-                    429, f"the request queue is full ({self.max_queue} waiting); retry later",
-                    type="rate_limit_exceeded", code="queue_full", retry_after=1,
+                    429,
+                    f"the request queue is full ({self.max_queue} waiting); retry later",
+                    type="rate_limit_exceeded",
+                    code="queue_full",
+                    retry_after=1,
                 )
             self._pending.append(handle)
             self._cond.notify_all()
@@ -296,32 +301,43 @@ class Engine:
         self._fail_all(EngineError(503, "the worker is shutting down", type="service_unavailable"))
 
     def _guarded(self, step: Callable[[Any], None], arg: Any) -> None:
+        """Run one step; on failure fail its batch. The batch is dropped after the ``except`` block
+        so that the traceback's frames (holding the step's tensors) are gone when memory is freed."""
         rows = arg if arg is not None else (self._batch.rows if self._batch else [])
+        error: EngineError | None = None
         try:
             with torch.inference_mode():
                 step(arg)
         except torch.OutOfMemoryError as exc:
             self.oom_count += 1
-            log.error("out of memory in a step of %d requests; failing them and freeing the batch: %s",
-                      len(rows), str(exc).splitlines()[0] if str(exc) else "")
-            self._drop_batch(rows, EngineError(
-                503, "out of memory while generating; the request was dropped, retry later",
-                type="service_unavailable", code="out_of_memory",
-            ))
+            log.error(
+                "out of memory in a step of %d requests; failing them and freeing the batch: %s",
+                len(rows),
+                str(exc).splitlines()[0] if str(exc) else "",
+            )
+            error = EngineError(
+                503,
+                "out of memory while generating; the request was dropped, retry later",
+                type="service_unavailable",
+                code="out_of_memory",
+            )
         except Exception as exc:
             log.exception("generation step failed")
-            self._drop_batch(rows, EngineError(500, f"generation failed: {exc}", type="server_error"))
+            error = EngineError(500, f"generation failed: {exc}", type="server_error")
+        if error is not None:
+            self._drop_batch(rows, error)
 
     def _drop_batch(self, rows: Sequence[Any], error: EngineError) -> None:
-        for row in rows:
-            handle = row.handle if isinstance(row, _Row) else row
-            handle._put(Output("", 0, len(handle.prompt_ids), error=error))
-            self.hooks.on_finished("error")
+        """Free the batch (cache, tensors, cached CUDA blocks) first, then fail its requests."""
         self._batch = None
         self.running = 0
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
+        for row in rows:
+            handle = row.handle if isinstance(row, _Row) else row
+            self.hooks.on_finished("error")
+            handle._put(Output("", 0, len(handle.prompt_ids), error=error))
 
     def _fail_all(self, error: EngineError) -> None:
         rows: list[Any] = list(self._batch.rows) if self._batch else []
@@ -336,16 +352,22 @@ class Engine:
         ids = torch.full((len(handles), width), self.pad_token_id, dtype=torch.long)
         mask = torch.zeros((len(handles), width), dtype=torch.long)
         for i, h in enumerate(handles):
-            ids[i, width - len(h.prompt_ids):] = torch.tensor(h.prompt_ids, dtype=torch.long)
-            mask[i, width - len(h.prompt_ids):] = 1
+            ids[i, width - len(h.prompt_ids) :] = torch.tensor(h.prompt_ids, dtype=torch.long)
+            mask[i, width - len(h.prompt_ids) :] = 1
         ids, mask = ids.to(self.device), mask.to(self.device)
         position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
         rows = [_Row(h, _row_generator(h.params.seed, self.device)) for h in handles]
         self.running = len(rows)
         self.hooks.on_prefill(len(rows), sum(len(h.prompt_ids) for h in handles))
         cache = DynamicCache(config=self.model.config)
-        out = self.model(input_ids=ids, attention_mask=mask, position_ids=position_ids,
-                         past_key_values=cache, use_cache=True, logits_to_keep=1)
+        out = self.model(
+            input_ids=ids,
+            attention_mask=mask,
+            position_ids=position_ids,
+            past_key_values=cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )
         self._batch = _Batch(rows, ids, mask, position_ids[:, -1], width, out.past_key_values)
         self._advance(out.logits[:, -1, :])
 
@@ -353,8 +375,13 @@ class Engine:
         batch = self._batch
         assert batch is not None
         positions = batch.positions + 1
-        out = self.model(input_ids=batch.input_ids[:, -1:], attention_mask=batch.attention_mask,
-                         position_ids=positions[:, None], past_key_values=batch.cache, use_cache=True)
+        out = self.model(
+            input_ids=batch.input_ids[:, -1:],
+            attention_mask=batch.attention_mask,
+            position_ids=positions[:, None],
+            past_key_values=batch.cache,
+            use_cache=True,
+        )
         batch.positions = positions
         self._advance(out.logits[:, -1, :])
 
@@ -406,8 +433,7 @@ class Engine:
                     reason = "stop"
             total = len(row.handle.prompt_ids) + len(row.generated)
             if reason is None and (
-                len(row.generated) >= params.max_tokens
-                or total >= self.max_sequence_length
+                len(row.generated) >= params.max_tokens or total >= self.max_sequence_length
             ):
                 reason = "length"
         if reason is None:
@@ -416,8 +442,14 @@ class Engine:
         else:
             end = len(row.text)
         if end > row.emitted or reason is not None:
-            row.handle._put(Output(row.text[row.emitted: max(end, row.emitted)], len(row.generated),
-                                   len(row.handle.prompt_ids), finish_reason=reason))
+            row.handle._put(
+                Output(
+                    row.text[row.emitted : max(end, row.emitted)],
+                    len(row.generated),
+                    len(row.handle.prompt_ids),
+                    finish_reason=reason,
+                )
+            )
             row.emitted = max(end, row.emitted)
         if reason is not None:
             row.handle.finished = True
@@ -432,7 +464,7 @@ class Engine:
         text = decode(row.generated[row.prefix_offset :], skip_special_tokens=True)
         if len(text) > len(prefix) and not text.endswith("\ufffd"):
             row.prefix_offset, row.read_offset = row.read_offset, len(row.generated)
-            return str(text[len(prefix):])
+            return str(text[len(prefix) :])
         return ""
 
     def _sample(self, batch: _Batch, scores: torch.Tensor) -> torch.Tensor:
@@ -444,15 +476,18 @@ class Engine:
             return torch.tensor(values, dtype=torch.float32, device=scores.device)[:, None]
 
         if any(p.repetition_penalty != 1.0 for p in params):
-            penalty = RepetitionPenaltyLogitsProcessor(column([p.repetition_penalty for p in params]),
-                                                       batch.attention_mask.bool())
+            penalty = RepetitionPenaltyLogitsProcessor(
+                column([p.repetition_penalty for p in params]), batch.attention_mask.bool()
+            )
             scores = penalty(ids, scores)
         classes = self.token_classes
         if classes is not None and any(p.chinese_alpha != 1.0 for p in params):
             boost = ChineseLogitsProcessor(classes.boosted, column([p.chinese_alpha for p in params]))
             scores = boost(ids, scores)
-        if classes is not None and ids.shape[-1] == batch.prompt_length and any(
-            p.suppress_leading_punctuation for p in params
+        if (
+            classes is not None
+            and ids.shape[-1] == batch.prompt_length
+            and any(p.suppress_leading_punctuation for p in params)
         ):
             lengths = [batch.prompt_length if p.suppress_leading_punctuation else -1 for p in params]
             suppress = SuppressLeadingPunctuationLogitsProcessor(classes.punctuation, lengths)

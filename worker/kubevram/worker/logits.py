@@ -157,8 +157,10 @@ class ChineseLogitsProcessor:
 
     def __init__(self, boosted: torch.Tensor, alpha: torch.Tensor | float) -> None:
         if boosted.dim() != 1 or boosted.dtype != torch.bool:
-            raise ValueError(f"`boosted` must be a 1-D bool mask over the vocabulary, got {boosted.dtype} "
-                             f"of shape {tuple(boosted.shape)}")
+            raise ValueError(
+                f"`boosted` must be a 1-D bool mask over the vocabulary, got {boosted.dtype} "
+                f"of shape {tuple(boosted.shape)}"
+            )
         alpha = _per_row(alpha, "alpha")
         if not bool((alpha > 0).all()):
             raise ValueError(f"`alpha` must be > 0, got {alpha.flatten().tolist()}")
@@ -190,8 +192,10 @@ class SuppressLeadingPunctuationLogitsProcessor:
 
     def __init__(self, punctuation: torch.Tensor, prompt_lengths: torch.Tensor | Sequence[int]) -> None:
         if punctuation.dim() != 1 or punctuation.dtype != torch.bool:
-            raise ValueError(f"`punctuation` must be a 1-D bool mask, got {punctuation.dtype} "
-                             f"of shape {tuple(punctuation.shape)}")
+            raise ValueError(
+                f"`punctuation` must be a 1-D bool mask, got {punctuation.dtype} "
+                f"of shape {tuple(punctuation.shape)}"
+            )
         self.punctuation = punctuation
         self.prompt_lengths = torch.as_tensor(prompt_lengths, dtype=torch.long).reshape(-1, 1)
 

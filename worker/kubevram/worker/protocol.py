@@ -12,7 +12,7 @@ import time
 import uuid
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer
 
 
 class _Strict(BaseModel):
@@ -48,7 +48,14 @@ class _SamplingRequest(_Strict):
     # Extras.
     repetition_penalty: float | None = Field(default=None, gt=0)
     ignore_eos: bool = False
-    chinese: bool | ChineseOverride | None = None
+    chinese: ChineseOverride | None = Field(
+        default=None, description="true, false or {alpha, suppressLeadingPunctuation}: Chinese steering."
+    )
+
+    @field_validator("chinese", mode="before")
+    @classmethod
+    def _chinese(cls, value: Any) -> Any:
+        return {"enabled": value} if isinstance(value, bool) else value
 
     @field_validator("stop")
     @classmethod
@@ -196,8 +203,14 @@ class ChatCompletionResponse(BaseModel):
 
 
 class DeltaMessage(BaseModel):
+    """A streamed piece of the assistant's message; unset fields are left out, as OpenAI does."""
+
     role: Literal["assistant"] | None = None
     content: str | None = None
+
+    @model_serializer
+    def _drop_none(self) -> dict[str, Any]:
+        return {k: v for k, v in (("role", self.role), ("content", self.content)) if v is not None}
 
 
 class ChatChunkChoice(BaseModel):

@@ -1,0 +1,426 @@
+"""The OpenAI-compatible API through a real HTTP server on the tiny random Llama with a CJK tokenizer."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import time
+
+import httpx
+import pytest
+import torch
+
+from kubevram.api.v1alpha1 import ChineseSpec, GenerationSpec
+from kubevram.worker.logits import classify_text, is_punctuation
+from kubevram.worker.service import WorkerState
+
+# With a random model the logits carry no preference for Chinese, so the tests steer hard:
+# alpha = 1e4 adds log(1e4) ~ 9.2 to every CJK, punctuation and EOS logit.
+STRONG = {"alpha": 1e4}
+PROMPTS = ["hello world", "the quick brown fox", "asks a question about memory", "kubernetes clusters"]
+
+
+def cjk_share(text: str) -> float:
+    chars = [c for c in text if not c.isspace()]
+    return sum(1 for c in chars if any(classify_text(c))) / len(chars)
+
+
+def wait_for(condition, what: str, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"gave up waiting for {what}")
+        time.sleep(0.01)
+
+
+def sse_events(response: httpx.Response) -> list[str]:
+    return [line[len("data: ") :] for line in response.iter_lines() if line.startswith("data: ")]
+
+
+@pytest.fixture(scope="module")
+def worker(loaded, serve):
+    """One shared worker: max batch 4, queue 64, sequence limit 512."""
+    from kubevram.api.v1alpha1 import ServingSpec
+    from kubevram.worker.engine import Engine
+    from kubevram.worker.metrics import WorkerMetrics
+
+    metrics = WorkerMetrics()
+    engine = Engine(
+        loaded.model,
+        loaded.tokenizer,
+        max_batch_size=4,
+        max_queue=64,
+        max_sequence_length=512,
+        token_classes=loaded.token_classes,
+        eos_token_ids=loaded.eos_token_ids,
+        hooks=metrics,
+    )
+    engine.start()
+    metrics.bind(engine)
+    state = WorkerState(
+        model_names=["tiny"],
+        serving=ServingSpec(maxBatchSize=4, maxSequenceLength=512),
+        metrics=metrics,
+        engine=engine,
+    )
+    return serve(state)
+
+
+def complete(worker, **body):
+    return httpx.post(f"{worker.url}/v1/completions", json={"temperature": 0, **body}, timeout=60)
+
+
+def test_health_ready_models(worker):
+    assert httpx.get(f"{worker.url}/healthz").json() == {"status": "ok"}
+    assert httpx.get(f"{worker.url}/readyz").status_code == 200
+    models = httpx.get(f"{worker.url}/v1/models").json()
+    assert models["object"] == "list"
+    assert [m["id"] for m in models["data"]] == ["tiny"]
+    assert models["data"][0]["max_model_len"] == 512
+
+
+@pytest.mark.parametrize("prompt", PROMPTS)
+def test_chinese_on_steers_greedy_output_and_off_does_not(worker, prompt):
+    on = complete(worker, prompt=prompt, max_tokens=32, chinese=STRONG, seed=7)
+    off = complete(worker, prompt=prompt, max_tokens=32, chinese=False, seed=7)
+    assert on.status_code == 200, on.text
+    text_on = on.json()["choices"][0]["text"]
+    text_off = off.json()["choices"][0]["text"]
+    assert text_on.strip(), "steered output is empty"
+    assert cjk_share(text_on) >= 0.9, text_on
+    assert not is_punctuation(text_on.strip()[0]), text_on
+    assert cjk_share(text_off) < 0.9, text_off
+
+
+def test_chinese_on_chat_with_leading_punctuation_suppressed(worker):
+    # Without suppression, the strongly steered first token of this prompt is punctuation.
+    body = {"messages": [{"role": "user", "content": "你好！"}], "max_tokens": 16, "temperature": 0}
+    firsts = {}
+    for suppress in (False, True):
+        chinese = {**STRONG, "suppressLeadingPunctuation": suppress}
+        response = httpx.post(
+            f"{worker.url}/v1/chat/completions", json={**body, "chinese": chinese}, timeout=60
+        )
+        assert response.status_code == 200, response.text
+        payload = response.json()
+        assert payload["object"] == "chat.completion"
+        assert payload["choices"][0]["message"]["role"] == "assistant"
+        content = payload["choices"][0]["message"]["content"]
+        assert cjk_share(content) >= 0.9
+        firsts[suppress] = content.strip()[0]
+    assert not is_punctuation(firsts[True])
+
+
+def test_deployment_default_applies_and_request_overrides(make_worker):
+    steered = GenerationSpec(chinese=ChineseSpec(enabled=True, alpha=1e4))
+    worker = make_worker(generation=steered)
+    default = complete(worker, prompt="hello world", max_tokens=24).json()["choices"][0]["text"]
+    off = complete(worker, prompt="hello world", max_tokens=24, chinese=False).json()["choices"][0]["text"]
+    assert cjk_share(default) >= 0.9
+    assert cjk_share(off) < 0.9
+
+
+def test_usage_is_counted(worker, loaded):
+    prompt = "the quick brown fox"
+    payload = complete(worker, prompt=prompt, max_tokens=5, ignore_eos=True).json()
+    prompt_tokens = len(loaded.tokenizer(prompt)["input_ids"])
+    assert payload["usage"] == {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": 5,
+        "total_tokens": prompt_tokens + 5,
+    }
+    assert payload["choices"][0]["finish_reason"] == "length"
+    assert payload["object"] == "text_completion"
+
+
+def test_streaming_matches_the_whole_answer(worker):
+    whole = complete(worker, prompt="hello world", max_tokens=20, ignore_eos=True).json()
+    with httpx.stream(
+        "POST",
+        f"{worker.url}/v1/completions",
+        timeout=60,
+        json={
+            "prompt": "hello world",
+            "max_tokens": 20,
+            "temperature": 0,
+            "ignore_eos": True,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        },
+    ) as response:
+        assert response.headers["content-type"].startswith("text/event-stream")
+        events = sse_events(response)
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(e) for e in events[:-1]]
+    text = "".join(c["choices"][0]["text"] for c in chunks if c["choices"])
+    assert text == whole["choices"][0]["text"]
+    assert chunks[-2]["choices"][0]["finish_reason"] == "length"
+    assert chunks[-1]["usage"] == whole["usage"]
+    assert len(chunks) > 3  # incremental, not one piece
+
+
+def test_chat_streaming(worker):
+    body = {
+        "messages": [{"role": "user", "content": "hello"}],
+        "max_tokens": 8,
+        "temperature": 0,
+        "stream": True,
+        "chinese": STRONG,
+    }
+    with httpx.stream("POST", f"{worker.url}/v1/chat/completions", json=body, timeout=60) as response:
+        events = sse_events(response)
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(e) for e in events[:-1]]
+    assert all(c["object"] == "chat.completion.chunk" for c in chunks)
+    assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    assert chunks[-1]["choices"][0]["finish_reason"] in ("stop", "length")
+    content = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks)
+    assert cjk_share(content) >= 0.9
+
+
+def test_stop_strings_cut_the_text_in_whole_and_streamed_answers(worker):
+    full = complete(worker, prompt="hello world", max_tokens=24, chinese=STRONG, ignore_eos=True)
+    text = full.json()["choices"][0]["text"]
+    stop = text[5:7]
+    cut = complete(worker, prompt="hello world", max_tokens=24, chinese=STRONG, ignore_eos=True, stop=[stop])
+    choice = cut.json()["choices"][0]
+    assert choice["text"] == text[: text.index(stop)]
+    assert choice["finish_reason"] == "stop"
+    body = {
+        "prompt": "hello world",
+        "max_tokens": 24,
+        "temperature": 0,
+        "chinese": STRONG,
+        "ignore_eos": True,
+        "stop": stop,
+        "stream": True,
+    }
+    with httpx.stream("POST", f"{worker.url}/v1/completions", json=body, timeout=60) as response:
+        chunks = [json.loads(e) for e in sse_events(response)[:-1]]
+    assert "".join(c["choices"][0]["text"] for c in chunks) == choice["text"]
+
+
+def test_seeds_reproduce_sampling_alone_and_in_a_batch(worker):
+    body = {"prompt": "hello world", "max_tokens": 16, "temperature": 1.0, "top_p": 0.95, "ignore_eos": True}
+    alone = complete(worker, **body, seed=123).json()["choices"][0]["text"]
+    again = complete(worker, **body, seed=123).json()["choices"][0]["text"]
+    other = complete(worker, **body, seed=124).json()["choices"][0]["text"]
+    assert alone == again
+    assert alone != other
+
+    async def batch() -> list[str]:
+        async with httpx.AsyncClient(base_url=worker.url, timeout=60) as client:
+            seeds = [123, 5, 6, 7]
+            responses = await asyncio.gather(
+                *[client.post("/v1/completions", json={**body, "seed": s}) for s in seeds]
+            )
+        return [r.json()["choices"][0]["text"] for r in responses]
+
+    assert (asyncio.run(batch()))[0] == alone
+
+
+def test_repetition_penalty_changes_greedy_output(worker):
+    plain = complete(worker, prompt="hello", max_tokens=24, ignore_eos=True).json()["choices"][0]["text"]
+    penalised = complete(
+        worker, prompt="hello", max_tokens=24, ignore_eos=True, repetition_penalty=5.0
+    ).json()["choices"][0]["text"]
+    assert plain != penalised
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "param", "fragment"),
+    [
+        ({"prompt": "hi", "max_tokens": 600}, 400, "max_tokens", "maximum context length is 512 tokens"),
+        ({"prompt": "hi", "bogus": 1}, 400, "bogus", "bogus: unknown field"),
+        ({"prompt": "hi", "temperature": 3}, 400, "temperature", "temperature: 3 must be <= 2"),
+        ({"prompt": "hi", "chinese": {"alpha": 0}}, 400, "chinese.alpha", "must be > 0"),
+        ({"prompt": "hi", "model": "gpt-4"}, 404, "model", "The model 'gpt-4' does not exist"),
+        ({"prompt": "hi", "presence_penalty": 1}, 400, "presence_penalty", "use repetition_penalty"),
+        ({"max_tokens": 3}, 400, "prompt", "prompt: is required"),
+        ({"prompt": [5, 10_000]}, 400, "prompt", "outside [0, 900)"),
+    ],
+)
+def test_errors_in_openai_format(worker, body, status, param, fragment):
+    response = httpx.post(f"{worker.url}/v1/completions", json=body, timeout=30)
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert fragment in error["message"]
+    assert error["param"] == param
+
+
+def test_malformed_body_and_unknown_route(worker):
+    response = httpx.post(f"{worker.url}/v1/completions", content=b"{nope", timeout=30)
+    assert response.status_code == 400
+    assert "not JSON" in response.json()["error"]["message"]
+    missing = httpx.get(f"{worker.url}/v1/nothing", timeout=30)
+    assert missing.status_code == 404
+    assert missing.json()["error"]["type"] == "not_found_error"
+
+
+def test_not_ready_answers_503(serve):
+    waiting = serve(WorkerState(model_names=["tiny"]))
+    assert httpx.get(f"{waiting.url}/healthz").status_code == 200
+    ready = httpx.get(f"{waiting.url}/readyz")
+    assert ready.status_code == 503
+    assert ready.json()["status"] == "loading"
+    response = httpx.post(f"{waiting.url}/v1/completions", json={"prompt": "hi"})
+    assert response.status_code == 503
+    assert response.json()["error"]["code"] == "model_loading"
+    assert response.headers["retry-after"] == "5"
+
+
+def test_concurrent_requests_are_batched_and_all_answered(make_worker):
+    worker = make_worker(max_batch_size=4, max_queue=64)
+    gate = threading.Event()
+
+    async def run() -> list[httpx.Response]:
+        # Hold the engine between two steps so that all 16 requests queue, then let it go.
+        held = asyncio.ensure_future(worker.engine.run_between_steps(gate.wait))
+        async with httpx.AsyncClient(base_url=worker.url, timeout=120) as client:
+            posts = [
+                asyncio.ensure_future(
+                    client.post(
+                        "/v1/completions",
+                        json={
+                            "prompt": PROMPTS[i % 4],
+                            "max_tokens": 6 + i % 3,
+                            "temperature": 0,
+                            "ignore_eos": True,
+                        },
+                    )
+                )
+                for i in range(16)
+            ]
+            await asyncio.to_thread(wait_for, lambda: worker.engine.queue_depth == 16, "16 queued requests")
+            gate.set()
+            await held
+            return list(await asyncio.gather(*posts))
+
+    responses = asyncio.run(run())
+    assert [r.status_code for r in responses] == [200] * 16
+    assert [r.json()["usage"]["completion_tokens"] for r in responses] == [6 + i % 3 for i in range(16)]
+    assert worker.metric("kubevram_worker_batch_size_count") == 4
+    assert worker.metric("kubevram_worker_batch_size_sum") == 16
+    assert (
+        worker.metric("kubevram_worker_requests_total", {"endpoint": "/v1/completions", "status": "200"})
+        == 16
+    )
+    # Batched greedy answers equal the answers to the same prompts alone.
+    alone = complete(worker, prompt=PROMPTS[1], max_tokens=7, ignore_eos=True).json()["choices"][0]["text"]
+    assert responses[1].json()["choices"][0]["text"] == alone
+
+
+def test_queue_full_answers_429_with_retry_after(make_worker):
+    worker = make_worker(max_batch_size=1, max_queue=2)
+    gate = threading.Event()
+
+    async def run() -> tuple[list[httpx.Response], httpx.Response]:
+        held = asyncio.ensure_future(worker.engine.run_between_steps(gate.wait))
+        async with httpx.AsyncClient(base_url=worker.url, timeout=60) as client:
+            body = {"prompt": "hi", "max_tokens": 2, "temperature": 0}
+            queued = [asyncio.ensure_future(client.post("/v1/completions", json=body)) for _ in range(2)]
+            await asyncio.to_thread(wait_for, lambda: worker.engine.queue_depth == 2, "2 queued requests")
+            refused = await client.post("/v1/completions", json=body)
+            gate.set()
+            await held
+            return list(await asyncio.gather(*queued)), refused
+
+    queued, refused = asyncio.run(run())
+    assert refused.status_code == 429
+    assert refused.headers["retry-after"] == "1"
+    assert refused.json()["error"]["code"] == "queue_full"
+    assert [r.status_code for r in queued] == [200, 200]
+
+
+def test_out_of_memory_fails_the_request_and_the_worker_keeps_serving(make_worker, loaded):
+    worker = make_worker()
+    layer = loaded.model.model.layers[0]
+    raised = []
+
+    def fail_once(module, args):
+        if not raised:
+            raised.append(True)
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+    handle = layer.register_forward_pre_hook(fail_once)
+    try:
+        failed = complete(worker, prompt="hello", max_tokens=4)
+    finally:
+        handle.remove()
+    assert failed.status_code == 503
+    assert failed.json()["error"]["code"] == "out_of_memory"
+    assert worker.engine.oom_count == 1
+    assert worker.engine.running == 0
+    ok = complete(worker, prompt="hello", max_tokens=4)
+    assert ok.status_code == 200
+    assert worker.metric("kubevram_worker_oom_total") == 1
+    assert worker.metric("kubevram_worker_sequences_finished_total", {"reason": "error"}) == 1
+
+
+def test_out_of_memory_while_streaming_sends_an_error_event(make_worker, loaded):
+    worker = make_worker()
+    calls = []
+
+    def fail_on_third(module, args):
+        calls.append(1)
+        if len(calls) == 3:
+            raise torch.OutOfMemoryError("CUDA out of memory")
+
+    handle = loaded.model.model.layers[0].register_forward_pre_hook(fail_on_third)
+    try:
+        body = {"prompt": "hello", "max_tokens": 10, "temperature": 0, "ignore_eos": True, "stream": True}
+        with httpx.stream("POST", f"{worker.url}/v1/completions", json=body, timeout=60) as response:
+            events = sse_events(response)
+    finally:
+        handle.remove()
+    assert events[-1] == "[DONE]"
+    assert json.loads(events[-2])["error"]["code"] == "out_of_memory"
+    assert complete(worker, prompt="hello", max_tokens=3).status_code == 200
+
+
+def test_a_disconnected_stream_is_cancelled(make_worker, loaded):
+    worker = make_worker()
+    gate, blocked = threading.Event(), threading.Event()
+    gate.set()
+
+    def hold(module, args):
+        if not gate.is_set():
+            blocked.set()
+            gate.wait()
+
+    hook = loaded.model.model.layers[0].register_forward_pre_hook(hold)
+    try:
+        body = {"prompt": "hello", "max_tokens": 400, "temperature": 0, "ignore_eos": True, "stream": True}
+        with (
+            httpx.Client(timeout=60) as client,
+            client.stream("POST", f"{worker.url}/v1/completions", json=body) as response,
+        ):
+            lines = response.iter_lines()
+            assert next(line for line in lines if line.startswith("data: "))
+            gate.clear()
+            assert blocked.wait(30)
+            request = worker.engine._batch.rows[0].handle
+        # The client has gone: the server notices and cancels the request while the engine is held.
+        assert request.cancelled.wait(30)
+    finally:
+        gate.set()
+        hook.remove()
+    wait_for(lambda: worker.engine.running == 0, "the cancelled request to leave the batch")
+    assert worker.metric("kubevram_worker_sequences_finished_total", {"reason": "cancelled"}) == 1
+    assert worker.metric("kubevram_worker_generation_tokens_total") < 400
+    assert complete(worker, prompt="hello", max_tokens=3).status_code == 200
+
+
+def test_metrics_endpoint(worker):
+    complete(worker, prompt="hello", max_tokens=2)
+    text = httpx.get(f"{worker.url}/metrics").text
+    for name in (
+        "kubevram_worker_requests_total",
+        "kubevram_worker_prompt_tokens_total",
+        "kubevram_worker_generation_tokens_total",
+        "kubevram_worker_queue_depth",
+        "kubevram_worker_request_latency_seconds_bucket",
+    ):
+        assert name in text

@@ -1,0 +1,138 @@
+"""Loading the model exactly as planned: a :class:`WorkerPlan` becomes ``from_pretrained`` arguments.
+
+``deviceMap`` and ``maxMemory`` pass to transformers/accelerate unchanged (``maxMemory``'s ``"0"`` keys
+become the integer GPU indices accelerate wants); the weights' precision becomes ``dtype`` or, for
+int8/int4, a bitsandbytes ``BitsAndBytesConfig`` (LLM.int8, NF4). Without a plan the worker runs on
+what it finds: every GPU with ``device_map="auto"``, else the CPU in float32.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from kubevram.api.v1alpha1 import ChineseSpec
+from kubevram.api.workerplan import WorkerPlan
+from kubevram.worker.logits import TokenClasses, parse_ranges, token_classes
+
+log = logging.getLogger(__name__)
+
+DEFAULT_OFFLOAD_FOLDER = "/tmp/kubevram-offload"
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass
+class LoadedModel:
+    model: Any
+    tokenizer: Any
+    eos_token_ids: list[int]
+    token_classes: TokenClasses
+    seconds: float
+
+
+def from_pretrained_kwargs(plan: WorkerPlan | None, *, cuda: bool | None = None) -> dict[str, Any]:
+    """The keyword arguments of ``AutoModelForCausalLM.from_pretrained`` for ``plan``."""
+    cuda = torch.cuda.is_available() if cuda is None else cuda
+    if plan is None:
+        if cuda:
+            return {"dtype": "auto", "device_map": "auto"}
+        return {"dtype": torch.float32}
+    kwargs: dict[str, Any] = {"trust_remote_code": plan.model.trustRemoteCode}
+    weights = str(plan.precision.weights)
+    if weights in _DTYPES:
+        kwargs["dtype"] = _DTYPES[weights]
+    else:
+        from transformers import BitsAndBytesConfig
+
+        kwargs["dtype"] = torch.float16
+        if weights == "int8":
+            kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
+        else:
+            kwargs["quantization_config"] = BitsAndBytesConfig(
+                load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float16
+            )
+    if plan.deviceMap is not None:
+        kwargs["device_map"] = dict(plan.deviceMap)
+    elif cuda:
+        kwargs["device_map"] = "auto"
+    if plan.maxMemory is not None:
+        kwargs["max_memory"] = plan.accelerate_max_memory()
+    offloads_to_disk = plan.deviceMap is not None and "disk" in plan.deviceMap.values()
+    if plan.offloadFolder or offloads_to_disk:
+        kwargs["offload_folder"] = plan.offloadFolder or DEFAULT_OFFLOAD_FOLDER
+    return kwargs
+
+
+def _describe(kwargs: dict[str, Any]) -> str:
+    parts = [f"dtype={kwargs.get('dtype')}"]
+    device_map = kwargs.get("device_map")
+    if isinstance(device_map, dict):
+        counts: dict[str, int] = {}
+        for device in device_map.values():
+            counts[str(device)] = counts.get(str(device), 0) + 1
+        parts.append("device_map=" + ", ".join(f"{n} modules on {d}" for d, n in sorted(counts.items())))
+    elif device_map is not None:
+        parts.append(f"device_map={device_map}")
+    if kwargs.get("max_memory"):
+        parts.append(
+            "max_memory=" + ", ".join(f"{k}: {v / 2**30:.2f} GiB" for k, v in kwargs["max_memory"].items())
+        )
+    if "quantization_config" in kwargs:
+        parts.append(f"quantization={type(kwargs['quantization_config']).__name__}")
+    if "offload_folder" in kwargs:
+        parts.append(f"offload_folder={kwargs['offload_folder']}")
+    return "; ".join(parts)
+
+
+def eos_ids(model: Any, tokenizer: Any) -> list[int]:
+    """Every id that ends generation: the generation config's, the model config's and the tokenizer's."""
+    found: set[int] = set()
+    for source in (getattr(model, "generation_config", None), getattr(model, "config", None), tokenizer):
+        value = getattr(source, "eos_token_id", None) if source is not None else None
+        if isinstance(value, int):
+            found.add(value)
+        elif isinstance(value, list | tuple):
+            found.update(int(v) for v in value)
+    return sorted(found)
+
+
+def load(model_id: str, plan: WorkerPlan | None, chinese: ChineseSpec | None = None) -> LoadedModel:
+    """Load tokenizer and model as ``plan`` says, logging each stage; compute the steering token sets."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    start = time.monotonic()
+    kwargs = from_pretrained_kwargs(plan)
+    trust = bool(kwargs.get("trust_remote_code", False))
+    log.info("loading tokenizer from %s", model_id)
+    tokenizer = AutoTokenizer.from_pretrained(model_id, trust_remote_code=trust)
+    log.info("loading weights from %s: %s", model_id, _describe(kwargs))
+    model = AutoModelForCausalLM.from_pretrained(model_id, **kwargs)
+    model.eval()
+    params = sum(p.numel() for p in model.parameters())
+    placed = getattr(model, "hf_device_map", None)
+    log.info(
+        "weights loaded in %.1f s: %d parameters, %.1f MiB%s",
+        time.monotonic() - start,
+        params,
+        model.get_memory_footprint() / 2**20,
+        f", {len(placed)} modules placed by the device map" if placed else f" on {model.device}",
+    )
+    eos = eos_ids(model, tokenizer)
+    vocab = model.get_output_embeddings().weight.shape[0]
+    ranges = parse_ranges((chinese or ChineseSpec()).ranges)
+    t0 = time.monotonic()
+    classes = token_classes(tokenizer, vocab, eos, ranges)
+    log.info(
+        "steering token sets: %d CJK, %d punctuation, %d EOS of %d tokens (%.2f s)",
+        int(classes.cjk.sum()),
+        int(classes.punctuation.sum()),
+        int(classes.eos.sum()),
+        vocab,
+        time.monotonic() - t0,
+    )
+    return LoadedModel(model, tokenizer, eos, classes, time.monotonic() - start)
