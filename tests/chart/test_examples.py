@@ -84,6 +84,44 @@ def test_estimate_runs_offline_on_the_example(
     assert estimate["totalBytes"] > estimate["weightsBytes"] > 0
 
 
+def plan(name: str, capsys: pytest.CaptureFixture[str]) -> dict[str, Any]:
+    """`kubevram plan -f examples/<name> -o json` on the built-in sample cluster."""
+    assert main(["plan", "-f", str(BY_NAME[name]), "-o", "json"]) == 0
+    (result,) = json.loads(capsys.readouterr().out)
+    assert isinstance(result, dict)
+    return result
+
+
+def test_plan_qwen2_7b_on_one_gpu(capsys: pytest.CaptureFixture[str]) -> None:
+    result = plan("qwen2-7b.yaml", capsys)
+    (replica,) = result["replicas"]
+    assert len(replica["gpus"]) == 1 and list(replica["maxMemory"]) == ["0"]
+    assert set(replica["deviceMap"].values()) == {0}
+    assert result["unscheduled"]["count"] == 0
+
+
+def test_plan_splits_llama_3_70b_over_four_gpus(capsys: pytest.CaptureFixture[str]) -> None:
+    (replica,) = plan("llama-3-70b-multi-gpu.yaml", capsys)["replicas"]
+    assert len(replica["gpus"]) == 4
+    assert set(replica["deviceMap"].values()) == {0, 1, 2, 3}
+    # balanced_low_0: GPU 0 gets the smallest share.
+    budgets = {int(k): v for k, v in replica["maxMemory"].items()}
+    assert budgets[0] == min(budgets.values()) < max(budgets.values())
+
+
+def test_plan_offloads_chatglm_layers_to_cpu(capsys: pytest.CaptureFixture[str]) -> None:
+    (replica,) = plan("chatglm-6b-cpu-offload.yaml", capsys)["replicas"]
+    placed = set(replica["deviceMap"].values())
+    assert placed == {0, "cpu"}
+    assert "cpu" in replica["maxMemory"]
+
+
+def test_plan_puts_both_small_replicas_on_one_shared_gpu(capsys: pytest.CaptureFixture[str]) -> None:
+    replicas = plan("shared-gpu-small.yaml", capsys)["replicas"]
+    assert len(replicas) == 2
+    assert len({(r["node"], tuple(r["gpus"])) for r in replicas}) == 1
+
+
 def test_qwen2_7b_carries_the_published_config() -> None:
     config = example("qwen2-7b.yaml")["spec"]["model"]["config"]
     assert config == config | {
