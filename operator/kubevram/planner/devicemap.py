@@ -296,7 +296,7 @@ def min_per_gpu_bytes(facts: ModelFacts, workload: Workload, n: int, strategy: s
     On equal GPUs every strategy fits exactly when a sequential fill fits (each one falls back to
     filling GPUs in order), so the answer does not depend on ``strategy``.
     """
-    _check(strategy, "balanced")
+    _check(strategy, "none")
     return _min_per_gpu(facts, workload, max(1, n))
 
 
