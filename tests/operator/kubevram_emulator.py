@@ -46,6 +46,11 @@ class MendedEmulator(kmock.KubernetesEmulator):
 
     _versions = itertools.count(1000)
 
+    def __attrs_post_init__(self) -> None:
+        super().__attrs_post_init__()
+        #: Every request served: (method, path, status), for assertions on what the operator did.
+        self.log: list[tuple[str, str, int]] = []
+
     async def _handle(self, request: Any) -> Any:
         data = request.data if isinstance(request.data, dict) else None
         if request.resource is not None and data is not None:
@@ -70,7 +75,10 @@ class MendedEmulator(kmock.KubernetesEmulator):
                         meta["generation"] = int(current.get("metadata", {}).get("generation") or 1) + 1
             if meta is not None:
                 meta["resourceVersion"] = str(next(self._versions))
-        return await super()._handle(request)
+        response = await super()._handle(request)
+        self.log.append((str(getattr(request.method, "value", request.method)).upper(), request.url.path,
+                         int(response.status)))
+        return response
 
 
 def _merged(base: Any, patch: Any) -> Any:
@@ -223,6 +231,11 @@ class EmulatedCluster:
 
     def create_llmd(self, obj: dict[str, Any], namespace: str = "default") -> Any:
         return self.create(f"{LLMD_PATH}/namespaces/{namespace}/{PLURAL}", obj)
+
+    def requests(self) -> list[tuple[str, str, int]]:
+        """A copy of the emulator's request log: ``(method, path, status)``."""
+        assert self.emulator is not None
+        return self.call(lambda: list(self.emulator.log))  # type: ignore[union-attr]
 
     def llmd_path(self, name: str, namespace: str = "default") -> str:
         return f"{LLMD_PATH}/namespaces/{namespace}/{PLURAL}/{name}"

@@ -191,14 +191,16 @@ class Cluster:
         """Create the object, or merge-patch it when it exists. Returns ``created`` or ``patched``."""
         collection = self._collection(manifest)
         path = f"{collection}/{manifest['metadata']['name']}"
-        if self._get(path) is None:
+        existing = self._get(path)
+        if existing is None:
             try:
                 self._raw("POST", collection, manifest)
                 return "created"
             except ApiException as exc:
                 if exc.status != 409:
                     raise
-        self._raw("PATCH", path, manifest, MERGE_PATCH)
+                existing = self._get(path) or {}
+        self._raw("PATCH", path, _with_removals(existing, manifest), MERGE_PATCH)
         return "patched"
 
     def create_if_absent(self, manifest: dict[str, Any]) -> bool:
@@ -227,6 +229,30 @@ class Cluster:
         for workload in workloads:
             self.delete({"apiVersion": "apps/v1", "kind": "Deployment", "metadata": workload["metadata"]})
 
+
+def _with_removals(existing: dict[str, Any], manifest: dict[str, Any]) -> dict[str, Any]:
+    """A merge patch that also removes what the operator wrote before and no longer renders.
+
+    A merge patch keeps keys it does not mention, so keys the operator owns and dropped (a
+    ConfigMap's stale plan files, a pod template's former nodeSelector) are set to null. Fields the
+    API server defaults (a Service's clusterIP, a Deployment's revisionHistoryLimit) are left alone.
+    """
+    patch = dict(manifest)
+    if manifest.get("kind") == "ConfigMap":
+        stale = set((existing.get("data") or {})) - set(manifest.get("data") or {})
+        patch["data"] = {**(manifest.get("data") or {}), **{key: None for key in stale}}
+    if manifest.get("kind") == "Deployment":
+        desired = manifest["spec"]["template"]["spec"]
+        current = (((existing.get("spec") or {}).get("template") or {}).get("spec")) or {}
+        removed = {key: None for key in _OPTIONAL_POD_FIELDS if key in current and key not in desired}
+        if removed:
+            spec = dict(manifest["spec"])
+            spec["template"] = {**spec["template"], "spec": {**desired, **removed}}
+            patch["spec"] = spec
+    return patch
+
+
+_OPTIONAL_POD_FIELDS = ("nodeSelector", "affinity", "tolerations")
 
 _PLURALS = {
     "ConfigMap": "configmaps",

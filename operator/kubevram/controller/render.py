@@ -164,8 +164,10 @@ def worker_plan(body: Mapping[str, Any], spec: LLMDeploymentSpec, replica: Mappi
     """What one worker loads: the spec's serving settings plus the replica's device map and budgets."""
     device_map = dict(replica["deviceMap"]) if replica and replica.get("deviceMap") is not None else None
     max_memory = {k: int(v) for k, v in replica["maxMemory"].items()} if replica and replica.get("maxMemory") else None
-    uses_disk = bool(max_memory and "disk" in max_memory) or bool(
-        device_map and "disk" in device_map.values()
+    uses_disk = (
+        spec.placement.offload == "disk"
+        or bool(max_memory and "disk" in max_memory)
+        or bool(device_map and "disk" in device_map.values())
     )
     return WorkerPlan.model_validate(
         {
@@ -294,7 +296,7 @@ def render_workload(
     if spec.model.volume:
         volumes.append({"name": "model", **spec.model.volume})
         mounts.append({"name": "model", "mountPath": MODEL_DIR, "readOnly": True})
-    if spec.placement.offload == "disk":
+    if worker_plan(body, spec, replica).offloadFolder:
         volumes.append({"name": "offload", "emptyDir": {}})
         mounts.append({"name": "offload", "mountPath": OFFLOAD_DIR})
     tolerations = [{"key": GPU_RESOURCE, "operator": "Exists", "effect": "NoSchedule"}]

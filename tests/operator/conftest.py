@@ -1,0 +1,55 @@
+"""Fixtures for the operator tests: kmock's Kubernetes emulator over HTTP and kopf's KopfRunner."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+# Read when kubevram.controller.handlers is imported (the timer's interval): short in tests.
+os.environ.setdefault("KUBEVRAM_READY_INTERVAL", "1")
+
+from kubevram_emulator import EmulatedCluster  # noqa: E402
+
+
+@pytest.fixture()
+def cluster(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[EmulatedCluster]:
+    """An emulated API server; KUBECONFIG points at it for kopf and for the operator's client."""
+    import kubernetes.config.kube_config
+
+    emulated = EmulatedCluster(tmp_path).start()
+    monkeypatch.setenv("KUBECONFIG", str(emulated.kubeconfig))
+    # The kubernetes package reads KUBECONFIG once, at import; kopf's login uses that default.
+    monkeypatch.setattr(kubernetes.config.kube_config, "KUBE_CONFIG_DEFAULT_LOCATION", str(emulated.kubeconfig))
+    monkeypatch.setenv("KUBEVRAM_RETRY_DELAY", "1")
+    monkeypatch.delenv("KUBEVRAM_NODE_CLASSES", raising=False)
+    try:
+        yield emulated
+    finally:
+        emulated.stop()
+
+
+@contextlib.contextmanager
+def running_operator(*extra_args: str) -> Iterator[Any]:
+    """``kubevram``'s kopf handlers in KopfRunner (a thread), cluster-wide, standalone."""
+    import kopf
+    from kopf.testing import KopfRunner
+
+    settings = kopf.OperatorSettings()
+    # kmock 0.8 cannot list /api/v1/namespaces; cluster-wide watching needs no namespace scan.
+    settings.scanning.disabled = True
+    args = ["run", "--all-namespaces", "--standalone", "-m", "kubevram.controller.handlers", *extra_args]
+    with KopfRunner(args, settings=settings, timeout=30) as runner:
+        yield runner
+    assert runner.exception is None, runner.output
+    assert runner.exit_code == 0, runner.output
+
+
+@pytest.fixture()
+def operator(cluster: EmulatedCluster) -> Iterator[Any]:
+    with running_operator() as runner:
+        yield runner
