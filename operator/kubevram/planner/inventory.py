@@ -412,7 +412,7 @@ def admits(
     if not node.ready:
         return "not Ready"
     if node.unschedulable:
-        return "unschedulable (cordoned)"
+        return "cordoned"
     for key, value in node_selector.items():
         if node.labels.get(key) != value:
             return f"nodeSelector {key}={value} does not match"
