@@ -7,10 +7,13 @@ and the engine runs (a failed load turns the process off with exit status 1, so 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
+import os
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
+from typing import Any
 
 from kubevram.api.errors import SpecError
 from kubevram.api.v1alpha1 import GenerationSpec, ServingSpec
@@ -76,8 +79,10 @@ def load_into(
         max_sequence_length=state.serving.maxSequenceLength,
         token_classes=loaded.token_classes,
         eos_token_ids=loaded.eos_token_ids,
-        hooks=state.metrics,
+        hooks=state.memory if state.memory is not None else state.metrics,
     )
+    if state.memory is not None:
+        state.memory.bind(engine)
     engine.start()
     state.metrics.bind(engine)
     state.engine = engine
@@ -113,11 +118,29 @@ def start_loading(
     return thread
 
 
+async def serve_all(servers: Sequence[Any], background: Sequence[Coroutine[Any, Any, None]] = ()) -> None:
+    """Run uvicorn ``servers`` and ``background`` tasks in one loop; when one server stops, all stop."""
+    tasks = [asyncio.create_task(coro) for coro in background]
+    serving = [asyncio.create_task(server.serve()) for server in servers]
+    try:
+        await asyncio.wait(serving, return_when=asyncio.FIRST_COMPLETED)
+        for server in servers:
+            server.should_exit = True
+        await asyncio.gather(*serving, return_exceptions=True)
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
 def run_worker(args: argparse.Namespace) -> int:
     """The ``kubevram worker`` command: 0 on a clean shutdown, 1 if the model could not be loaded."""
     import uvicorn
 
+    from kubevram.worker.admin import TOKEN_ENV, create_admin_app, install_admin, register_metrics
     from kubevram.worker.api import create_app
+    from kubevram.worker.memory import MemoryMonitor
+    from kubevram.worker.reporter import StatusReporter
 
     level = str(getattr(args, "log_level", None) or "info").upper()
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -130,21 +153,34 @@ def run_worker(args: argparse.Namespace) -> int:
             plan.model.id,
             args.model,
         )
+    state.memory = MemoryMonitor.for_plan(state.metrics, plan)
+    register_metrics(state.metrics.registry, state.memory)
+    token = os.environ.get(TOKEN_ENV) or None
     app = create_app(state)
-    server = uvicorn.Server(
-        uvicorn.Config(
-            app, host=args.host, port=args.port, log_level=level.lower(), timeout_graceful_shutdown=10
+    apps = [(app, args.port)]
+    admin_port = getattr(args, "admin_port", None)
+    if admin_port:  # the admin routes only on their own port, which the Service leaves out
+        apps.append((create_admin_app(state.memory, token), admin_port))
+    else:
+        install_admin(app, state.memory, token)
+    servers = [
+        uvicorn.Server(
+            uvicorn.Config(a, host=args.host, port=p, log_level=level.lower(), timeout_graceful_shutdown=10)
         )
-    )
+        for a, p in apps
+    ]
 
     def stop() -> None:
-        server.should_exit = True
+        for server in servers:
+            server.should_exit = True
 
     start_loading(
         state, args.model, plan, getattr(args, "max_queue", None) or DEFAULT_MAX_QUEUE, on_failure=stop
     )
     log.info("listening on %s:%d; loading %s", args.host, args.port, args.model)
-    server.run()
+    reporter = StatusReporter.from_env(state.memory, plan)
+    background = [state.memory.watch()] + ([reporter.run()] if reporter is not None else [])
+    asyncio.run(serve_all(servers, background))
     if state.engine is not None:
         state.engine.stop()
     return 1 if state.load_error else 0

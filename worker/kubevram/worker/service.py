@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 from kubevram.api.v1alpha1 import GenerationSpec, ServingSpec
 from kubevram.worker.engine import Engine, EngineError, SamplingParams
+from kubevram.worker.memory import MemoryMonitor
 from kubevram.worker.metrics import WorkerMetrics
 from kubevram.worker.protocol import ChatCompletionRequest, CompletionRequest
 
@@ -23,6 +24,8 @@ class WorkerState:
     metrics: WorkerMetrics = field(default_factory=WorkerMetrics)
     engine: Engine | None = None
     load_error: str | None = None
+    # Allocator statistics, release and samples (kubevram.worker.memory); the engine's hooks when set.
+    memory: MemoryMonitor | None = None
 
     @property
     def ready(self) -> bool:
