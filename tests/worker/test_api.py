@@ -93,23 +93,35 @@ def test_chinese_on_steers_greedy_output_and_off_does_not(worker, prompt):
     assert cjk_share(text_off) < 0.9, text_off
 
 
-def test_chinese_on_chat_with_leading_punctuation_suppressed(worker):
-    # Without suppression, the strongly steered first token of this prompt is punctuation.
-    body = {"messages": [{"role": "user", "content": "你好！"}], "max_tokens": 16, "temperature": 0}
-    firsts = {}
+def test_leading_punctuation_is_suppressed_only_when_asked(worker):
+    # Strongly steered, the greedy first token for this prompt is punctuation ('"'); suppression forbids it
+    # for the first token only (punctuation still appears later).
+    firsts, texts = {}, {}
     for suppress in (False, True):
         chinese = {**STRONG, "suppressLeadingPunctuation": suppress}
-        response = httpx.post(
-            f"{worker.url}/v1/chat/completions", json={**body, "chinese": chinese}, timeout=60
-        )
+        response = complete(worker, prompt="kubernetes clusters", max_tokens=16, chinese=chinese)
         assert response.status_code == 200, response.text
-        payload = response.json()
-        assert payload["object"] == "chat.completion"
-        assert payload["choices"][0]["message"]["role"] == "assistant"
-        content = payload["choices"][0]["message"]["content"]
-        assert cjk_share(content) >= 0.9
-        firsts[suppress] = content.strip()[0]
-    assert not is_punctuation(firsts[True])
+        texts[suppress] = response.json()["choices"][0]["text"]
+        assert cjk_share(texts[suppress]) >= 0.9
+        firsts[suppress] = texts[suppress].strip()[0]
+    assert is_punctuation(firsts[False]), texts
+    assert not is_punctuation(firsts[True]), texts
+
+
+def test_chat_completion_is_steered(worker):
+    body = {
+        "messages": [{"role": "user", "content": "你好！"}],
+        "max_tokens": 16,
+        "temperature": 0,
+        "chinese": STRONG,
+    }
+    payload = httpx.post(f"{worker.url}/v1/chat/completions", json=body, timeout=60).json()
+    assert payload["object"] == "chat.completion"
+    message = payload["choices"][0]["message"]
+    assert message["role"] == "assistant"
+    assert cjk_share(message["content"]) >= 0.9
+    off = httpx.post(f"{worker.url}/v1/chat/completions", json={**body, "chinese": False}, timeout=60).json()
+    assert cjk_share(off["choices"][0]["message"]["content"]) < 0.9
 
 
 def test_deployment_default_applies_and_request_overrides(make_worker):

@@ -1,0 +1,281 @@
+"""Loading as planned, request-to-sampling translation, the engine hook and `kubevram worker` itself."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+import torch
+
+from kubevram.api.v1alpha1 import ChineseSpec, GenerationDefaults, GenerationSpec, ServingSpec
+from kubevram.api.workerplan import WorkerPlan
+from kubevram.worker.engine import Engine, EngineError, SamplingParams
+from kubevram.worker.loader import from_pretrained_kwargs, load
+from kubevram.worker.protocol import ChatCompletionRequest, CompletionRequest
+from kubevram.worker.serve import build_state
+from kubevram.worker.service import WorkerState
+
+
+def plan(**fields) -> WorkerPlan:
+    return WorkerPlan.parse({"deployment": {"name": "tiny"}, "model": {"id": "tiny"}, **fields})
+
+
+def test_kwargs_pass_the_plan_through():
+    device_map = {"model.embed_tokens": 0, "model.layers.0": 0, "model.layers.1": 1, "lm_head": "cpu"}
+    kwargs = from_pretrained_kwargs(
+        plan(precision={"weights": "float16"}, deviceMap=device_map, maxMemory={"0": 10, "1": 20, "cpu": 30}),
+        cuda=True,
+    )
+    assert kwargs == {
+        "trust_remote_code": False,
+        "dtype": torch.float16,
+        "device_map": device_map,
+        "max_memory": {0: 10, 1: 20, "cpu": 30},
+    }
+
+
+def test_kwargs_disk_offload_and_quantization():
+    kwargs = from_pretrained_kwargs(
+        plan(precision={"weights": "int4"}, deviceMap={"model": 0, "lm_head": "disk"}), cuda=True
+    )
+    assert kwargs["offload_folder"] == "/tmp/kubevram-offload"
+    config = kwargs["quantization_config"]
+    assert config.load_in_4bit and config.bnb_4bit_quant_type == "nf4"
+    assert from_pretrained_kwargs(plan(precision={"weights": "int8"}), cuda=True)[
+        "quantization_config"
+    ].load_in_8bit
+    assert from_pretrained_kwargs(plan(offloadFolder="/scratch"), cuda=False)["offload_folder"] == "/scratch"
+
+
+def test_kwargs_without_a_plan_use_what_is_there():
+    assert from_pretrained_kwargs(None, cuda=False) == {"dtype": torch.float32}
+    assert from_pretrained_kwargs(None, cuda=True) == {"dtype": "auto", "device_map": "auto"}
+
+
+async def test_load_follows_an_explicit_device_map_with_disk_offload(tiny_model_dir, tmp_path):
+    device_map = {
+        "model.embed_tokens": "cpu",
+        "model.layers.0": "cpu",
+        "model.layers.1": "disk",
+        "model.norm": "cpu",
+        "model.rotary_emb": "cpu",
+        "lm_head": "cpu",
+    }
+    the_plan = plan(
+        precision={"weights": "bfloat16"},
+        deviceMap=device_map,
+        maxMemory={"cpu": 2**30},
+        offloadFolder=str(tmp_path / "offload"),
+    )
+    loaded = load(str(tiny_model_dir), the_plan)
+    assert loaded.model.dtype == torch.bfloat16
+    assert loaded.model.hf_device_map == device_map
+    assert loaded.model.model.layers[1].self_attn.q_proj.weight.device.type == "meta"  # on disk
+    assert loaded.eos_token_ids == [loaded.tokenizer.eos_token_id]
+    assert int(loaded.token_classes.cjk.sum()) > 100
+    # The engine generates through accelerate's offload hooks.
+    engine = Engine(
+        loaded.model, loaded.tokenizer, token_classes=loaded.token_classes, eos_token_ids=loaded.eos_token_ids
+    )
+    engine.start()
+    try:
+        handle = engine.submit(
+            loaded.tokenizer("hello")["input_ids"],
+            SamplingParams(max_tokens=4, temperature=0, ignore_eos=True),
+        )
+        assert (await handle.result()).completion_tokens == 4
+    finally:
+        engine.stop()
+
+
+def state(**generation) -> WorkerState:
+    return WorkerState(
+        model_names=["m"], serving=ServingSpec(maxSequenceLength=100), generation=GenerationSpec(**generation)
+    )
+
+
+def test_sampling_params_defaults_and_overrides():
+    st = state(
+        defaults=GenerationDefaults(temperature=0.5, topP=0.8, maxNewTokens=64, repetitionPenalty=1.1),
+        chinese=ChineseSpec(enabled=True, alpha=3.0),
+    )
+    params = st.sampling_params(CompletionRequest(prompt="x"), prompt_tokens=50)
+    assert params == SamplingParams(
+        max_tokens=50,
+        temperature=0.5,
+        top_p=0.8,
+        repetition_penalty=1.1,
+        chinese_alpha=3.0,
+        suppress_leading_punctuation=True,
+    )
+    off = st.sampling_params(CompletionRequest(prompt="x", chinese=False, max_tokens=5, stop="a"), 1)
+    assert (off.chinese_alpha, off.suppress_leading_punctuation, off.max_tokens, off.stop) == (
+        1.0,
+        False,
+        5,
+        ("a",),
+    )
+    strong = st.sampling_params(CompletionRequest(prompt="x", chinese={"alpha": 9.0}), 1)
+    assert strong.chinese_alpha == 9.0
+    assert strong.max_tokens == 64
+    chat = ChatCompletionRequest(
+        messages=[{"role": "user", "content": "hi"}],
+        max_completion_tokens=7,
+        chinese={"alpha": 2.0, "suppressLeadingPunctuation": False},
+        temperature=0,
+    )
+    params = state().sampling_params(chat, 1)
+    assert (params.max_tokens, params.chinese_alpha, params.suppress_leading_punctuation) == (7, 2.0, False)
+    assert params.temperature == 0
+
+
+def test_build_state_reads_plan_and_flags(tmp_path):
+    path = tmp_path / "plan.json"
+    path.write_text(
+        plan(
+            serving={"maxBatchSize": 8, "maxSequenceLength": 2048}, generation={"chinese": {"enabled": True}}
+        ).to_json()
+    )
+    args = argparse.Namespace(
+        model="/models/tiny",
+        plan=str(path),
+        deployment=None,
+        max_batch_size=2,
+        max_sequence_length=None,
+        served_model_name=None,
+    )
+    st, loaded_plan = build_state(args)
+    assert loaded_plan is not None
+    assert (st.serving.maxBatchSize, st.serving.maxSequenceLength) == (2, 2048)
+    assert st.generation.chinese.enabled
+    assert st.model_names == ["tiny", "/models/tiny"]
+
+
+async def test_run_between_steps_runs_on_the_engine_thread(loaded):
+    engine = Engine(
+        loaded.model, loaded.tokenizer, token_classes=loaded.token_classes, eos_token_ids=loaded.eos_token_ids
+    )
+    engine.start()
+    try:
+        import threading
+
+        assert await engine.run_between_steps(lambda: threading.current_thread().name) == "kubevram-engine"
+
+        def boom() -> None:
+            raise RuntimeError("boom")
+
+        with pytest.raises(RuntimeError, match="boom"):
+            await engine.run_between_steps(boom)
+        handle = engine.submit(
+            loaded.tokenizer("hello")["input_ids"], SamplingParams(max_tokens=3, temperature=0)
+        )
+        steps = await engine.run_between_steps(lambda: engine.steps)
+        result = await handle.result()
+        assert result.completion_tokens <= 3
+        assert steps <= engine.steps
+        with pytest.raises(EngineError, match="maximum context length is 4096"):
+            engine.submit([1] * 4000, SamplingParams(max_tokens=97))
+    finally:
+        engine.stop()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_bad_plan_exits_2_naming_the_field(tmp_path):
+    path = tmp_path / "plan.json"
+    path.write_text(
+        json.dumps({"deployment": {"name": "x"}, "model": {"id": "x"}, "precision": {"weights": "fp7"}})
+    )
+    done = subprocess.run(
+        [sys.executable, "-m", "kubevram.cli", "worker", "--model", "x", "--plan", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 2
+    assert "precision.weights: 'fp7' is not one of" in done.stderr
+
+
+@pytest.mark.slow
+def test_kubevram_worker_command_serves_after_loading(tiny_model_dir, tmp_path):
+    port = _free_port()
+    path = tmp_path / "plan.json"
+    path.write_text(
+        plan(
+            serving={"maxBatchSize": 2, "maxSequenceLength": 256},
+            precision={"weights": "float32"},
+            generation={"chinese": {"enabled": True, "alpha": 10000.0}},
+        ).to_json()
+    )
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "kubevram.cli",
+            "worker",
+            "--model",
+            str(tiny_model_dir),
+            "--plan",
+            str(path),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 180
+        seen = set()
+        while True:
+            assert proc.poll() is None, proc.stdout.read() if proc.stdout else ""
+            assert time.monotonic() < deadline, "the worker did not turn ready"
+            try:
+                status = httpx.get(f"{url}/readyz", timeout=5).status_code
+            except httpx.TransportError:
+                status = None
+            seen.add(status)
+            if status == 200:
+                break
+            time.sleep(0.1)
+        assert seen <= {None, 503, 200}
+        models = httpx.get(f"{url}/v1/models").json()["data"]
+        assert [m["id"] for m in models] == ["tiny", str(tiny_model_dir)]
+        assert models[0]["max_model_len"] == 256
+        answer = httpx.post(
+            f"{url}/v1/completions", json={"prompt": "hello", "max_tokens": 8, "temperature": 0}, timeout=60
+        ).json()
+        assert answer["usage"]["completion_tokens"] >= 1
+        text = answer["choices"][0]["text"]
+        assert any("\u4e00" <= c <= "\u9fff" for c in text)  # the plan's default steering applies
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=60)
+    # uvicorn shuts down cleanly, then re-raises the SIGTERM it captured (so the status may say "killed").
+    assert proc.returncode in (0, -signal.SIGTERM), out
+    assert "Application shutdown complete" in out
+    assert "loading weights from" in out
+    assert "ready: serving tiny" in out
+
+
+def test_asyncio_marker_is_active():
+    # pytest-asyncio runs the async test above (asyncio_mode=auto); make sure nothing was skipped silently.
+    assert asyncio.iscoroutinefunction(test_run_between_steps_runs_on_the_engine_thread)
