@@ -336,6 +336,18 @@ def test_offload_only_when_allowed_and_within_node_memory() -> None:
     gpu0 = cpu.per_gpu[0]
     assert gpu0["kvCache"] == sum(layer_kv_bytes(LLAMA70B, i, W70) for i in range(LLAMA70B.num_layers))
     assert gpu0["offloadBuffer"] > 0 and gpu0["total"] <= free[0]
+    mods = model_modules(LLAMA70B)
+    on_gpu = [x for x in mods if cpu.device_map[x.name] == 0]
+    offloaded = [x for x in mods if cpu.device_map[x.name] == "cpu"]
+    largest = max(x.weight_bytes("bfloat16") for x in offloaded)
+    assert gpu0["offloadBuffer"] == largest
+    offloaded_layers = [x for x in offloaded if x.layer is not None]
+    expected = gpu_bytes_for(LLAMA70B, on_gpu + offloaded_layers, W70, with_head=True)
+    for key in ("kvCache", "activations", "overhead", "fragmentation"):
+        assert gpu0[key] == expected[key], key
+    assert gpu0["weights"] == sum(x.weight_bytes("bfloat16") for x in on_gpu)
+    streamed_out = sum(x.weight_bytes("bfloat16") for x in offloaded_layers)
+    assert gpu0["total"] == expected["total"] - streamed_out + largest
     weights = _weights_per_device(LLAMA70B, cpu, "bfloat16")
     assert weights["cpu"] <= cpu.max_memory["cpu"] <= 512 * GiB
     # not enough node memory for cpu offload alone; disk takes the rest

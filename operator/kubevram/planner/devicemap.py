@@ -56,7 +56,8 @@ STRATEGIES = ("balanced", "balanced_low_0", "sequential")
 OFFLOADS = ("none", "cpu", "disk")
 DEFAULT_OFFLOAD_FOLDER = "/var/lib/kubevram/offload"
 NEEDED_UP_TO = 8  # NoFit.needed_per_gpu covers 1..8 GPUs
-_BISECT_STEPS = 36
+_BISECT_STEPS = 60
+_BISECT_TOLERANCE = 1e-5  # of the load fraction: about 0.8 MiB on an 80 GiB GPU
 
 
 @dataclass(frozen=True)
@@ -123,6 +124,23 @@ class _Model:
         with_head = (a <= self.head_unit < b) if head is None else head
         act = self.act[(has_layer, with_head)]
         return weights + kv + act + self.overhead + int((kv + act) * self.fragmentation)
+
+    def breakdown(self, a: int, b: int, *, head: bool | None = None, extra_kv: int = 0) -> dict[str, int]:
+        """``estimate.gpu_bytes_for`` of the modules of units ``[a, b)`` (plus the KV cache of offloaded
+        layers), from the prefix sums; the tests check it against ``gpu_bytes_for`` itself."""
+        weights = self.weights[b] - self.weights[a]
+        kv = self.kv[b] - self.kv[a] + extra_kv
+        has_layer = self.layers[b] > self.layers[a] or extra_kv > 0
+        act = self.act[(has_layer, (a <= self.head_unit < b) if head is None else head)]
+        frag = int((kv + act) * self.fragmentation)
+        return {
+            "weights": weights,
+            "kvCache": kv,
+            "activations": act,
+            "overhead": self.overhead,
+            "fragmentation": frag,
+            "total": weights + kv + act + self.overhead + frag,
+        }
 
 
 @lru_cache(maxsize=256)
@@ -222,26 +240,28 @@ def _balanced(
     ``f x cap`` and leaving the rest placeable (so the last GPU is not left with the crumbs)."""
     if _fill(m, caps, start, end, main, first_gpu) is None:
         return None
-    lo, hi = 0.0, 1.0
+    # bisect on f: a lower bound is the load over the capacity; a feasible fill's own peak is an upper one
+    idle = m.act[(False, False)] + m.overhead  # what every GPU of the replica holds at least
+    lo = (m.weights[end] - m.weights[start] + m.kv[end] - m.kv[start] + len(caps) * idle) / max(1, sum(caps))
+    hi = 1.0
     for _ in range(_BISECT_STEPS):
+        if hi - lo <= _BISECT_TOLERANCE * hi:
+            break
         mid = (lo + hi) / 2
-        if _fill(m, [int(c * mid) for c in caps], start, end, main, first_gpu) is None:
+        bounds = _fill(m, [int(c * mid) for c in caps], start, end, main, first_gpu)
+        if bounds is None:
             lo = mid
         else:
-            hi = mid
+            hi = min(mid, _peak(m, bounds, caps, main, first_gpu))
     limits = [int(c * hi) for c in caps]
+    earliest = _earliest_starts(m, limits, end)
     bounds = [start]
     a = start
     for k in range(len(limits)):
-        gpu = first_gpu + k
-        b_max = _fill_upto(m, limits[k], a, end, gpu, main)
-        b_lo, b_hi = a, b_max  # the smallest b whose rest still fits the GPUs after this one
-        while b_lo < b_hi:
-            mid = (b_lo + b_hi) // 2
-            if _fill(m, limits[k + 1 :], mid, end, main, gpu + 1) is None:
-                b_lo = mid + 1
-            else:
-                b_hi = mid
+        b_max = _fill_upto(m, limits[k], a, end, first_gpu + k, main)
+        b_lo = max(a, earliest[k + 1])  # the smallest b whose rest still fits the GPUs after this one
+        if b_lo > b_max:
+            return None
         share = (m.weights[end] - m.weights[a] + m.kv[end] - m.kv[a]) * caps[k] / sum(caps[k:])
         a = min(
             range(b_lo, b_max + 1),
@@ -252,14 +272,58 @@ def _balanced(
 
 
 def _fill_upto(m: _Model, cap: int, a: int, end: int, gpu: int, main: _Main) -> int:
+    """The largest ``b`` in ``[a, end]`` with ``cost(a, b) <= cap`` (costs grow with ``b``)."""
     lo, hi = a, end
+    if gpu == 0 and main is not _NO_MAIN:
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if _gpu_cost(m, a, mid, gpu, main) <= cap:
+                lo = mid
+            else:
+                hi = mid - 1
+        return lo
+    # m.cost inlined: this loop is the planner's hot path
+    weights, kv, layers, act, head = m.weights, m.kv, m.layers, m.act, m.head_unit
+    fixed, frag = m.overhead, m.fragmentation
+    w0, k0, l0 = weights[a], kv[a], layers[a]
     while lo < hi:
         mid = (lo + hi + 1) // 2
-        if _gpu_cost(m, a, mid, gpu, main) <= cap:
+        k = kv[mid] - k0
+        x = act[(layers[mid] > l0, a <= head < mid)]
+        if weights[mid] - w0 + k + x + fixed + int((k + x) * frag) <= cap:
             lo = mid
         else:
             hi = mid - 1
     return lo
+
+
+def _earliest_starts(m: _Model, limits: Sequence[int], end: int) -> list[int]:
+    """``out[k]``: the smallest unit index from which units up to ``end`` fit GPUs ``k..`` under ``limits``
+    (a greedy fill from the back; GPUs after the first are never the main GPU)."""
+    out = [end] * (len(limits) + 1)
+    for k in range(len(limits) - 1, 0, -1):
+        b = out[k + 1]
+        lo, hi = 0, b  # the smallest a with cost(a, b) <= limit (costs shrink as a grows)
+        if m.cost(b, b) > limits[k]:
+            out[k] = b
+            continue
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if m.cost(mid, b) <= limits[k]:
+                hi = mid
+            else:
+                lo = mid + 1
+        out[k] = lo
+    out[0] = out[1]
+    return out
+
+
+def _peak(m: _Model, bounds: Sequence[int], caps: Sequence[int], main: _Main, first_gpu: int) -> float:
+    """The largest ``cost / cap`` over the GPUs of a fill."""
+    return max(
+        _gpu_cost(m, bounds[k], bounds[k + 1], first_gpu + k, main) / cap if cap > 0 else 0.0
+        for k, cap in enumerate(caps)
+    )
 
 
 def _low_0(m: _Model, caps: Sequence[int], start: int, end: int, main: _Main) -> list[int] | None:
@@ -442,17 +506,13 @@ def _result(
 
     per_gpu: list[dict[str, int]] = []
     for g in range(len(subset)):
-        mods = [m.modules[i] for k in range(bounds[g], bounds[g + 1]) for i in m.units[k]]
-        head = bounds[g] <= m.head_unit < bounds[g + 1]
+        a, b = bounds[g], bounds[g + 1]
         if g == 0 and main is not _NO_MAIN:
-            offloaded = [m.modules[i] for k in range(gpu_end, end) for i in m.units[k]]
-            offloaded = [x for x in offloaded if x.layer is not None]
-            part = gpu_bytes_for(facts, mods + offloaded, workload, with_head=head or main.head)
-            part["weights"] = part["weights"] - sum(x.weight_bytes(workload.weights) for x in offloaded)
+            part = m.breakdown(a, b, head=(a <= m.head_unit < b) or main.head, extra_kv=main.kv)
             part["offloadBuffer"] = main.weights
-            part["total"] = sum(v for key, v in part.items() if key != "total")
+            part["total"] += main.weights
         else:
-            part = gpu_bytes_for(facts, mods, workload, with_head=head)
+            part = m.breakdown(a, b)
         per_gpu.append(part)
 
     max_memory = _max_memory(m, device_of_unit, len(subset))
