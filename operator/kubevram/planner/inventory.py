@@ -101,6 +101,7 @@ class NodeInventory:
     slots_used: dict[int, int] = field(default_factory=dict)  # device index -> time-slices held
     held_whole: set[int] = field(default_factory=set)  # device indices held whole
     foreign: dict[str, int] = field(default_factory=dict)  # resource -> devices held by non-kubevram pods
+    used: dict[str, int] = field(default_factory=dict)  # resource -> devices/time-slices kubevram pods hold
 
     @property
     def shares(self) -> bool:
@@ -114,9 +115,21 @@ class NodeInventory:
 
     def requestable(self, resource: str) -> int:
         """How many more of ``resource`` the device plugin can still hand out on this node."""
-        used = sum(1 for i in self.held_whole if self.devices[i].resource == resource)
-        used += sum(n for i, n in self.slots_used.items() if self.devices[i].resource == resource)
-        return self.allocatable.get(resource, 0) - used - self.foreign.get(resource, 0)
+        return self.allocatable.get(resource, 0) - self.used.get(resource, 0) - self.foreign.get(resource, 0)
+
+    def hold_whole(self, index: int) -> None:
+        """A pod takes device ``index`` whole (one of its resource)."""
+        if index not in self.held_whole:
+            self.held_whole.add(index)
+            resource = self.devices[index].resource
+            self.used[resource] = self.used.get(resource, 0) + 1
+
+    def add_slice(self, index: int, nbytes: int) -> None:
+        """A pod takes a VRAM slice of ``nbytes`` and one time-slice of device ``index``."""
+        self.committed[index] = self.committed.get(index, 0) + max(0, nbytes)
+        self.slots_used[index] = self.slots_used.get(index, 0) + 1
+        resource = self.devices[index].resource
+        self.used[resource] = self.used.get(resource, 0) + 1
 
 
 @dataclass
@@ -351,10 +364,9 @@ def apply_pods(
                 warnings.append(f"pod {pod_name}: GPU {index} is not on node {node_name}; ignored")
                 continue
             if shared and node.devices[index].kind == "timeslice":
-                node.committed[index] = node.committed.get(index, 0) + max(0, nbytes)
-                node.slots_used[index] = node.slots_used.get(index, 0) + 1
+                node.add_slice(index, nbytes)
             else:
-                node.held_whole.add(index)
+                node.hold_whole(index)
 
 
 def build_inventory(

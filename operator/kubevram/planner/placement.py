@@ -41,6 +41,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import Any
 
 from kubevram.api.errors import SpecError
@@ -64,6 +65,12 @@ MAX_GPUS_PER_REPLICA = 16
 # Every worker pod tolerates the GPU taint (the operator renders it; Kubernetes' ExtendedResourceToleration
 # admission plugin adds it to any pod requesting nvidia.com/gpu).
 GPU_TOLERATION: dict[str, Any] = {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
+
+
+@lru_cache(maxsize=1024)
+def _estimate(facts: ModelFacts, workload: Workload) -> Estimate:
+    """``estimate`` remembered: the operator re-plans the same models over and over."""
+    return estimate(facts, workload)
 
 
 def _min_per_gpu(facts: ModelFacts, workload: Workload, n: int) -> int:
@@ -219,6 +226,8 @@ class _Demand:
     tolerations: list[dict[str, Any]]
     order: int
     _need: dict[int, int] = field(default_factory=dict)
+    _fewest: dict[tuple[int, int], int | None] = field(default_factory=dict)
+    _constraints: tuple[Any, ...] | None = None
 
     def need(self, n: int) -> int:
         if n not in self._need:
@@ -234,15 +243,27 @@ class _Demand:
 
     def fewest(self, device_bytes: int, limit: int) -> int | None:
         """The fewest GPUs of ``device_bytes`` each (at most ``limit``) that hold one replica."""
-        for n in self.counts(limit):
-            if self.need(n) <= device_bytes:
-                return n
-        return None
+        key = (device_bytes, limit)
+        if key not in self._fewest:
+            self._fewest[key] = None
+            # Cheap skip: n GPUs hold all weights and KV plus n overheads, so one of them holds at least
+            # (weights + KV) / n + overhead (90 % of it, to stay on the safe side of rounding).
+            est = self.plan.estimate
+            spread = 0.9 * (est.weightsBytes + est.kvCacheBytes) if est is not None else 0.0
+            for n in self.counts(limit):
+                if spread / n + self.workload.overhead_per_gpu > device_bytes:
+                    continue
+                if self.need(n) <= device_bytes:
+                    self._fewest[key] = n
+                    break
+        return self._fewest[key]
 
     @property
     def constraints(self) -> tuple[Any, ...]:
-        tol = tuple(sorted(tuple(sorted((k, str(v)) for k, v in t.items())) for t in self.tolerations))
-        return (tuple(sorted(self.node_selector.items())), tol)
+        if self._constraints is None:
+            tol = tuple(sorted(tuple(sorted((k, str(v)) for k, v in t.items())) for t in self.tolerations))
+            self._constraints = (tuple(sorted(self.node_selector.items())), tol)
+        return self._constraints
 
 
 # A device class on one node: (kind, bytes per device, resource, slots per device).
@@ -264,7 +285,70 @@ class _Choice:
     device_bytes: int
     n: int
     resource: str
-    free_after: int  # devices of the class still free on the node (binpack: fewer is better)
+    free_after: int  # devices (or bytes) of the class still free on the node after it (binpack: fewer first)
+
+
+def _whole_free(node: NodeInventory, indices: Sequence[int]) -> list[int]:
+    """Devices among ``indices`` nobody holds any part of."""
+    return [i for i in indices if i not in node.held_whole and not node.slots_used.get(i, 0)
+            and not node.committed.get(i, 0)]
+
+
+class _Pool:
+    """The nodes that admit one set of constraints (selector, tolerations), indexed by device class.
+
+    Whole-device classes (plain GPUs, MIG devices) keep each node in a bucket by its *room*: the devices
+    of the class it can still hand out (free devices, capped by allocatable minus what is held). Best fit
+    is then the first non-empty bucket with room >= n. Time-sliced classes are scanned (few nodes).
+    """
+
+    def __init__(self, nodes: Sequence[NodeInventory], classes: Mapping[str, Mapping[_ClassKey, list[int]]],
+                 refused: dict[str, list[str]]) -> None:
+        self.nodes = list(nodes)
+        self.refused = refused
+        self.classes = classes
+        self.buckets: dict[_ClassKey, dict[int, set[str]]] = {}
+        self.room: dict[tuple[str, _ClassKey], int] = {}
+        self.sliced: dict[_ClassKey, list[NodeInventory]] = {}
+        self.max_devices: dict[_ClassKey, int] = {}
+        self.by_name = {n.name: n for n in self.nodes}
+        for node in self.nodes:
+            for ck, indices in classes[node.name].items():
+                per_replica = 1 if ck[0] == "mig" else len(indices)
+                self.max_devices[ck] = max(self.max_devices.get(ck, 0), per_replica)
+                if ck[0] == "timeslice":
+                    self.sliced.setdefault(ck, []).append(node)
+                else:
+                    room = self._room(node, ck)
+                    self.room[(node.name, ck)] = room
+                    self.buckets.setdefault(ck, {}).setdefault(room, set()).add(node.name)
+
+    def _room(self, node: NodeInventory, ck: _ClassKey) -> int:
+        free = len(_whole_free(node, self.classes[node.name][ck]))
+        return max(0, min(free, node.requestable(ck[2])))
+
+    def refresh(self, node: NodeInventory) -> None:
+        """Re-bucket ``node`` after something was committed on it."""
+        for ck in self.classes[node.name]:
+            if ck[0] == "timeslice":
+                continue
+            old, new = self.room[(node.name, ck)], self._room(node, ck)
+            if old != new:
+                self.buckets[ck][old].discard(node.name)
+                self.buckets[ck].setdefault(new, set()).add(node.name)
+                self.room[(node.name, ck)] = new
+
+    def whole_candidates(self, ck: _ClassKey, n: int, spread: bool, used: set[str]) -> tuple[int, str] | None:
+        """(room, node name) of the best node with room >= n: binpack the least room, spread the most."""
+        buckets = self.buckets.get(ck, {})
+        rooms = sorted((r for r, names in buckets.items() if r >= n and names), reverse=spread)
+        for r in rooms:
+            names = self.buckets[ck][r]
+            if spread and used:
+                names = names - used
+            if names:
+                return r, min(names)
+        return None
 
 
 class _Planner:
@@ -272,14 +356,14 @@ class _Planner:
         self.inv = inventory
         self.nodes = inventory.nodes
         self.classes = {n.name: _classes(n) for n in self.nodes}
-        self._admitting: dict[tuple[Any, ...], tuple[list[NodeInventory], dict[str, list[str]]]] = {}
+        self._pools: dict[tuple[Any, ...], _Pool] = {}
         self._plans: dict[tuple[Any, ...], ReplicaPlan | NoFit] = {}
         self._failed: dict[tuple[Any, ...], str] = {}
 
     # -- which nodes admit a deployment's replicas
-    def admitting(self, d: _Demand) -> tuple[list[NodeInventory], dict[str, list[str]]]:
+    def pool(self, d: _Demand) -> _Pool:
         key = d.constraints
-        if key not in self._admitting:
+        if key not in self._pools:
             ok: list[NodeInventory] = []
             refused: dict[str, list[str]] = {}
             for node in self.nodes:
@@ -288,62 +372,65 @@ class _Planner:
                     refused.setdefault(why, []).append(node.name)
                 else:
                     ok.append(node)
-            self._admitting[key] = (ok, refused)
-        return self._admitting[key]
-
-    def free_devices(self, node: NodeInventory, indices: list[int]) -> list[int]:
-        return [i for i in indices if i not in node.held_whole and node.committed.get(i, 0) == 0
-                and node.slots_used.get(i, 0) == 0]
-
-    # -- candidates on one node
-    def best_on_node(self, d: _Demand, node: NodeInventory) -> _Choice | None:
-        best: _Choice | None = None
-        for (kind, mem, resource, slots), indices in self.classes[node.name].items():
-            choice: _Choice | None = None
-            if (kind == "gpu" and not d.shared) or kind == "mig":
-                limit = 1 if kind == "mig" else len(indices)
-                free = self.free_devices(node, indices)
-                room = min(len(free), node.requestable(resource))
-                if room <= 0:
-                    continue
-                n = d.fewest(mem, min(limit, room))
-                if n is None:
-                    continue
-                choice = _Choice(node, free[:n], n * mem, mem, n, resource, room - n)
-            elif kind == "timeslice" and d.shared:
-                room = node.requestable(resource)
-                open_ = [i for i in indices if i not in node.held_whole and node.slots_used.get(i, 0) < slots]
-                for n in d.counts(min(len(open_), room)):
-                    need = d.need(n)
-                    fits = sorted((node.free_bytes(i), i) for i in open_ if node.free_bytes(i) >= need)
-                    if len(fits) >= n:
-                        picked = sorted(i for _, i in fits[:n])
-                        left = sum(node.free_bytes(i) for i in open_) - n * need
-                        choice = _Choice(node, picked, n * need, mem, n, resource, left)
-                        break
-            if choice is not None and (best is None or self.rank(d, choice) < self.rank(d, best)):
-                best = choice
-        return best
+            self._pools[key] = _Pool(ok, self.classes, refused)
+        return self._pools[key]
 
     def rank(self, d: _Demand, c: _Choice) -> tuple[Any, ...]:
         fullness = -c.free_after if d.spread else c.free_after
-        return (c.taken, c.device_bytes, fullness, c.node.name, c.indices)
+        return (c.taken, c.device_bytes, fullness, c.node.name)
+
+    def _sliced_choice(self, d: _Demand, node: NodeInventory, ck: _ClassKey) -> _Choice | None:
+        """A VRAM slice of ``n`` time-sliced GPUs of one node: the fullest GPUs that still fit (best fit)."""
+        _, mem, resource, slots = ck
+        indices = self.classes[node.name][ck]
+        room = node.requestable(resource)
+        open_ = [i for i in indices if i not in node.held_whole and node.slots_used.get(i, 0) < slots]
+        for n in d.counts(min(len(open_), room)):
+            need = d.need(n)
+            fits = sorted((node.free_bytes(i), i) for i in open_ if node.free_bytes(i) >= need)
+            if len(fits) >= n:
+                picked = sorted(i for _, i in fits[:n])
+                left = sum(node.free_bytes(i) for i in open_) - n * need
+                return _Choice(node, picked, n * need, mem, n, resource, left)
+        return None
 
     # -- one replica
     def place(self, d: _Demand, used_nodes: set[str]) -> _Choice | None:
-        ok, _ = self.admitting(d)
+        """The best (node, devices) for one replica, by ``rank``; None when nothing fits."""
+        pool = self.pool(d)
         best: _Choice | None = None
-        for node in ok:
-            if d.spread and node.name in used_nodes:
+        for ck in pool.buckets:
+            kind, mem, resource, _ = ck
+            if kind == "gpu" and d.shared:
                 continue
-            c = self.best_on_node(d, node)
-            if c is not None and (best is None or self.rank(d, c) < self.rank(d, best)):
-                best = c
+            n = d.fewest(mem, pool.max_devices[ck])
+            if n is None:
+                continue
+            found = pool.whole_candidates(ck, n, d.spread, used_nodes)
+            if found is None:
+                continue
+            room, name = found
+            whole = _Choice(pool.by_name[name], [], n * mem, mem, n, resource, room - n)
+            if best is None or self.rank(d, whole) < self.rank(d, best):
+                best = whole
+        if d.shared:
+            for ck, nodes in pool.sliced.items():
+                for node in nodes:
+                    if d.spread and node.name in used_nodes:
+                        continue
+                    sliced = self._sliced_choice(d, node, ck)
+                    if sliced is not None and (best is None or self.rank(d, sliced) < self.rank(d, best)):
+                        best = sliced
+        if best is not None and not best.indices:
+            classes = self.classes[best.node.name]
+            want = (best.device_bytes, best.resource)
+            ck = next(k for k in classes if k[0] != "timeslice" and k[1:3] == want)
+            best.indices = _whole_free(best.node, self.classes[best.node.name][ck])[: best.n]
         return best
 
     def replica_plan(self, d: _Demand, c: _Choice) -> ReplicaPlan | NoFit:
-        sizes = (c.device_bytes,) * c.n if not d.shared or c.node.devices[c.indices[0]].kind == "mig" else (
-            (d.need(c.n),) * c.n)
+        sliced = c.node.devices[c.indices[0]].kind == "timeslice"
+        sizes = (d.need(c.n),) * c.n if sliced else (c.device_bytes,) * c.n
         key = (d.facts, d.workload, d.strategy, sizes)
         if key not in self._plans:
             self._plans[key] = plan_replica(
@@ -354,50 +441,47 @@ class _Planner:
     def commit(self, d: _Demand, c: _Choice, plan: ReplicaPlan) -> PlacedReplica:
         node = c.node
         reservation: dict[int, int] = {}
-        slice_ = node.devices[c.indices[0]].kind == "timeslice"
         for pod_index, node_index in enumerate(c.indices):
-            if slice_:
+            if node.devices[node_index].kind == "timeslice":
                 nbytes = min(d.need(c.n), max(plan.per_gpu[pod_index]["total"], 0))
-                node.committed[node_index] = node.committed.get(node_index, 0) + nbytes
-                node.slots_used[node_index] = node.slots_used.get(node_index, 0) + 1
+                node.add_slice(node_index, nbytes)
                 reservation[node_index] = nbytes
             else:
-                node.held_whole.add(node_index)
+                node.hold_whole(node_index)
                 reservation[node_index] = node.devices[node_index].memory_bytes
+        for pool in self._pools.values():
+            if node.name in pool.by_name:
+                pool.refresh(node)
         return PlacedReplica(
             node.name, list(c.indices), plan, d.shared, c.resource, reservation, node.product
         )
 
     def offload_place(self, d: _Demand, used_nodes: set[str]) -> PlacedReplica | None:
-        """No GPU-only fit: the node with the largest free whole devices, the rest spilled."""
+        """No GPU-only fit: the node with the most free whole-device memory; the map spills the rest."""
         if d.offload == "none" or d.shared:
             return None
-        ok, _ = self.admitting(d)
-        best: tuple[Any, ...] | None = None
-        for node in ok:
-            if d.spread and node.name in used_nodes:
-                continue
-            for (kind, mem, resource, _slots), indices in self.classes[node.name].items():
-                if kind not in ("gpu", "mig"):
+        pool = self.pool(d)
+        best: tuple[tuple[int, int, str], _ClassKey, int] | None = None
+        for ck, buckets in pool.buckets.items():
+            mem = ck[1]
+            for room, names in buckets.items():
+                n = d.gpus_per_replica or min(room, pool.max_devices[ck])
+                candidates = names - used_nodes if d.spread else names
+                if room <= 0 or n > room or not candidates:
                     continue
-                free = self.free_devices(node, indices)
-                room = min(len(free), node.requestable(resource), 1 if kind == "mig" else len(free))
-                n = d.gpus_per_replica or room
-                if room <= 0 or n > room:
-                    continue
-                key = (-mem * n, mem, node.name)
+                key = (-mem * n, mem, min(candidates))
                 if best is None or key < best[0]:
-                    best = (key, node, free[:n], mem, resource)
+                    best = (key, ck, n)
         if best is None:
             return None
-        _, node, indices, mem, resource = best
-        plan = plan_replica(d.facts, d.workload, [mem] * len(indices), strategy=d.strategy,
-                            gpu_count=len(indices), offload=d.offload, cpu_bytes=node.cpu_memory_bytes,
-                            disk_bytes=node.disk_bytes)
+        (_, mem, name), ck, n = best
+        node = pool.by_name[name]
+        indices = _whole_free(node, self.classes[name][ck])[:n]
+        plan = plan_replica(d.facts, d.workload, [mem] * n, strategy=d.strategy, gpu_count=n,
+                            offload=d.offload, cpu_bytes=node.cpu_memory_bytes, disk_bytes=node.disk_bytes)
         if not isinstance(plan, ReplicaPlan):
             return None
-        choice = _Choice(node, list(indices), mem * len(indices), mem, len(indices), resource, 0)
-        return self.commit(d, choice, plan)
+        return self.commit(d, _Choice(node, indices, mem * n, mem, n, ck[2], 0), plan)
 
     # -- why not, with numbers
     def reason(self, d: _Demand, used_nodes: set[str]) -> str:
@@ -409,44 +493,52 @@ class _Planner:
             f"{n}{(' GPUs' if n > 1 else ' GPU') if i == 0 else ''} with >= {_gib(d.need(n))}"
             for i, n in enumerate(options[:3])
         )
-        mode = "a VRAM slice of " if d.shared else ""
-        parts = [f"needs {mode}{needs}"]
-        ok, refused = self.admitting(d)
-        kinds = ("timeslice", "mig") if d.shared else ("gpu", "mig")
-        largest: tuple[int, int, str] | None = None  # (bytes, count, node)
-        compatible = 0
-        for node in ok:
-            if d.spread and node.name in used_nodes:
+        parts = [f"needs {'a VRAM slice of ' if d.shared else ''}{needs}"]
+        pool = self.pool(d)
+        largest: tuple[int, int, str] | None = None  # (bytes, devices, node): the most memory free
+        compatible = False
+
+        def consider(nbytes: int, count: int, name: str) -> None:
+            nonlocal largest
+            if nbytes > 0 and count > 0 and (
+                largest is None or (-nbytes, -count, name) < (-largest[0], -largest[1], largest[2])
+            ):
+                largest = (nbytes, count, name)
+
+        for ck, buckets in pool.buckets.items():
+            if ck[0] == "gpu" and d.shared:
                 continue
-            devices = [d_ for d_ in node.devices if d_.kind in kinds and node.requestable(d_.resource) > 0]
-            if any(dev.kind in kinds for dev in node.devices):
-                compatible += 1
-            if d.shared:
-                frees = [node.free_bytes(x.index) for x in devices if _open(node, x)]
-            else:
-                frees = [dev.memory_bytes for dev in devices if self.free_devices(node, [dev.index])]
-            frees = [f for f in frees if f > 0]
-            if frees:
-                top = max(frees)
-                cand = (top, frees.count(top), node.name)
-                if largest is None or (-cand[0], -cand[1], cand[2]) < (-largest[0], -largest[1], largest[2]):
-                    largest = cand
-        if largest is not None and largest[0] > 0:
+            compatible = True
+            for room, names in buckets.items():
+                candidates = names - used_nodes if d.spread else names
+                if room > 0 and candidates:
+                    consider(ck[1], min(room, pool.max_devices[ck]), min(candidates))
+        if d.shared:
+            for ck, nodes in pool.sliced.items():
+                compatible = True
+                for node in nodes:
+                    if (d.spread and node.name in used_nodes) or node.requestable(ck[2]) <= 0:
+                        continue
+                    frees = [node.free_bytes(i) for i in self.classes[node.name][ck]
+                             if _open(node, node.devices[i])]
+                    if frees:
+                        consider(max(frees), frees.count(max(frees)), node.name)
+        if largest is not None:
             parts.append(f"largest free: {largest[1]} x {_gib(largest[0])} on {largest[2]}")
-        elif ok and compatible == 0 and d.shared:
+        elif pool.nodes and not compatible and d.shared:
             parts.append("no admitting node shares GPUs (nvidia.com/gpu.replicas > 1 or MIG)")
-        elif ok and compatible:
+        elif pool.nodes and compatible:
             parts.append("every admitting GPU is taken")
         if d.spread and used_nodes:
             parts.append(f"spread: {len(used_nodes)} node(s) already hold a replica")
         if not self.nodes:
             parts.append("the cluster has no GPU nodes")
-        elif refused:
+        elif pool.refused:
             shown = "; ".join(
                 f"{len(names)} {why} ({', '.join(names[:3])}{', ...' if len(names) > 3 else ''})"
-                for why, names in sorted(refused.items())
+                for why, names in sorted(pool.refused.items())
             )
-            parts.append(f"{sum(len(v) for v in refused.values())} node(s) excluded: {shown}")
+            parts.append(f"{sum(len(v) for v in pool.refused.values())} node(s) excluded: {shown}")
         return "; ".join(parts)
 
 
@@ -551,7 +643,7 @@ def plan_cluster(
         try:
             facts = resolve(dep, configs.get(plan.key, model_config))
             workload = Workload.from_spec(spec)
-            plan.estimate = estimate(facts, workload)
+            plan.estimate = _estimate(facts, workload)
         except SpecError as exc:
             plan.error = exc
             continue
