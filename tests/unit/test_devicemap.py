@@ -232,6 +232,30 @@ def test_our_max_memory_gives_accelerate_our_map(family: str, strategy: str, met
     assert _expand(acc, list(plan.device_map)) == plan.device_map
 
 
+@pytest.mark.parametrize("gpus", [1, 2])
+@pytest.mark.parametrize("family", ["llama", "llama-tied", "mistral", "mixtral", "gpt2", "falcon"])
+def test_offloaded_max_memory_gives_accelerate_our_map(family: str, gpus: int, metas: dict[str, Any]) -> None:
+    """With cpu and disk entries too: accelerate keeps room for the largest layer on the cpu as well."""
+    model = metas[family]
+    facts = facts_from_config(FAMILIES[family])
+    one = min_per_gpu_bytes(facts, SERVING, 1)
+    layer = max(m.weight_bytes("float32") for m in model_modules(facts))
+    free = [one * 3 // 4, one // 3][:gpus]
+    plan = plan_replica(facts, SERVING, free, offload="disk", cpu_bytes=3 * layer + 1024, offload_folder="/o")
+    assert isinstance(plan, ReplicaPlan), plan
+    assert "cpu" in plan.device_map.values()
+    assert plan.offload_folder == ("/o" if "disk" in plan.device_map.values() else None)
+    assert plan.device_map[next(iter(plan.device_map))] == 0  # the main GPU holds the first module
+    acc = accelerate_modeling.infer_auto_device_map(
+        model,
+        max_memory=accelerate_max_memory(plan.max_memory),
+        no_split_module_classes=model._no_split_modules,
+        dtype=torch.float32,
+    )
+    assert _expand(acc, list(plan.device_map)) == plan.device_map
+    assert all(part["total"] <= f for part, f in zip(plan.per_gpu, free, strict=True))
+
+
 def test_accelerate_map_runs_out_of_memory_with_the_kv_cache_where_ours_does_not(meta_model: Any) -> None:
     """Llama-3-8B, 2 x 16 GiB free, 8192 tokens x 4 rows (4 GiB of KV cache). accelerate's sequential map
     fills GPU 0 with weights up to its budget; the KV cache of those layers lands on top and GPU 0 runs
@@ -340,14 +364,14 @@ def test_offload_only_when_allowed_and_within_node_memory() -> None:
     on_gpu = [x for x in mods if cpu.device_map[x.name] == 0]
     offloaded = [x for x in mods if cpu.device_map[x.name] == "cpu"]
     largest = max(x.weight_bytes("bfloat16") for x in offloaded)
-    assert gpu0["offloadBuffer"] == largest
+    assert gpu0["offloadBuffer"] == largest + sum(x.buffer_bytes for x in offloaded)  # buffers stay on GPU 0
     offloaded_layers = [x for x in offloaded if x.layer is not None]
     expected = gpu_bytes_for(LLAMA70B, on_gpu + offloaded_layers, W70, with_head=True)
     for key in ("kvCache", "activations", "overhead", "fragmentation"):
         assert gpu0[key] == expected[key], key
     assert gpu0["weights"] == sum(x.weight_bytes("bfloat16") for x in on_gpu)
     streamed_out = sum(x.weight_bytes("bfloat16") for x in offloaded_layers)
-    assert gpu0["total"] == expected["total"] - streamed_out + largest
+    assert gpu0["total"] == expected["total"] - streamed_out + gpu0["offloadBuffer"]
     weights = _weights_per_device(LLAMA70B, cpu, "bfloat16")
     assert weights["cpu"] <= cpu.max_memory["cpu"] <= 512 * GiB
     # not enough node memory for cpu offload alone; disk takes the rest

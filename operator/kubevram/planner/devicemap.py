@@ -107,6 +107,7 @@ class _Model:
     kv: tuple[int, ...]
     layers: tuple[int, ...]
     unit_weights: tuple[int, ...]
+    unit_buffers: tuple[int, ...]  # buffers stay on the execution (main) GPU when their module is offloaded
     unit_kv: tuple[int, ...]
     head_unit: int  # unit holding the output head (-1: none)
     leading: int  # units before the first decoder block (embeddings, ChatGLM2's rotary)
@@ -172,6 +173,7 @@ def _model(facts: ModelFacts, workload: Workload) -> _Model:
         kv=_prefix(unit_kv),
         layers=_prefix(unit_layers),
         unit_weights=tuple(unit_w),
+        unit_buffers=tuple(sum(modules[i].buffer_bytes for i in u) for u in units),
         unit_kv=tuple(unit_kv),
         head_unit=head_unit,
         leading=leading,
@@ -225,8 +227,8 @@ def _fill(
     a = start
     for k, cap in enumerate(caps):
         gpu = first_gpu + k
-        if gpu == 0 and main is not _NO_MAIN and _gpu_cost(m, a, a, gpu, main) > cap:
-            return None  # the main GPU cannot even hold what the offloaded modules leave on it
+        if _gpu_cost(m, a, a, gpu, main) > cap:
+            return None  # not even the CUDA context (or what offloaded modules leave on the main GPU)
         a = _fill_upto(m, cap, a, end, gpu, main)  # b == a: this GPU holds nothing
         bounds.append(a)
     return bounds if a >= end else None
@@ -305,8 +307,7 @@ def _earliest_starts(m: _Model, limits: Sequence[int], end: int) -> list[int]:
         b = out[k + 1]
         lo, hi = 0, b  # the smallest a with cost(a, b) <= limit (costs shrink as a grows)
         if m.cost(b, b) > limits[k]:
-            out[k] = b
-            continue
+            return [end + 1] * (len(limits) + 1)  # a GPU that cannot even idle: nothing fits
         while lo < hi:
             mid = (lo + hi) // 2
             if m.cost(mid, b) <= limits[k]:
@@ -414,12 +415,16 @@ def plan_replica(
             bounds = _place(m, [free[i] for i in subset], strategy, end)
             if bounds is not None:
                 return _result(facts, workload, m, subset, bounds, end, end, end, _NO_MAIN, None)
-    if offload != "none" and free:
-        subset = _subsets(free, gpu_count or len(free))[-1]
-        plan = _offload(facts, workload, m, subset, [free[i] for i in subset], strategy, offload, cpu_bytes,
-                        disk_bytes, offload_folder)
-        if plan is not None:
-            return plan
+    if offload != "none":
+        # as many GPUs as can take part (the largest ones), the rest of the model on cpu, then disk
+        for n in [gpu_count] if gpu_count else range(len(free), 0, -1):
+            subset = _subsets(free, n)[-1]
+            caps = [free[i] for i in subset]
+            plan = _offload(
+                facts, workload, m, subset, caps, strategy, offload, cpu_bytes, disk_bytes, offload_folder
+            )
+            if plan is not None:
+                return plan
     return _no_fit(facts, workload, free, gpu_count, offload, None, cpu_bytes=cpu_bytes)
 
 
@@ -459,11 +464,13 @@ def _offload(
     for k in range(end - 1, 0, -1):  # units [k, end) leave the GPUs
         main = _Main(
             kv=m.kv[end] - m.kv[k],
-            weights=max(m.unit_weights[k:end]),
+            weights=max(m.unit_weights[k:end]) + sum(m.unit_buffers[k:end]),
             head=k <= m.head_unit,
         )
         bounds = _place(m, caps, strategy, k, main)
-        if bounds is None:
+        if bounds is not None and bounds[1] == 0:  # the main GPU must hold the first unit
+            bounds = _fill(m, caps, 0, k, main)
+        if bounds is None or bounds[1] == 0:
             continue
         largest = max(m.unit_weights[k:end])
         # cpu takes the longest run it holds; with disk in use it keeps room to load the largest unit
@@ -516,6 +523,9 @@ def _result(
         per_gpu.append(part)
 
     max_memory = _max_memory(m, device_of_unit, len(subset))
+    if gpu_end < end and subset:
+        # accelerate checks that the buffers of offloaded modules (rotary inv_freq...) fit on a GPU
+        max_memory["0"] += sum(m.unit_buffers[gpu_end:end])
     return ReplicaPlan(
         gpu_indices=tuple(subset),
         max_memory=max_memory,
@@ -570,6 +580,12 @@ def _no_fit(
         f"needs {shown}"
         + (f" (spec.placement.gpusPerReplica: {gpu_count})" if gpu_count else "")
         + f"; {have}"
+        + (
+            f"; offload to {offload} (node memory {_gib(cpu_bytes)}) does not fit either: GPU 0 still holds "
+            "the KV cache of every layer, the largest offloaded block and the activations"
+            if offload != "none" and free
+            else ""
+        )
     )
     suggestions: list[str] = []
     fits_count = next((n for n in range(1, upto + 1) if needed[n] <= largest), None)
