@@ -10,6 +10,9 @@ from pydantic import ValidationError
 from kubevram.api.errors import SpecError, from_validation_error
 from kubevram.api.v1alpha1 import API_VERSION, GROUP, KIND, LLMDeployment
 
+# libyaml's safe loader when PyYAML was built with it (several times faster), else the pure-Python one.
+_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
 
 def parse_deployment(obj: Any, source: str = "") -> LLMDeployment:
     """Validate one object (as ``yaml.safe_load`` gives it) as an LLMDeployment."""
@@ -37,7 +40,7 @@ def parse_deployment(obj: Any, source: str = "") -> LLMDeployment:
 def load_deployments(text: str, source: str = "") -> list[LLMDeployment]:
     """Every LLMDeployment in a YAML stream (several documents, or a ``List``); empty ones skipped."""
     try:
-        docs = [d for d in yaml.safe_load_all(text) if d is not None]
+        docs = [d for d in yaml.load_all(text, Loader=_LOADER) if d is not None]
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}" if mark is not None else "unknown position"
