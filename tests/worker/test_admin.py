@@ -1,0 +1,267 @@
+"""Admin routes over real HTTP on the CPU tiny model: bearer auth, stats, release under traffic, metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import socket
+import threading
+import time
+
+import httpx
+import pytest
+import uvicorn
+
+from kubevram.api.v1alpha1 import ServingSpec
+from kubevram.worker import memory
+from kubevram.worker.admin import create_admin_app, install_admin, register_metrics
+from kubevram.worker.api import create_app
+from kubevram.worker.engine import Engine
+from kubevram.worker.memory import MemoryMonitor
+from kubevram.worker.metrics import WorkerMetrics
+from kubevram.worker.service import WorkerState
+
+TOKEN = "s3cret-token"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+PROMPTS = ["hello world", "the quick brown fox", "asks a question about memory", "kubernetes clusters"]
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class Admin:
+    """A worker whose engine's hooks are a memory monitor; the admin routes on ``url`` or ``admin_url``."""
+
+    def __init__(self, state: WorkerState, servers: list[uvicorn.Server]) -> None:
+        self.state = state
+        self.servers = servers
+        self.url = f"http://127.0.0.1:{servers[0].config.port}"
+        self.admin_url = f"http://127.0.0.1:{servers[-1].config.port}"
+
+    @property
+    def engine(self) -> Engine:
+        assert self.state.engine is not None
+        return self.state.engine
+
+    @property
+    def monitor(self) -> MemoryMonitor:
+        assert self.state.memory is not None
+        return self.state.memory
+
+
+@pytest.fixture
+def make_admin(loaded):
+    """``make_admin(token=TOKEN, separate=False)``: a served worker with the admin routes installed."""
+    made: list[tuple[Admin, list[threading.Thread]]] = []
+
+    def make(token: str | None = TOKEN, separate: bool = False, max_batch_size: int = 4) -> Admin:
+        metrics = WorkerMetrics()
+        monitor = MemoryMonitor(inner=metrics)
+        engine = Engine(
+            loaded.model,
+            loaded.tokenizer,
+            max_batch_size=max_batch_size,
+            max_queue=64,
+            max_sequence_length=512,
+            token_classes=loaded.token_classes,
+            eos_token_ids=loaded.eos_token_ids,
+            hooks=monitor,
+        )
+        monitor.bind(engine)
+        engine.start()
+        metrics.bind(engine)
+        register_metrics(metrics.registry, monitor)
+        state = WorkerState(
+            model_names=["tiny"],
+            serving=ServingSpec(maxBatchSize=max_batch_size, maxSequenceLength=512),
+            metrics=metrics,
+            engine=engine,
+            memory=monitor,
+        )
+        app = create_app(state)
+        apps = [app]
+        if separate:
+            apps.append(create_admin_app(monitor, token))
+        else:
+            install_admin(app, monitor, token)
+        servers = [
+            uvicorn.Server(uvicorn.Config(a, host="127.0.0.1", port=_free_port(), log_level="warning"))
+            for a in apps
+        ]
+        threads = [threading.Thread(target=s.run, daemon=True) for s in servers]
+        for thread in threads:
+            thread.start()
+        deadline = time.monotonic() + 30
+        while not all(s.started for s in servers):
+            assert time.monotonic() < deadline, "the test servers did not start"
+            time.sleep(0.01)
+        admin = Admin(state, servers)
+        made.append((admin, threads))
+        return admin
+
+    yield make
+    for admin, threads in made:
+        for server in admin.servers:
+            server.should_exit = True
+        admin.engine.stop()
+        for thread in threads:
+            thread.join(10)
+
+
+BAD_HEADERS = [
+    {},
+    {"Authorization": "Bearer wrong"},
+    {"Authorization": f"Basic {TOKEN}"},
+    {"Authorization": "Bearer"},
+    {"Authorization": TOKEN},
+    {"Authorization": f"Bearer {TOKEN}x"},
+    {"Authorization": f"Bearer {TOKEN[:-1]}"},
+]
+
+
+def test_admin_routes_answer_401_without_the_token(make_admin):
+    admin = make_admin()
+    for headers in BAD_HEADERS:
+        for method, path in [("POST", "/v1/admin/release"), ("GET", "/v1/admin/stats")]:
+            response = httpx.request(method, admin.url + path, headers=headers)
+            assert response.status_code == 401, (headers, response.text)
+            assert response.headers["www-authenticate"] == "Bearer"
+            error = response.json()["error"]
+            assert error["type"] == "authentication_error" and "bearer token" in error["message"]
+    assert httpx.get(admin.url + "/v1/admin/stats", headers=AUTH).status_code == 200
+    lower = {"authorization": f"bearer {TOKEN}"}  # the scheme is case-insensitive
+    assert httpx.get(admin.url + "/v1/admin/stats", headers=lower).status_code == 200
+    assert admin.monitor.releases == {}  # nothing ran
+
+
+def test_without_a_configured_token_every_admin_request_is_refused(make_admin):
+    admin = make_admin(token=None)
+    response = httpx.get(admin.url + "/v1/admin/stats", headers={"Authorization": "Bearer x"})
+    assert response.status_code == 401
+    assert "KUBEVRAM_ADMIN_TOKEN is not set" in response.json()["error"]["message"]
+
+
+def test_stats_on_a_cpu_worker(make_admin):
+    admin = make_admin()
+    stats = httpx.get(admin.url + "/v1/admin/stats", headers=AUTH).json()
+    assert stats["devices"] == []
+    assert stats["ready"] is True
+    assert stats["rssBytes"] > 50 * 2**20
+    assert stats["samples"] == [] and stats["lastRelease"] is None and stats["releases"] == {}
+    assert {"time", "pid", "oomCount", "running", "queued", "steps", "idleSeconds"} <= set(stats)
+
+
+def test_release_over_http_then_stats_and_metrics_show_it(make_admin):
+    admin = make_admin()
+    result = httpx.post(admin.url + "/v1/admin/release", headers=AUTH, timeout=60)
+    assert result.status_code == 200, result.text
+    body = result.json()
+    assert body["reason"] == "request"
+    assert body["before"]["devices"] == [] and body["after"]["devices"] == []
+    assert body["before"]["rssBytes"] > 0 and body["after"]["rssBytes"] > 0
+    assert body["freedBytes"] == 0
+    stats = httpx.get(admin.url + "/v1/admin/stats", headers=AUTH).json()
+    assert stats["lastRelease"]["time"] == body["time"]
+    assert stats["releases"] == {"request": 1}
+    text = httpx.get(admin.url + "/metrics").text
+    assert 'kubevram_worker_releases_total{reason="request"} 1.0' in text
+    rss = [line for line in text.splitlines() if line.startswith("kubevram_worker_process_rss_bytes ")]
+    assert rss and float(rss[0].split()[1]) > 50 * 2**20
+    assert "# TYPE kubevram_worker_gpu_allocated_bytes gauge" in text  # no device samples on CPU
+    assert "kubevram_worker_gpu_allocated_bytes{" not in text
+    assert 'kubevram_worker_requests_total{endpoint="/v1/admin/release",status="200"} 1.0' in text
+
+
+def test_admin_port_app_serves_admin_and_the_main_app_does_not(make_admin):
+    admin = make_admin(separate=True)
+    assert admin.url != admin.admin_url
+    assert httpx.get(admin.url + "/v1/admin/stats", headers=AUTH).status_code == 404
+    assert httpx.post(admin.url + "/v1/admin/release", headers=AUTH).status_code == 404
+    assert httpx.get(admin.admin_url + "/v1/admin/stats", headers=AUTH).status_code == 200
+    assert httpx.get(admin.admin_url + "/v1/admin/stats").status_code == 401
+    assert httpx.get(admin.admin_url + "/healthz").json() == {"status": "ok"}
+    assert httpx.post(admin.admin_url + "/v1/completions", json={"prompt": "hi"}).status_code == 404
+
+
+@pytest.mark.slow
+def test_release_is_safe_under_concurrent_generation_and_never_runs_during_a_step(make_admin, monkeypatch):
+    admin = make_admin(max_batch_size=4)
+    engine = admin.engine
+    n, max_tokens = 8, 16
+    body = {"max_tokens": max_tokens, "temperature": 0, "ignore_eos": True}
+    alone = {
+        p: httpx.post(admin.url + "/v1/completions", json={**body, "prompt": p}, timeout=60).json()
+        for p in PROMPTS
+    }
+
+    # Step and release bookkeeping on one sequence: intervals [start, end) must never overlap.
+    order, lock = itertools.count(), threading.Lock()
+    steps: list[tuple[int, int]] = []
+    releases: list[tuple[int, int, str, int]] = []
+    guarded, release_now = engine._guarded, memory.release_now
+
+    def counted_step(step, arg):
+        with lock:
+            start = next(order)
+        try:
+            return guarded(step, arg)
+        finally:
+            with lock:
+                steps.append((start, next(order)))
+
+    def counted_release(engine_, devices, reason):
+        with lock:
+            start = next(order)
+        running = engine_.running
+        try:
+            return release_now(engine_, devices, reason)
+        finally:
+            with lock:
+                releases.append((start, next(order), threading.current_thread().name, running))
+
+    monkeypatch.setattr(engine, "_guarded", counted_step)
+    monkeypatch.setattr(memory, "release_now", counted_release)
+    entered, gate = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        entered.set()
+        gate.wait()
+
+    async def run() -> tuple[list[httpx.Response], list[httpx.Response]]:
+        held = asyncio.ensure_future(engine.run_between_steps(hold))
+        await asyncio.to_thread(entered.wait)
+        async with httpx.AsyncClient(base_url=admin.url, timeout=120) as client:
+            posts = [
+                asyncio.ensure_future(client.post("/v1/completions", json={**body, "prompt": PROMPTS[i % 4]}))
+                for i in range(n)
+            ]
+            deadline = time.monotonic() + 60
+            while engine.queue_depth < n:
+                assert time.monotonic() < deadline, "the requests did not queue"
+                await asyncio.sleep(0.005)
+            gate.set()
+            await held
+            released = []
+            while not all(p.done() for p in posts) and len(released) < 3:  # again and again under traffic
+                released.append(await client.post("/v1/admin/release", headers=AUTH))
+            burst = [client.post("/v1/admin/release", headers=AUTH) for _ in range(2)]
+            released += await asyncio.gather(*burst)
+            return list(await asyncio.gather(*posts)), released
+
+    answers, released = asyncio.run(run())
+    assert [r.status_code for r in answers] == [200] * n
+    for i, answer in enumerate(answers):
+        choice, usage = answer.json()["choices"][0], answer.json()["usage"]
+        assert usage["completion_tokens"] == max_tokens
+        assert choice["text"] == alone[PROMPTS[i % 4]]["choices"][0]["text"]
+    assert [r.status_code for r in released] == [200] * len(released)
+    assert len(releases) == len(released) >= 3
+    for start, end, thread, _ in releases:
+        assert thread == "kubevram-engine"
+        overlapping = [(a, b) for a, b in steps if a < end and start < b]
+        assert not overlapping, f"release [{start}, {end}) overlaps steps {overlapping}"
+    assert any(running > 0 for *_, running in releases), "no release happened while a batch was running"
+    assert admin.monitor.releases["request"] == len(released)
