@@ -19,7 +19,7 @@ it is never fatal. On a clean shutdown the pod removes its entry.
 
 The entry (bytes are integers)::
 
-    time, node, model, weights (precision), ready, rssBytes, oomCount,
+    time, node, model, weights (precision), ready, rssBytes, oomCount,          # absent when unknown
     devices: [{index, name, allocatedBytes, peakAllocatedBytes, reservedBytes, peakReservedBytes,
                activeBytes, fragmentationBytes, allocRetries, ooms, totalBytes, usedBytes, freeBytes,
                budgetBytes}],
@@ -171,7 +171,7 @@ class StatusReporter:
     def entry(self) -> dict[str, Any]:
         """This pod's status entry (the figures of ``GET /v1/admin/stats`` that belong in the status)."""
         stats = self.monitor.stats()
-        return {
+        entry = {
             "time": now_rfc3339(),
             "node": self.node,
             "model": self.model,
@@ -183,6 +183,7 @@ class StatusReporter:
             "lastRelease": stats["lastRelease"],
             "samples": stats["samples"],
         }
+        return {k: v for k, v in entry.items() if v is not None}  # a merge patch's null deletes
 
     def patch(self, entry: Mapping[str, Any] | None) -> dict[str, Any]:
         return {"status": {"workers": {self.pod: entry}}}
