@@ -246,16 +246,18 @@ def _balanced(
     idle = m.act[(False, False)] + m.overhead  # what every GPU of the replica holds at least
     lo = (m.weights[end] - m.weights[start] + m.kv[end] - m.kv[start] + len(caps) * idle) / max(1, sum(caps))
     hi = 1.0
+    limits = list(caps)  # the tightest limits a fill has been seen to fit
     for _ in range(_BISECT_STEPS):
         if hi - lo <= _BISECT_TOLERANCE * hi:
             break
         mid = (lo + hi) / 2
-        bounds = _fill(m, [int(c * mid) for c in caps], start, end, main, first_gpu)
+        trial = [int(c * mid) for c in caps]
+        bounds = _fill(m, trial, start, end, main, first_gpu)
         if bounds is None:
             lo = mid
         else:
+            limits = trial
             hi = min(mid, _peak(m, bounds, caps, main, first_gpu))
-    limits = [int(c * hi) for c in caps]
     earliest = _earliest_starts(m, limits, end)
     bounds = [start]
     a = start
@@ -328,13 +330,17 @@ def _peak(m: _Model, bounds: Sequence[int], caps: Sequence[int], main: _Main, fi
 
 
 def _low_0(m: _Model, caps: Sequence[int], start: int, end: int, main: _Main) -> list[int] | None:
-    """GPU 0 keeps the fewest units it can (at least the leading embeddings); GPUs 1.. are balanced."""
+    """GPU 0 keeps the fewest units it can: the leading embeddings, more only if GPUs 1.. cannot hold the
+    rest, fewer only if GPU 0 cannot hold them all (as the main GPU of an offload, at least one unit);
+    GPUs 1.. are balanced."""
     if len(caps) == 1:
         return _fill(m, caps, start, end, main)
     first = min(max(start, m.leading), end)
-    for p in range(first, end + 1):
+    lowest = start if main is _NO_MAIN else start + 1
+    candidates = [*range(first, end + 1), *range(first - 1, lowest - 1, -1)]
+    for p in candidates:
         if _gpu_cost(m, start, p, 0, main) > caps[0]:
-            return None
+            continue
         rest = _balanced(m, caps[1:], p, end, _NO_MAIN, first_gpu=1)
         if rest is not None:
             return [start, *rest]
