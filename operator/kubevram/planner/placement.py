@@ -47,6 +47,7 @@ from typing import Any
 from kubevram.api.errors import SpecError
 from kubevram.api.quantity import GiB, MiB
 from kubevram.api.v1alpha1 import LLMDeployment
+from kubevram.planner.calibration import deployment_coefficient
 from kubevram.planner.devicemap import NoFit, ReplicaPlan, min_per_gpu_bytes, plan_replica
 from kubevram.planner.estimate import Estimate, Workload, estimate
 from kubevram.planner.facts import ModelFacts
@@ -75,12 +76,7 @@ def _estimate(facts: ModelFacts, workload: Workload) -> Estimate:
 
 def _min_per_gpu(facts: ModelFacts, workload: Workload, n: int) -> int:
     """Bytes each of ``n`` equal GPUs needs for one replica (the same for every strategy on equal GPUs)."""
-    try:
-        return min_per_gpu_bytes(facts, workload, n)
-    except SpecError:  # TEMPORARY: devicemap's argument check rejects every call (reported); same numbers
-        from kubevram.planner import devicemap
-
-        return int(devicemap._min_per_gpu(facts, workload, max(1, n)))
+    return min_per_gpu_bytes(facts, workload, n)
 
 
 # ------------------------------------------------------------------------------------ node classes
@@ -642,7 +638,7 @@ def plan_cluster(
         spec = dep.spec
         try:
             facts = resolve(dep, configs.get(plan.key, model_config))
-            workload = Workload.from_spec(spec)
+            workload = Workload.from_spec(spec, deployment_coefficient(dep))
             plan.estimate = _estimate(facts, workload)
         except SpecError as exc:
             plan.error = exc
