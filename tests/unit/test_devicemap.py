@@ -416,6 +416,10 @@ def test_offload_plans_keep_every_budget(
     assert "cpu" in devices or "disk" in devices
     assert offload == "disk" or "disk" not in devices
     assert plan.device_map[next(iter(plan.device_map))] == 0  # the main GPU holds the first module
+    rank = {"cpu": 1000, "disk": 1001}
+    order = [rank.get(str(d), d) for m, d in zip(model_modules(facts), plan.device_map.values(), strict=True)
+             if m.tied_to is None]
+    assert order == sorted(order)  # GPUs in forward order, then cpu, then disk
     weights = _weights_per_device(facts, plan, "float32")
     assert weights.get("cpu", 0) <= plan.max_memory.get("cpu", 0) <= max(cpu_bytes, weights.get("cpu", 0))
     assert weights.get("cpu", 0) <= cpu_bytes

@@ -26,10 +26,14 @@ Strategies (seed 001), all contiguous in forward order:
   plus the generation workspace); the rest is balanced over GPUs 1..n-1 (the seed's BLOOM-176B recipe of
   a lighter GPU 0). If GPUs 1..n-1 cannot hold the rest, GPU 0 takes the fewest extra blocks needed.
 
+Every GPU a plan uses holds at most its free bytes, its idle cost (CUDA context, the residual stream)
+included; a GPU that cannot even hold that is not used.
+
 Offload (only when ``offload`` allows it): a suffix of the model goes to ``"cpu"`` (within ``cpu_bytes``)
 and then ``"disk"`` (within ``disk_bytes``; 0 = not bounded). accelerate executes offloaded modules on the
-main GPU (the first GPU of the map): that GPU also holds the KV cache of every offloaded layer, the
-largest offloaded block while it is streamed in, and the logits workspace if the head is offloaded.
+main GPU (the first GPU of the map, which always holds the first module): that GPU also holds the KV
+cache of every offloaded layer, the largest offloaded block while it is streamed in, the buffers of the
+offloaded modules and the logits workspace if the head is offloaded.
 
 ``max_memory`` semantics: per device, the budget that makes accelerate's ``infer_auto_device_map`` (same
 module sizes, decoder blocks not split) reproduce exactly this ``device_map``: the weight bytes on that
@@ -420,15 +424,13 @@ def plan_replica(
         for subset in _subsets(free, n):
             bounds = _place(m, [free[i] for i in subset], strategy, end)
             if bounds is not None:
-                return _result(facts, workload, m, subset, bounds, end, end, end, _NO_MAIN, None)
+                return _result(m, subset, bounds, end, end, end, _NO_MAIN, None)
     if offload != "none":
         # as many GPUs as can take part (the largest ones), the rest of the model on cpu, then disk
         for n in [gpu_count] if gpu_count else range(len(free), 0, -1):
             subset = _subsets(free, n)[-1]
             caps = [free[i] for i in subset]
-            plan = _offload(
-                facts, workload, m, subset, caps, strategy, offload, cpu_bytes, disk_bytes, offload_folder
-            )
+            plan = _offload(m, subset, caps, strategy, offload, cpu_bytes, disk_bytes, offload_folder)
             if plan is not None:
                 return plan
     return _no_fit(facts, workload, free, gpu_count, offload, None, cpu_bytes=cpu_bytes)
@@ -454,8 +456,6 @@ def _subsets(free: Sequence[int], n: int) -> list[tuple[int, ...]]:
 
 
 def _offload(
-    facts: ModelFacts,
-    workload: Workload,
     m: _Model,
     subset: tuple[int, ...],
     caps: list[int],
@@ -490,14 +490,11 @@ def _offload(
                 cpu_end -= 1
             if disk_bytes and m.weights[end] - m.weights[cpu_end] > disk_bytes:
                 continue
-        return _result(facts, workload, m, subset, bounds, k, cpu_end, end, main,
-                       folder if cpu_end < end else None)
+        return _result(m, subset, bounds, k, cpu_end, end, main, folder if cpu_end < end else None)
     return None
 
 
 def _result(
-    facts: ModelFacts,
-    workload: Workload,
     m: _Model,
     subset: tuple[int, ...],
     bounds: list[int],
