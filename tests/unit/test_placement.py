@@ -180,7 +180,21 @@ def test_signal_carries_the_node_selector_and_says_when_no_class_fits() -> None:
     tiny_classes = [{"name": "t4", "gpuProduct": "Tesla-T4", "gpuMemoryMiB": 15360, "gpusPerNode": 1}]
     huge = deployment("l70", "meta-llama/Meta-Llama-3-70B-Instruct")
     signal = plan_cluster([huge], [], node_classes=tiny_classes).by_key()[("default", "l70")].autoscaling
-    assert signal is not None and signal["gpuClass"] is None and "no known node class" in signal["message"]
+    assert signal is not None and signal["gpuClass"] is None and "no node class holds" in signal["message"]
+
+
+def test_signal_respects_gpu_labels_in_the_node_selector() -> None:
+    dep = deployment("l70", "meta-llama/Meta-Llama-3-70B-Instruct",
+                     nodeSelector={"nvidia.com/gpu.product": "NVIDIA-A100-SXM4-80GB"})
+    signal = plan_cluster([dep], []).by_key()[("default", "l70")].autoscaling
+    assert signal is not None and signal["gpuProduct"] == "NVIDIA-A100-SXM4-80GB"  # not the H100 (81559 MiB)
+    assert {"key": "nvidia.com/gpu.product", "operator": "In", "values": ["NVIDIA-A100-SXM4-80GB"]} in (
+        signal["nodeAffinity"]
+    )
+    dep = deployment("q", nodeSelector={"nvidia.com/gpu.product": "NVIDIA-B300"})
+    signal = plan_cluster([dep], []).by_key()[("default", "q")].autoscaling
+    assert signal is not None and signal["gpuClass"] is None
+    assert "no node class matching spec.placement.nodeSelector" in signal["message"]
 
 
 def test_bad_node_classes_warn_and_fall_back() -> None:

@@ -54,6 +54,7 @@ from kubevram.planner.facts import ModelFacts
 from kubevram.planner.inventory import (
     LABEL_COUNT,
     LABEL_MEMORY,
+    LABEL_PRODUCT,
     Device,
     Inventory,
     NodeInventory,
@@ -553,6 +554,8 @@ def autoscaling_signal(d: _Demand, classes: Sequence[NodeClass]) -> dict[str, An
     """The smallest class (VRAM taken = GPUs x memory, then memory) that holds one pending replica."""
     best: tuple[tuple[int, int, str], NodeClass, int] | None = None
     for cls in classes:
+        if not _class_matches(cls, d.node_selector):
+            continue
         n = d.fewest(cls.gpu_memory_mib * MiB, cls.gpus_per_node)
         if n is None:
             continue
@@ -569,9 +572,8 @@ def autoscaling_signal(d: _Demand, classes: Sequence[NodeClass]) -> dict[str, An
             "minGpuMemoryMiB": mib,
             "gpuCount": n,
             "nodeAffinity": _affinity(mib, n) + selector,
-            "message": f"no known node class holds a replica (largest: "
-            f"{max((c.gpus_per_node for c in classes), default=0)} GPUs per node); "
-            f"{n} GPU(s) with >= {mib} MiB each would",
+            "message": f"no node class{' matching spec.placement.nodeSelector' if d.node_selector else ''} "
+            f"holds a replica; {n} GPU(s) with >= {mib} MiB each would",
         }
     _, cls, n = best
     mib = math.ceil(d.need(n) / MiB)
@@ -582,6 +584,13 @@ def autoscaling_signal(d: _Demand, classes: Sequence[NodeClass]) -> dict[str, An
         "gpuCount": n,
         "nodeAffinity": _affinity(mib, n) + selector,
     }
+
+
+def _class_matches(cls: NodeClass, node_selector: Mapping[str, str]) -> bool:
+    """Whether nodes of ``cls`` can carry the GPU labels a deployment's ``nodeSelector`` asks for."""
+    own = {LABEL_PRODUCT: cls.gpu_product, LABEL_MEMORY: str(cls.gpu_memory_mib),
+           LABEL_COUNT: str(cls.gpus_per_node)}
+    return all(node_selector[key] == value for key, value in own.items() if key in node_selector)
 
 
 def _affinity(mib: int, n: int) -> list[dict[str, Any]]:
