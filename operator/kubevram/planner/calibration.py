@@ -30,6 +30,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from kubevram.api.v1alpha1 import LLMDeployment
+
 MIN_SAMPLES = 3
 MIN_DISTINCT_SIZES = 2
 MIN_SPAN = 1.5  # the largest size must be at least this multiple of the smallest
@@ -251,6 +253,13 @@ def coefficient_from_status(status: Mapping[str, Any] | None) -> float | None:
     return None
 
 
+def deployment_coefficient(deployment: LLMDeployment) -> float | None:
+    """The coefficient in ``deployment.status.calibration`` (the planner applies it only when
+    ``spec.estimation.useCalibration`` is true, see ``Workload.from_spec``)."""
+    status = deployment.status
+    return coefficient_from_status({"calibration": status.calibration} if status is not None else None)
+
+
 __all__ = [
     "MIN_SAMPLES",
     "Fit",
@@ -259,6 +268,7 @@ __all__ = [
     "activation_bytes_per_token",
     "calibrate",
     "coefficient_from_status",
+    "deployment_coefficient",
     "fit_line",
     "predicted_peak_bytes",
     "samples_from_workers",
