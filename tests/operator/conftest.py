@@ -12,8 +12,9 @@ import pytest
 
 # Read when kubevram.controller.handlers is imported (the timer's interval): short in tests.
 os.environ.setdefault("KUBEVRAM_READY_INTERVAL", "1")
+os.environ.setdefault("KUBEVRAM_CALIBRATION_INTERVAL", "1")
 
-from kubevram_emulator import EmulatedCluster  # noqa: E402
+from kubevram_emulator import EmulatedCluster
 
 
 @pytest.fixture()
@@ -24,7 +25,9 @@ def cluster(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Emulate
     emulated = EmulatedCluster(tmp_path).start()
     monkeypatch.setenv("KUBECONFIG", str(emulated.kubeconfig))
     # The kubernetes package reads KUBECONFIG once, at import; kopf's login uses that default.
-    monkeypatch.setattr(kubernetes.config.kube_config, "KUBE_CONFIG_DEFAULT_LOCATION", str(emulated.kubeconfig))
+    monkeypatch.setattr(
+        kubernetes.config.kube_config, "KUBE_CONFIG_DEFAULT_LOCATION", str(emulated.kubeconfig)
+    )
     monkeypatch.setenv("KUBEVRAM_RETRY_DELAY", "1")
     monkeypatch.delenv("KUBEVRAM_NODE_CLASSES", raising=False)
     try:

@@ -56,3 +56,7 @@ def release(body: kopf.Body, logger: kopf.Logger, **_: Any) -> None:
 def readiness(body: kopf.Body, patch: kopf.Patch, **_: Any) -> None:
     """Copy the workloads' ready replicas into the status."""
     reconciler(body).refresh_readiness(body, patch)
+
+
+# status.calibration from the workers' reports: its own timer, registered on import.
+import kubevram.controller.calibrate  # noqa: E402, F401

@@ -35,11 +35,14 @@ from kubevram.api.load import parse_deployment
 from kubevram.api.v1alpha1 import DEFAULT_WORKER_IMAGE, LLMDeployment
 from kubevram.controller import render, status
 from kubevram.controller.adapter import Cluster, ConfigNotReadable
+from kubevram.controller.calibrate import with_calibration
 
 log = logging.getLogger(__name__)
 
 #: ``planner(deployment, nodes, pods, model_config) -> plan JSON`` for one deployment.
-Planner = Callable[[LLMDeployment, list[dict[str, Any]], list[dict[str, Any]], dict[str, Any] | None], dict[str, Any]]
+Planner = Callable[
+    [LLMDeployment, list[dict[str, Any]], list[dict[str, Any]], dict[str, Any] | None], dict[str, Any]
+]
 
 PLAN_INPUT = "llm.kubevram.io/plan-input"
 TRANSIENT_STATUSES = {409, 429, 500, 502, 503, 504}
@@ -167,10 +170,14 @@ class Reconciler:
         # Plan only the difference; the kept replicas stay in the inventory as reservations (under
         # another owner label: the planner ignores the pods of the deployment it is planning).
         placed_pods = [_as_kept(p) for p in own if (p.get("spec") or {}).get("nodeName")]
-        delta = deployment.model_copy(update={"spec": deployment.spec.model_copy(update={"replicas": desired - len(kept)})})
+        delta = deployment.model_copy(
+            update={"spec": deployment.spec.model_copy(update={"replicas": desired - len(kept)})}
+        )
         extra = self.planner(delta, nodes, others + placed_pods, model_config)
         plan = {**extra, "replicas": kept + list(extra.get("replicas") or [])}
-        return plan, "scaled-up" if desired > len(kept) + _pending(previous) or extra.get("replicas") else "kept"
+        return plan, "scaled-up" if desired > len(kept) + _pending(previous) or extra.get(
+            "replicas"
+        ) else "kept"
 
     def _fits_empty_cluster(
         self, deployment: LLMDeployment, model_config: dict[str, Any] | None, nodes: list[dict[str, Any]]
@@ -186,24 +193,33 @@ class Reconciler:
         source = f"{namespace}/{name}"
         try:
             deployment = parse_deployment(
-                {"apiVersion": body.get("apiVersion"), "kind": body.get("kind"), "metadata": dict(meta),
-                 "spec": dict(body.get("spec") or {})},
+                {
+                    "apiVersion": body.get("apiVersion"),
+                    "kind": body.get("kind"),
+                    "metadata": dict(meta),
+                    "spec": dict(body.get("spec") or {}),
+                },
             )
+            deployment = with_calibration(deployment, body.get("status"))  # spec.estimation.useCalibration
             model_config = self._model_config(deployment)
             nodes = self.cluster.list_nodes()
             pods = self.cluster.reservations() + self.cluster.foreign_gpu_pods()
             input_hash = plan_input_hash(deployment, model_config)
             plan, how = self._plan(deployment, model_config, input_hash, nodes, pods)
-            if not plan.get("replicas") and _pending(plan) and deployment.spec.placement.offload == "none":
-                if not self._fits_empty_cluster(deployment, model_config, nodes):
-                    total = (plan.get("estimate") or {}).get("totalBytes")
-                    largest = _largest_node_mib(nodes)
-                    raise SpecError(
-                        "spec.placement.offload",
-                        f"'none', but one replica needs {status.gib(total) if total else 'more'} of GPU memory "
-                        f"and no node could hold it even empty (largest node: {largest} MiB of GPU memory); "
-                        "allow offload: cpu, lower spec.precision.weights or add bigger GPU nodes",
-                    )
+            nothing_placed = not plan.get("replicas") and _pending(plan)
+            if (
+                nothing_placed
+                and deployment.spec.placement.offload == "none"
+                and not self._fits_empty_cluster(deployment, model_config, nodes)
+            ):
+                total = (plan.get("estimate") or {}).get("totalBytes")
+                need = status.gib(total) if total else "more"
+                raise SpecError(
+                    "spec.placement.offload",
+                    f"'none', but one replica needs {need} of GPU memory and no node could hold it even "
+                    f"empty (largest node: {_largest_node_mib(nodes)} MiB of GPU memory); allow offload: "
+                    "cpu, lower spec.precision.weights or add bigger GPU nodes",
+                )
         except SpecError as exc:
             field = exc.field or "spec"
             self._fail(body, patch, status.PLANNED, "InvalidSpec", f"{field}: {exc.message}")
@@ -245,11 +261,15 @@ class Reconciler:
                 f"{source}: {_pending(plan)} replica(s) pending: {reason}", delay=self.settings.retry_delay
             )
 
-    def _apply(self, body: Mapping[str, Any], deployment: LLMDeployment, plan: dict[str, Any], input_hash: str) -> None:
+    def _apply(
+        self, body: Mapping[str, Any], deployment: LLMDeployment, plan: dict[str, Any], input_hash: str
+    ) -> None:
         name, namespace = deployment.name, deployment.namespace
         self.cluster.create_if_absent(render.render_secret(body, secrets.token_urlsafe(32)))
         children = render.render_children(
-            body, deployment.spec, plan,
+            body,
+            deployment.spec,
+            plan,
             image=self.settings.image_for(deployment),
             cluster_role=self.settings.worker_cluster_role,
         )
@@ -258,7 +278,11 @@ class Reconciler:
                 child["metadata"]["annotations"] = {PLAN_INPUT: input_hash}
             self.cluster.apply(child)
         wanted = {c["metadata"]["name"] for c in children if c["kind"] == "Deployment"}
-        stale = [w for w in self.cluster.list_owned_workloads(namespace, name) if w["metadata"]["name"] not in wanted]
+        stale = [
+            w
+            for w in self.cluster.list_owned_workloads(namespace, name)
+            if w["metadata"]["name"] not in wanted
+        ]
         self.cluster.delete_workloads(stale)
 
     def release(self, body: Mapping[str, Any]) -> int:
@@ -284,8 +308,15 @@ class Reconciler:
         patch.status["readyReplicas"] = ready
         patch.status["conditions"] = status.merge_conditions(
             old.get("conditions"),
-            [status.condition(status.READY, ok, "AllReplicasReady" if ok else "ReplicasNotReady",
-                              f"{ready} of {desired} replica(s) ready", meta.get("generation"))],
+            [
+                status.condition(
+                    status.READY,
+                    ok,
+                    "AllReplicasReady" if ok else "ReplicasNotReady",
+                    f"{ready} of {desired} replica(s) ready",
+                    meta.get("generation"),
+                )
+            ],
             status.now_rfc3339(),
         )
         patch.status["phase"] = (
@@ -310,7 +341,9 @@ def _largest_node_mib(nodes: list[dict[str, Any]]) -> int:
     for node in nodes:
         labels = (node.get("metadata") or {}).get("labels") or {}
         try:
-            best = max(best, int(labels.get("nvidia.com/gpu.memory", 0)) * int(labels.get("nvidia.com/gpu.count", 0)))
+            best = max(
+                best, int(labels.get("nvidia.com/gpu.memory", 0)) * int(labels.get("nvidia.com/gpu.count", 0))
+            )
         except ValueError:
             continue
     return best
@@ -319,5 +352,7 @@ def _largest_node_mib(nodes: list[dict[str, Any]]) -> int:
 def _transient(exc: ApiException, settings: Settings) -> Exception:
     """API errors worth a retry (conflicts, throttling, server errors) become ``TemporaryError``."""
     if exc.status in TRANSIENT_STATUSES:
-        return kopf.TemporaryError(f"API {exc.status} {exc.reason}: retrying", delay=min(settings.retry_delay, 5))
+        return kopf.TemporaryError(
+            f"API {exc.status} {exc.reason}: retrying", delay=min(settings.retry_delay, 5)
+        )
     return exc
