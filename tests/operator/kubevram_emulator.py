@@ -54,9 +54,11 @@ class MendedEmulator(kmock.KubernetesEmulator):
     async def _handle(self, request: Any) -> Any:
         data = request.data if isinstance(request.data, dict) else None
         if request.resource is not None and data is not None:
-            meta = data.setdefault("metadata", {}) if request.action in (
-                enums.action.CREATE, enums.action.UPDATE
-            ) else None
+            meta = (
+                data.setdefault("metadata", {})
+                if request.action in (enums.action.CREATE, enums.action.UPDATE)
+                else None
+            )
             if request.action == enums.action.CREATE and meta is not None:
                 meta.setdefault("uid", str(uuid.uuid4()))
                 meta.setdefault(
@@ -71,13 +73,20 @@ class MendedEmulator(kmock.KubernetesEmulator):
                 key = (request.resource, request.namespace, request.name)
                 if "spec" in data and request.subresource is None and key in self.objects:
                     current = self.objects[key]
-                    if not current.deleted and current.get("spec") != _merged(current.get("spec"), data["spec"]):
+                    if not current.deleted and current.get("spec") != _merged(
+                        current.get("spec"), data["spec"]
+                    ):
                         meta["generation"] = int(current.get("metadata", {}).get("generation") or 1) + 1
             if meta is not None:
                 meta["resourceVersion"] = str(next(self._versions))
         response = await super()._handle(request)
-        self.log.append((str(getattr(request.method, "value", request.method)).upper(), request.url.path,
-                         int(response.status)))
+        self.log.append(
+            (
+                str(getattr(request.method, "value", request.method)).upper(),
+                request.url.path,
+                int(response.status),
+            )
+        )
         return response
 
 
@@ -191,13 +200,14 @@ class EmulatedCluster:
 
     # ---------------------------------------------------------------------- kubectl over HTTP
 
-    def request(self, method: str, path: str, body: Any = None, content_type: str = "application/json") -> Any:
+    def request(
+        self, method: str, path: str, body: Any = None, content_type: str = "application/json"
+    ) -> Any:
         assert self._api is not None
         headers = {"Accept": "application/json"}
         if body is not None:
             headers["Content-Type"] = content_type
-        response = self._api.call_api(method, self.url + path, header_params=headers,
-                                      body=body)
+        response = self._api.call_api(method, self.url + path, header_params=headers, body=body)
         response.read()
         text = response.data.decode("utf-8") if response.data else ""
         if not 200 <= response.status < 300:
@@ -246,7 +256,9 @@ class EmulatedCluster:
     def deployments(self, namespace: str = "default") -> list[dict[str, Any]]:
         return self.items(f"/apis/apps/v1/namespaces/{namespace}/deployments")
 
-    def wait_for(self, what: str, probe: Callable[[], Any], timeout: float = 20.0, interval: float = 0.1) -> Any:
+    def wait_for(
+        self, what: str, probe: Callable[[], Any], timeout: float = 20.0, interval: float = 0.1
+    ) -> Any:
         """Poll ``probe`` until it returns something truthy; fail naming ``what`` after ``timeout``."""
         deadline = time.monotonic() + timeout
         last: Any = None
@@ -258,8 +270,16 @@ class EmulatedCluster:
         raise AssertionError(f"timed out after {timeout}s waiting for {what}; last: {last!r}")
 
 
-def gpu_node(name: str, *, gpus: int = 4, memory_mib: int = 81920, product: str = "NVIDIA-A100-SXM4-80GB",
-             cpu: str = "64", memory: str = "512Gi", labels: dict[str, str] | None = None) -> dict[str, Any]:
+def gpu_node(
+    name: str,
+    *,
+    gpus: int = 4,
+    memory_mib: int = 81920,
+    product: str = "NVIDIA-A100-SXM4-80GB",
+    cpu: str = "64",
+    memory: str = "512Gi",
+    labels: dict[str, str] | None = None,
+) -> dict[str, Any]:
     """A Node as the API returns it on a GPU node: GFD labels and the device plugin's allocatable."""
     return {
         "apiVersion": "v1",

@@ -52,7 +52,9 @@ def pinned_node(workload: dict[str, Any]) -> str:
     return str(expression["values"][0])
 
 
-def wait_generation(cluster: EmulatedCluster, name: str, generation: int, phase: str | None = None) -> dict[str, Any]:
+def wait_generation(
+    cluster: EmulatedCluster, name: str, generation: int, phase: str | None = None
+) -> dict[str, Any]:
     def probe() -> dict[str, Any] | None:
         obj = cluster.llmd(name)
         st = (obj or {}).get("status") or {}
@@ -63,7 +65,9 @@ def wait_generation(cluster: EmulatedCluster, name: str, generation: int, phase:
     return cluster.wait_for(f"{name} at generation {generation} ({phase or 'any phase'})", probe)  # type: ignore[no-any-return]
 
 
-def test_create_makes_owned_children_with_gpu_requests_and_affinity(cluster: EmulatedCluster, operator: Any) -> None:
+def test_create_makes_owned_children_with_gpu_requests_and_affinity(
+    cluster: EmulatedCluster, operator: Any
+) -> None:
     cluster.add_node(gpu_node("gpu-l4-0", **L4))
     cluster.add_node(gpu_node("gpu-l4-1", **L4))
     cluster.create_llmd(llmd(replicas=3))
@@ -74,8 +78,12 @@ def test_create_makes_owned_children_with_gpu_requests_and_affinity(cluster: Emu
     assert condition(obj, "Planned")["status"] == "True"
     assert condition(obj, "Scheduled")["status"] == "True"
     assert condition(obj, "Ready") | {"lastTransitionTime": None} == {
-        "type": "Ready", "status": "False", "reason": "ReplicasNotReady", "message": "0 of 3 replica(s) ready",
-        "observedGeneration": 1, "lastTransitionTime": None,
+        "type": "Ready",
+        "status": "False",
+        "reason": "ReplicasNotReady",
+        "message": "0 of 3 replica(s) ready",
+        "observedGeneration": 1,
+        "lastTransitionTime": None,
     }
     assert st["replicas"] == 3 and st["readyReplicas"] == 0
     assert st["selector"] == "app.kubernetes.io/managed-by=kubevram,llm.kubevram.io/deployment=qwen"
@@ -128,8 +136,10 @@ def test_spec_update_replans_and_rolls_out(cluster: EmulatedCluster, operator: A
     cluster.patch(cluster.llmd_path("qwen"), {"spec": {"precision": {"weights": "int8"}}})
     after = wait_generation(cluster, "qwen", 2, "Planned")
     assert after["status"]["estimate"]["weightsBytes"] < before["status"]["estimate"]["weightsBytes"]
-    found = cluster.wait_for("the old workload to go", lambda: (w := workloads(cluster)) and old_name not in w and w)
-    (workload,) = found.values()
+    found = cluster.wait_for(
+        "the old workload to go", lambda: (w := workloads(cluster)) and old_name not in w and w
+    )
+    assert len(found) == 1
     cm = cluster.get("/api/v1/namespaces/default/configmaps/qwen-plan")
     assert cm is not None
     plans = [json.loads(v) for k, v in cm["data"].items() if k.startswith("plan-")]
@@ -151,10 +161,14 @@ def test_scale_changes_only_the_delta(cluster: EmulatedCluster, operator: Any) -
     grown = workloads(cluster)
     assert len(grown) == 3 and set(first) < set(grown)
     assert {n: grown[n]["spec"]["template"] for n in first} == first_templates  # untouched
-    assert obj["status"]["placements"][:2] == [
-        {"node": pinned_node(first[n]), **{k: v for k, v in p.items() if k != "node"}}
-        for n, p in zip(first, obj["status"]["placements"][:2], strict=True)
-    ] or True  # order of placements follows the plan; the kept ones come first
+    assert (
+        obj["status"]["placements"][:2]
+        == [
+            {"node": pinned_node(first[n]), **{k: v for k, v in p.items() if k != "node"}}
+            for n, p in zip(first, obj["status"]["placements"][:2], strict=True)
+        ]
+        or True
+    )  # order of placements follows the plan; the kept ones come first
     kept = obj["status"]["placements"][:2]
     assert sorted(p["node"] for p in kept) == sorted(pinned_node(w) for w in first.values())
 
@@ -186,10 +200,14 @@ def test_unfittable_reports_numbers_and_asks_the_autoscaler_then_places_on_a_new
     assert pending["spec"]["replicas"] == 1
     affinity = pending["spec"]["template"]["spec"]["affinity"]["nodeAffinity"]
     (term,) = affinity["requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"]
-    assert {"key": "nvidia.com/gpu.memory", "operator": "Gt", "values": [str(signal["minGpuMemoryMiB"] - 1)]} in term[
-        "matchExpressions"
-    ]
-    assert pending["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    assert {
+        "key": "nvidia.com/gpu.memory",
+        "operator": "Gt",
+        "values": [str(signal["minGpuMemoryMiB"] - 1)],
+    } in term["matchExpressions"]
+    assert (
+        pending["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    )
 
     # The cluster autoscaler adds a node; the retry re-plans and places the pending replica there.
     cluster.add_node(gpu_node("gpu-l4-1", **{**L4, "gpus": 1}))
@@ -200,20 +218,41 @@ def test_unfittable_reports_numbers_and_asks_the_autoscaler_then_places_on_a_new
 
     obj = cluster.wait_for("Scheduled=True", placed)
     assert obj["status"]["phase"] == "Planned" and obj["status"]["autoscaling"]["pendingReplicas"] == 0
-    found = cluster.wait_for("the pending workload to go", lambda: "qwen-pending" not in (w := workloads(cluster)) and w)
+    found = cluster.wait_for(
+        "the pending workload to go", lambda: "qwen-pending" not in (w := workloads(cluster)) and w
+    )
     assert sorted(pinned_node(w) for w in found.values()) == ["gpu-l4-0", "gpu-l4-1"]
 
 
 @pytest.mark.parametrize(
     ("spec", "field", "value"),
     [
-        ({"model": {"id": "my/model", "configMapRef": {"name": "no-such-config"}}}, "spec.model.configMapRef",
-         "no-such-config"),
-        ({"model": {"id": "my/model", "config": {"model_type": "llama", "num_hidden_layers": -2, "hidden_size": 64,
-                                                 "num_attention_heads": 4, "vocab_size": 100}}},
-         "spec.model.config.num_hidden_layers", "-2"),
-        ({"model": {"id": "meta-llama/Meta-Llama-3-70B"}, "placement": {"offload": "none"}},
-         "spec.placement.offload", "'none'"),
+        (
+            {"model": {"id": "my/model", "configMapRef": {"name": "no-such-config"}}},
+            "spec.model.configMapRef",
+            "no-such-config",
+        ),
+        (
+            {
+                "model": {
+                    "id": "my/model",
+                    "config": {
+                        "model_type": "llama",
+                        "num_hidden_layers": -2,
+                        "hidden_size": 64,
+                        "num_attention_heads": 4,
+                        "vocab_size": 100,
+                    },
+                }
+            },
+            "spec.model.config.num_hidden_layers",
+            "-2",
+        ),
+        (
+            {"model": {"id": "meta-llama/Meta-Llama-3-70B"}, "placement": {"offload": "none"}},
+            "spec.placement.offload",
+            "'none'",
+        ),
     ],
     ids=["missing-configmap", "unreadable-config", "larger-than-any-node"],
 )
@@ -262,13 +301,21 @@ def test_restart_makes_no_duplicate_children(cluster: EmulatedCluster) -> None:
     assert cluster.get("/api/v1/namespaces/default/secrets/qwen-admin") == secret
 
 
-def test_conflicts_are_retried(cluster: EmulatedCluster, operator: Any, caplog: pytest.LogCaptureFixture) -> None:
+def test_conflicts_are_retried(
+    cluster: EmulatedCluster, operator: Any, caplog: pytest.LogCaptureFixture
+) -> None:
     caplog.set_level(logging.INFO)
     cluster.add_node(gpu_node("gpu-l4-0", **L4))
 
     def conflicts() -> None:
         assert cluster.emulator is not None
-        status = {"apiVersion": "v1", "kind": "Status", "status": "Failure", "reason": "Conflict", "code": 409}
+        status = {
+            "apiVersion": "v1",
+            "kind": "Status",
+            "status": "Failure",
+            "reason": "Conflict",
+            "code": 409,
+        }
         # Someone else creates the first Deployment at the same moment (kmock stores it anyway) ...
         cluster.emulator["post", kmock.resource("apps/v1/deployments")][:1] << 409 << status
         # ... and the first patch of the ConfigMap loses an optimistic-concurrency race.
@@ -289,9 +336,9 @@ def test_conflicts_are_retried(cluster: EmulatedCluster, operator: Any, caplog: 
     assert any("failed temporarily" in r.getMessage() and "409" in r.getMessage() for r in caplog.records)
     cm = cluster.get("/api/v1/namespaces/default/configmaps/qwen-plan")
     assert cm is not None
-    assert {json.loads(v)["serving"]["maxSequenceLength"] for k, v in cm["data"].items() if k.startswith("plan-")} == {
-        2048
-    }
+    assert {
+        json.loads(v)["serving"]["maxSequenceLength"] for k, v in cm["data"].items() if k.startswith("plan-")
+    } == {2048}
 
 
 def test_deletion_releases_the_reservations(cluster: EmulatedCluster, operator: Any) -> None:
@@ -299,10 +346,71 @@ def test_deletion_releases_the_reservations(cluster: EmulatedCluster, operator: 
     cluster.create_llmd(llmd("first", replicas=1))
     wait_generation(cluster, "first", 1, "Planned")
     cluster.create_llmd(llmd("second", replicas=1))
-    cluster.wait_for("second to wait for a GPU", lambda: condition(cluster.llmd("second"), "Scheduled").get("status") == "False")
+    cluster.wait_for(
+        "second to wait for a GPU",
+        lambda: condition(cluster.llmd("second"), "Scheduled").get("status") == "False",
+    )
 
     cluster.delete(cluster.llmd_path("first"))
     cluster.wait_for("first's workloads to go", lambda: not workloads(cluster, "first"))
-    cluster.wait_for("second to take the freed GPU", lambda: condition(cluster.llmd("second"), "Scheduled").get("status") == "True")
+    cluster.wait_for(
+        "second to take the freed GPU",
+        lambda: condition(cluster.llmd("second"), "Scheduled").get("status") == "True",
+    )
     (workload,) = workloads(cluster, "second").values()
     assert pinned_node(workload) == "gpu-l4-0"
+
+
+def test_ready_replicas_reach_the_status(cluster: EmulatedCluster, operator: Any) -> None:
+    cluster.add_node(gpu_node("gpu-l4-0", **L4))
+    cluster.create_llmd(llmd(replicas=2))
+    wait_generation(cluster, "qwen", 1, "Planned")
+    # What the Deployment controller would report once the workers' /readyz answer.
+    for name in workloads(cluster):
+        cluster.patch(
+            f"/apis/apps/v1/namespaces/default/deployments/{name}/status", {"status": {"readyReplicas": 1}}
+        )
+
+    def running() -> dict[str, Any] | None:
+        obj = cluster.llmd("qwen")
+        return obj if ((obj or {}).get("status") or {}).get("phase") == "Running" else None
+
+    obj = cluster.wait_for("phase Running", running)
+    assert obj["status"]["readyReplicas"] == 2
+    ready = condition(obj, "Ready")
+    assert (ready["status"], ready["reason"], ready["message"]) == (
+        "True",
+        "AllReplicasReady",
+        "2 of 2 replica(s) ready",
+    )
+
+
+def test_kubevram_operator_command_runs_against_the_cluster_in_kubeconfig(cluster: EmulatedCluster) -> None:
+    """``kubevram operator`` as a user starts it: a process, KUBECONFIG, interrupted at the end."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    cluster.add_node(gpu_node("gpu-l4-0", **L4))
+    cluster.create_llmd(llmd(replicas=1))
+    process = subprocess.Popen(
+        [sys.executable, "-m", "kubevram.cli", "operator", "--all-namespaces"],
+        env={**os.environ, "KUBECONFIG": str(cluster.kubeconfig)},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        obj = cluster.wait_for(
+            "the operator process to plan",
+            lambda: (o := cluster.llmd("qwen")) and ((o.get("status") or {}).get("phase") == "Planned") and o,
+            timeout=60,
+        )
+        assert condition(obj, "Scheduled")["status"] == "True"
+        assert len(workloads(cluster)) == 1
+    finally:
+        process.send_signal(signal.SIGINT)
+        output, _ = process.communicate(timeout=30)
+    assert process.returncode == 0, output
+    assert "Handler 'reconcile' succeeded" in output

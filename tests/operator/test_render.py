@@ -30,7 +30,12 @@ def replica(node: str, gpus: list[int], per_gpu: int = 20 * GiB, **extra: Any) -
         "node": node,
         "gpus": gpus,
         "maxMemory": {str(i): per_gpu for i in range(len(gpus))},
-        "deviceMap": {"model.embed_tokens": 0, "model.layers.0": 0, "model.norm": len(gpus) - 1, "lm_head": len(gpus) - 1},
+        "deviceMap": {
+            "model.embed_tokens": 0,
+            "model.layers.0": 0,
+            "model.norm": len(gpus) - 1,
+            "lm_head": len(gpus) - 1,
+        },
         **extra,
     }
 
@@ -67,7 +72,9 @@ PLAN = {
 def children(plan: dict[str, Any] = PLAN, **spec: Any) -> list[dict[str, Any]]:
     b = body(**spec)
     dep = parse_deployment(b)
-    return render.render_children(b, dep.spec, plan, image="registry.local/worker:1", cluster_role="kubevram-worker")
+    return render.render_children(
+        b, dep.spec, plan, image="registry.local/worker:1", cluster_role="kubevram-worker"
+    )
 
 
 def by_kind(objs: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
@@ -77,14 +84,27 @@ def by_kind(objs: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
 def test_every_child_is_owned_namespaced_and_labelled() -> None:
     objs = children()
     assert sorted(o["kind"] for o in objs) == [
-        "ConfigMap", "Deployment", "Deployment", "Deployment", "Deployment", "RoleBinding", "Service", "ServiceAccount",
+        "ConfigMap",
+        "Deployment",
+        "Deployment",
+        "Deployment",
+        "Deployment",
+        "RoleBinding",
+        "Service",
+        "ServiceAccount",
     ]
     for obj in objs:
         meta = obj["metadata"]
         assert meta["namespace"] == "ai"
         assert meta["ownerReferences"] == [
-            {"apiVersion": "llm.kubevram.io/v1alpha1", "kind": "LLMDeployment", "name": "qwen", "uid": UID,
-             "controller": True, "blockOwnerDeletion": True}
+            {
+                "apiVersion": "llm.kubevram.io/v1alpha1",
+                "kind": "LLMDeployment",
+                "name": "qwen",
+                "uid": UID,
+                "controller": True,
+                "blockOwnerDeletion": True,
+            }
         ]
         assert meta["labels"]["app.kubernetes.io/managed-by"] == "kubevram"
         assert meta["labels"]["llm.kubevram.io/deployment"] == "qwen"
@@ -102,7 +122,9 @@ def test_one_workload_per_placement_shape_pinned_to_its_node_with_gpu_requests()
     nodes = []
     for workload in placed:
         pod = workload["spec"]["template"]["spec"]
-        (term,) = pod["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"]
+        (term,) = pod["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"][
+            "nodeSelectorTerms"
+        ]
         (expression,) = term["matchExpressions"]
         assert expression["key"] == "kubernetes.io/hostname" and expression["operator"] == "In"
         nodes.append(expression["values"][0])
@@ -112,18 +134,24 @@ def test_one_workload_per_placement_shape_pinned_to_its_node_with_gpu_requests()
         assert container["resources"]["limits"]["nvidia.com/gpu"] == str(len(reservation["gpus"]))
         assert container["resources"]["requests"]["nvidia.com/gpu"] == str(len(reservation["gpus"]))
         assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in pod["tolerations"]
-        assert workload["spec"]["selector"]["matchLabels"].items() <= workload["spec"]["template"]["metadata"][
-            "labels"
-        ].items()
+        assert (
+            workload["spec"]["selector"]["matchLabels"].items()
+            <= workload["spec"]["template"]["metadata"]["labels"].items()
+        )
     assert sorted(nodes) == ["gpu-a", "gpu-a", "gpu-b"]
-    two_gpu = next(d for d in placed if '"gpu-b"' in d["spec"]["template"]["metadata"]["annotations"][render.RESERVATION])
+    two_gpu = next(
+        d for d in placed if '"gpu-b"' in d["spec"]["template"]["metadata"]["annotations"][render.RESERVATION]
+    )
     reservation = json.loads(two_gpu["spec"]["template"]["metadata"]["annotations"][render.RESERVATION])
     assert reservation == {"node": "gpu-b", "gpus": {"2": 9 * GiB, "3": 9 * GiB}, "sharing": "exclusive"}
 
 
 def test_replicas_alike_share_one_workload() -> None:
-    plan = {**PLAN, "replicas": [replica("gpu-a", [0], shared=True), replica("gpu-a", [0], shared=True)],
-            "unscheduled": {"count": 0}}
+    plan = {
+        **PLAN,
+        "replicas": [replica("gpu-a", [0], shared=True), replica("gpu-a", [0], shared=True)],
+        "unscheduled": {"count": 0},
+    }
     (workload,) = by_kind(children(plan), "Deployment")
     assert workload["spec"]["replicas"] == 2
 
@@ -132,8 +160,12 @@ def test_pending_replicas_ask_the_autoscaler_for_a_big_enough_gpu() -> None:
     (pending,) = [d for d in by_kind(children(), "Deployment") if d["metadata"]["name"] == "qwen-pending"]
     assert pending["spec"]["replicas"] == 1
     pod = pending["spec"]["template"]["spec"]
-    (term,) = pod["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"]
-    assert term["matchExpressions"] == [{"key": "nvidia.com/gpu.memory", "operator": "Gt", "values": ["16565"]}]
+    (term,) = pod["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"][
+        "nodeSelectorTerms"
+    ]
+    assert term["matchExpressions"] == [
+        {"key": "nvidia.com/gpu.memory", "operator": "Gt", "values": ["16565"]}
+    ]
     assert pod["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "1"
     reservation = json.loads(pending["spec"]["template"]["metadata"]["annotations"][render.RESERVATION])
     assert reservation == {"node": "", "gpus": {}, "sharing": "exclusive"}
@@ -151,7 +183,11 @@ def test_config_map_holds_one_worker_plan_per_device_map() -> None:
         plan = WorkerPlan.parse(json.loads(cm["data"][key]), source=key)
         assert plan.model.id == "Qwen/Qwen2-7B-Instruct"
         assert plan.deployment.name == "qwen" and plan.deployment.namespace == "ai"
-    two = [WorkerPlan.parse(json.loads(v)) for k, v in cm["data"].items() if k not in ("plan.json", "plan-pending.json")]
+    two = [
+        WorkerPlan.parse(json.loads(v))
+        for k, v in cm["data"].items()
+        if k not in ("plan.json", "plan-pending.json")
+    ]
     assert sorted(len(p.maxMemory or {}) for p in two) == [1, 2]
     assert {p.maxMemory["1"] for p in two if p.maxMemory and "1" in p.maxMemory} == {9 * GiB}
 
@@ -189,8 +225,13 @@ def test_model_volume_offload_and_user_settings_reach_the_pod() -> None:
     objs = children(
         plan,
         model={"id": "qwen2-7b", "volume": {"persistentVolumeClaim": {"claimName": "models"}}},
-        placement={"offload": "disk", "nodeSelector": {"pool": "gpu"},
-                   "tolerations": [{"key": "dedicated", "operator": "Equal", "value": "llm", "effect": "NoSchedule"}]},
+        placement={
+            "offload": "disk",
+            "nodeSelector": {"pool": "gpu"},
+            "tolerations": [
+                {"key": "dedicated", "operator": "Equal", "value": "llm", "effect": "NoSchedule"}
+            ],
+        },
         worker={"env": [{"name": "HF_HUB_OFFLINE", "value": "0"}], "resources": {"requests": {"cpu": "4"}}},
     )
     (workload,) = by_kind(objs, "Deployment")
@@ -200,8 +241,12 @@ def test_model_volume_offload_and_user_settings_reach_the_pod() -> None:
     assert {"name": "model", "persistentVolumeClaim": {"claimName": "models"}} in pod["volumes"]
     assert {"name": "offload", "emptyDir": {}} in pod["volumes"]
     assert pod["nodeSelector"] == {"pool": "gpu"}
-    assert {"key": "dedicated", "operator": "Equal", "value": "llm", "effect": "NoSchedule"} in pod["tolerations"]
-    assert [e for e in container["env"] if e["name"] == "HF_HUB_OFFLINE"] == [{"name": "HF_HUB_OFFLINE", "value": "0"}]
+    assert {"key": "dedicated", "operator": "Equal", "value": "llm", "effect": "NoSchedule"} in pod[
+        "tolerations"
+    ]
+    assert [e for e in container["env"] if e["name"] == "HF_HUB_OFFLINE"] == [
+        {"name": "HF_HUB_OFFLINE", "value": "0"}
+    ]
     assert container["resources"]["requests"] == {"cpu": "4", "nvidia.com/gpu": "1", "memory": str(30 * GiB)}
     (cm,) = by_kind(objs, "ConfigMap")
     worker_plan = next(WorkerPlan.parse(json.loads(v)) for k, v in cm["data"].items() if k != "plan.json")
@@ -209,7 +254,11 @@ def test_model_volume_offload_and_user_settings_reach_the_pod() -> None:
 
 
 def test_mig_replicas_request_the_mig_resource() -> None:
-    plan = {**PLAN, "replicas": [replica("gpu-a", [0], resource="nvidia.com/mig-3g.40gb")], "unscheduled": {"count": 0}}
+    plan = {
+        **PLAN,
+        "replicas": [replica("gpu-a", [0], resource="nvidia.com/mig-3g.40gb")],
+        "unscheduled": {"count": 0},
+    }
     (workload,) = by_kind(children(plan), "Deployment")
     assert workload["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"] == {
         "nvidia.com/mig-3g.40gb": "1"
@@ -217,12 +266,17 @@ def test_mig_replicas_request_the_mig_resource() -> None:
 
 
 def test_plan_changes_change_the_pod_template() -> None:
-    (before,) = by_kind(children({**PLAN, "unscheduled": {"count": 0}, "replicas": [replica("gpu-a", [0])]}), "Deployment")
+    (before,) = by_kind(
+        children({**PLAN, "unscheduled": {"count": 0}, "replicas": [replica("gpu-a", [0])]}), "Deployment"
+    )
     after_plan = {**PLAN, "unscheduled": {"count": 0}, "replicas": [replica("gpu-a", [0], per_gpu=21 * GiB)]}
     (after,) = by_kind(children(after_plan), "Deployment")
     assert before["metadata"]["name"] != after["metadata"]["name"]  # a new shape: a new workload
     annotations = after["spec"]["template"]["metadata"]["annotations"]
-    assert annotations[render.PLAN_HASH] != before["spec"]["template"]["metadata"]["annotations"][render.PLAN_HASH]
+    assert (
+        annotations[render.PLAN_HASH]
+        != before["spec"]["template"]["metadata"]["annotations"][render.PLAN_HASH]
+    )
 
 
 # ------------------------------------------------------------------------------------- status
@@ -237,7 +291,10 @@ def test_planned_status_carries_estimate_placements_and_autoscaling() -> None:
     assert new["estimate"] == ESTIMATE
     assert new["placements"][2] == {"node": "gpu-b", "gpus": [2, 3], "budgets": {"0": 9 * GiB, "1": 9 * GiB}}
     assert new["autoscaling"] == {
-        "pendingReplicas": 1, "gpuClass": "a10g", "minGpuMemoryMiB": 16566, "gpuCount": 1,
+        "pendingReplicas": 1,
+        "gpuClass": "a10g",
+        "minGpuMemoryMiB": 16566,
+        "gpuCount": 1,
         "reason": "needs 1 GPU with >= 16.2 GiB; every admitting GPU is taken",
     }
     conditions = {c["type"]: c for c in new["conditions"]}
@@ -250,7 +307,9 @@ def test_planned_status_carries_estimate_placements_and_autoscaling() -> None:
 
 
 def test_condition_transition_time_moves_only_when_the_status_does() -> None:
-    first = status.planned_status("qwen", PLAN, desired=4, ready=0, generation=1, old_conditions=None, now="T1")
+    first = status.planned_status(
+        "qwen", PLAN, desired=4, ready=0, generation=1, old_conditions=None, now="T1"
+    )
     placed = {**PLAN, "unscheduled": {"count": 0}}
     second = status.planned_status(
         "qwen", placed, desired=3, ready=0, generation=2, old_conditions=first["conditions"], now="T2"
@@ -267,8 +326,13 @@ def test_condition_transition_time_moves_only_when_the_status_does() -> None:
 
 def test_failed_status_names_the_field() -> None:
     failed = status.failed_status(
-        "qwen", "Planned", "InvalidSpec", "spec.model.configMapRef: {name: 'cfg'}: not found",
-        generation=2, old_conditions=None, now="T",
+        "qwen",
+        "Planned",
+        "InvalidSpec",
+        "spec.model.configMapRef: {name: 'cfg'}: not found",
+        generation=2,
+        old_conditions=None,
+        now="T",
     )
     assert failed["phase"] == "Failed"
     planned = failed["conditions"][0]

@@ -116,9 +116,7 @@ class _Converter:
                 inner = dict(non_null[0])
                 inner.update(outer)
                 node = inner
-            elif any(k in node for k in _EXT_KEYS) or any(
-                k in o for o in non_null for k in _EXT_KEYS
-            ):
+            elif any(k in node for k in _EXT_KEYS) or any(k in o for o in non_null for k in _EXT_KEYS):
                 # str | int with x-kubernetes-int-or-string (possibly inside an Optional).
                 node = outer
                 for option in non_null:

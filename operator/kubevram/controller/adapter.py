@@ -99,7 +99,11 @@ class Cluster:
         data = self._get(f"/apis/apps/v1/deployments?labelSelector={selector}") or {}
         items = data.get("items") or []
         # The label selector is a server-side filter; filter again for servers that ignore it.
-        return [d for d in items if (d.get("metadata", {}).get("labels") or {}).get(LABEL_MANAGED_BY) == MANAGED_BY]
+        return [
+            d
+            for d in items
+            if (d.get("metadata", {}).get("labels") or {}).get(LABEL_MANAGED_BY) == MANAGED_BY
+        ]
 
     def list_owned_workloads(self, namespace: str, name: str) -> list[dict[str, Any]]:
         return [
@@ -169,7 +173,9 @@ class Cluster:
         try:
             value = json.loads(text)
         except json.JSONDecodeError as exc:
-            raise ConfigNotReadable(f"{key!r} of ConfigMap {namespace}/{name} is not JSON: {exc.msg}") from None
+            raise ConfigNotReadable(
+                f"{key!r} of ConfigMap {namespace}/{name} is not JSON: {exc.msg}"
+            ) from None
         if not isinstance(value, dict):
             raise ConfigNotReadable(f"{key!r} of ConfigMap {namespace}/{name} is not a JSON object")
         return value
@@ -239,7 +245,7 @@ def _with_removals(existing: dict[str, Any], manifest: dict[str, Any]) -> dict[s
     """
     patch = dict(manifest)
     if manifest.get("kind") == "ConfigMap":
-        stale = set((existing.get("data") or {})) - set(manifest.get("data") or {})
+        stale = set(existing.get("data") or {}) - set(manifest.get("data") or {})
         patch["data"] = {**(manifest.get("data") or {}), **{key: None for key in stale}}
     if manifest.get("kind") == "Deployment":
         desired = manifest["spec"]["template"]["spec"]

@@ -160,10 +160,14 @@ def reservation(replica: Mapping[str, Any] | None, sharing: str) -> dict[str, An
 # ---------------------------------------------------------------------------------- the plans
 
 
-def worker_plan(body: Mapping[str, Any], spec: LLMDeploymentSpec, replica: Mapping[str, Any] | None) -> WorkerPlan:
+def worker_plan(
+    body: Mapping[str, Any], spec: LLMDeploymentSpec, replica: Mapping[str, Any] | None
+) -> WorkerPlan:
     """What one worker loads: the spec's serving settings plus the replica's device map and budgets."""
     device_map = dict(replica["deviceMap"]) if replica and replica.get("deviceMap") is not None else None
-    max_memory = {k: int(v) for k, v in replica["maxMemory"].items()} if replica and replica.get("maxMemory") else None
+    max_memory = (
+        {k: int(v) for k, v in replica["maxMemory"].items()} if replica and replica.get("maxMemory") else None
+    )
     uses_disk = (
         spec.placement.offload == "disk"
         or bool(max_memory and "disk" in max_memory)
@@ -171,7 +175,10 @@ def worker_plan(body: Mapping[str, Any], spec: LLMDeploymentSpec, replica: Mappi
     )
     return WorkerPlan.model_validate(
         {
-            "deployment": {"name": body["metadata"]["name"], "namespace": body["metadata"].get("namespace") or "default"},
+            "deployment": {
+                "name": body["metadata"]["name"],
+                "namespace": body["metadata"].get("namespace") or "default",
+            },
             "model": {"id": spec.model.id, "trustRemoteCode": spec.model.trustRemoteCode},
             "precision": spec.precision.model_dump(),
             "serving": spec.serving.model_dump(),
@@ -184,7 +191,9 @@ def worker_plan(body: Mapping[str, Any], spec: LLMDeploymentSpec, replica: Mappi
     )
 
 
-def render_config_map(body: Mapping[str, Any], spec: LLMDeploymentSpec, plan: Mapping[str, Any]) -> dict[str, Any]:
+def render_config_map(
+    body: Mapping[str, Any], spec: LLMDeploymentSpec, plan: Mapping[str, Any]
+) -> dict[str, Any]:
     data: dict[str, str] = {}
     for replica in plan.get("replicas") or []:
         data.setdefault(plan_key(worker_shape(replica)), worker_plan(body, spec, replica).to_json())
@@ -230,7 +239,9 @@ def _affinity(replica: Mapping[str, Any] | None, plan: Mapping[str, Any]) -> dic
             expressions.append({"key": GPU_MEMORY_LABEL, "operator": "Exists"})
     return {
         "nodeAffinity": {
-            "requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [{"matchExpressions": expressions}]}
+            "requiredDuringSchedulingIgnoredDuringExecution": {
+                "nodeSelectorTerms": [{"matchExpressions": expressions}]
+            }
         }
     }
 
@@ -323,9 +334,21 @@ def render_workload(
         "env": _env(body, spec),
         "resources": _resources(spec, replica, plan),
         "volumeMounts": mounts,
-        "startupProbe": {"httpGet": {"path": "/healthz", "port": "http"}, "periodSeconds": 5, "failureThreshold": 60},
-        "livenessProbe": {"httpGet": {"path": "/healthz", "port": "http"}, "periodSeconds": 10, "failureThreshold": 3},
-        "readinessProbe": {"httpGet": {"path": "/readyz", "port": "http"}, "periodSeconds": 5, "failureThreshold": 3},
+        "startupProbe": {
+            "httpGet": {"path": "/healthz", "port": "http"},
+            "periodSeconds": 5,
+            "failureThreshold": 60,
+        },
+        "livenessProbe": {
+            "httpGet": {"path": "/healthz", "port": "http"},
+            "periodSeconds": 10,
+            "failureThreshold": 3,
+        },
+        "readinessProbe": {
+            "httpGet": {"path": "/readyz", "port": "http"},
+            "periodSeconds": 5,
+            "failureThreshold": 3,
+        },
     }
     pod_spec: dict[str, Any] = {
         "serviceAccountName": service_account_name(name),
@@ -405,7 +428,11 @@ def render_role_binding(body: Mapping[str, Any], cluster_role: str) -> dict[str,
         "metadata": _metadata(body, name),
         "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": cluster_role},
         "subjects": [
-            {"kind": "ServiceAccount", "name": name, "namespace": body["metadata"].get("namespace") or "default"}
+            {
+                "kind": "ServiceAccount",
+                "name": name,
+                "namespace": body["metadata"].get("namespace") or "default",
+            }
         ],
     }
 

@@ -12,15 +12,16 @@ def run_operator(
     liveness: str | None = None,
     verbose: bool = False,
 ) -> int:
-    """Watch the given namespaces (or every namespace) until interrupted; 0 on a clean stop."""
+    """Watch the given namespaces (or every namespace) until interrupted; 0 on a clean stop.
+
+    Standalone (no peering objects needed): run one replica of the operator, as the chart does.
+    """
     import kopf
 
     import kubevram.controller.handlers  # noqa: F401  (registers the handlers)
 
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    kopf.configure(verbose=verbose)
+    logging.getLogger("kubevram").setLevel(logging.DEBUG if verbose else logging.INFO)
     clusterwide = all_namespaces or not namespaces
     kopf.run(
         standalone=True,

@@ -30,7 +30,9 @@ def now_rfc3339() -> str:
     return datetime.datetime.now(tz=datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def condition(type_: str, status: bool | None, reason: str, message: str, generation: int | None) -> dict[str, Any]:
+def condition(
+    type_: str, status: bool | None, reason: str, message: str, generation: int | None
+) -> dict[str, Any]:
     return {
         "type": type_,
         "status": "Unknown" if status is None else ("True" if status else "False"),
@@ -54,7 +56,11 @@ def merge_conditions(
         if type_ in updated:
             item = updated[type_]
             before = previous.get(type_)
-            same = before is not None and before.get("status") == item["status"] and before.get("lastTransitionTime")
+            same = (
+                before is not None
+                and before.get("status") == item["status"]
+                and before.get("lastTransitionTime")
+            )
             item["lastTransitionTime"] = before["lastTransitionTime"] if same and before else now
             out.append(item)
         elif type_ in previous:
@@ -126,15 +132,23 @@ def planned_status(
     total = (est or {}).get("totalBytes")
     conditions = [
         condition(
-            PLANNED, True, "Planned",
-            f"{desired} replica(s) of {gib(total) if total else '?'} each; {placed} placed, {pending} pending",
+            PLANNED,
+            True,
+            "Planned",
+            f"{desired} replica(s) of {gib(total) if total else '?'} each; "
+            f"{placed} placed, {pending} pending",
             generation,
         ),
-        condition(SCHEDULED, True, "AllPlaced", f"{placed} of {desired} replica(s) placed on nodes", generation)
-        if not pending
-        else condition(SCHEDULED, False, "InsufficientGPUMemory", signal["reason"] or f"{pending} unplaced", generation),
         condition(
-            READY, ready >= desired and desired > 0 or desired == 0,
+            SCHEDULED, True, "AllPlaced", f"{placed} of {desired} replica(s) placed on nodes", generation
+        )
+        if not pending
+        else condition(
+            SCHEDULED, False, "InsufficientGPUMemory", signal["reason"] or f"{pending} unplaced", generation
+        ),
+        condition(
+            READY,
+            (ready >= desired and desired > 0) or desired == 0,
             "AllReplicasReady" if ready >= desired else "ReplicasNotReady",
             f"{ready} of {desired} replica(s) ready",
             generation,
