@@ -353,6 +353,7 @@ class _Planner:
         self.inv = inventory
         self.nodes = inventory.nodes
         self.classes = {n.name: _classes(n) for n in self.nodes}
+        self.biggest_device = max((dev.memory_bytes for n in self.nodes for dev in n.devices), default=0)
         self._pools: dict[tuple[Any, ...], _Pool] = {}
         self._plans: dict[tuple[Any, ...], ReplicaPlan | NoFit] = {}
         self._failed: dict[tuple[Any, ...], str] = {}
@@ -481,11 +482,15 @@ class _Planner:
         return self.commit(d, _Choice(node, indices, mem * n, mem, n, ck[2], 0), plan)
 
     # -- why not, with numbers
-    def reason(self, d: _Demand, used_nodes: set[str]) -> str:
+    def reason(self, d: _Demand, used_nodes: set[str], biggest_gpu: int = 0) -> str:
+        """Why ``d``'s next replica fits nowhere: the per-GPU need for a few GPU counts (those a GPU of
+        ``biggest_gpu`` bytes could meet, when any), the most memory free on a device, excluded nodes."""
         options: list[int] = []
         for n in d.counts(8 if not d.gpus_per_replica else d.gpus_per_replica):
             if not options or d.need(n) < d.need(options[-1]):
                 options.append(n)
+        reachable = [n for n in options if d.need(n) <= biggest_gpu]
+        options = reachable or options
         needs = " or ".join(
             f"{n}{(' GPUs' if n > 1 else ' GPU') if i == 0 else ''} with >= {_gib(d.need(n))}"
             for i, n in enumerate(options[:3])
@@ -708,7 +713,8 @@ def _plan_deployment(planner: _Planner, d: _Demand, classes: Sequence[NodeClass]
             replica = planner.offload_place(d, used)
         if replica is None:
             d.plan.unscheduled = d.replicas - placed_count
-            d.plan.reason = planner.reason(d, used)
+            biggest = max([planner.biggest_device, *(c.gpu_memory_mib * MiB for c in classes)])
+            d.plan.reason = planner.reason(d, used, biggest)
             if not d.spread:
                 planner._failed[fail_key] = d.plan.reason
             break
