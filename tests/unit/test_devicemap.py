@@ -339,6 +339,20 @@ def test_fewest_gpus_and_a_better_subset_than_the_prefix() -> None:
     assert isinstance(plan_replica(LLAMA70B, W70, [need2 - 1, need2 - 1]), NoFit)
 
 
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_min_per_gpu_bytes_is_tight_for_every_strategy(family: str) -> None:
+    """Placement asks for ``min_per_gpu_bytes`` on each of n GPUs: every strategy fits there, and not
+    with a byte less."""
+    facts = facts_from_config(FAMILIES[family])
+    for n in (1, 2, 3, 5):
+        need = min_per_gpu_bytes(facts, SERVING, n)
+        for strategy in ("sequential", "balanced", "balanced_low_0"):
+            fits = plan_replica(facts, SERVING, [need] * n, strategy=strategy, gpu_count=n)
+            assert isinstance(fits, ReplicaPlan)
+            short = plan_replica(facts, SERVING, [need - 1] * n, strategy=strategy, gpu_count=n)
+            assert isinstance(short, NoFit)
+
+
 def test_min_per_gpu_bytes_decreases_with_more_gpus() -> None:
     needed = [min_per_gpu_bytes(LLAMA70B, W70, n) for n in range(1, 9)]
     assert needed == sorted(needed, reverse=True)
