@@ -331,9 +331,13 @@ def clusters(draw: st.DrawFn) -> tuple[list[dict[str, Any]], list[dict[str, Any]
         replicas = draw(st.sampled_from([1, 1, 2, 4, 8]))
         allocatable = draw(st.one_of(st.none(), st.integers(0, count * replicas)))
         taints = draw(st.sampled_from([None, [{"key": "team", "value": "ml", "effect": "NoSchedule"}]]))
+        mig = replicas == 1 and draw(st.integers(0, 5)) == 0  # MIG single: devices of a fixed slice
+        if mig:
+            gpu, count = (gpu[0] + "-MIG-3g.40gb", 40192), count * 2
         nodes.append(gfd_node(f"n{i}", gpu, count, replicas=replicas, allocatable=allocatable,
                               ready=draw(st.booleans()) or draw(st.booleans()), taints=taints,
-                              labels={"pool": draw(st.sampled_from(["a", "b"]))}))
+                              labels={"pool": draw(st.sampled_from(["a", "b"])),
+                                      **({"nvidia.com/mig.strategy": "single"} if mig else {})}))
     pods = []
     for j in range(draw(st.integers(0, 4))):
         if not nodes:
