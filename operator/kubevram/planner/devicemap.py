@@ -207,7 +207,7 @@ class _Main:
     """What the main GPU (pod index 0) holds for offloaded modules."""
 
     kv: int = 0
-    weights: int = 0  # the largest offloaded unit, streamed in for its forward
+    weights: int = 0  # the largest offloaded unit (streamed in for its forward) + offloaded buffers
     head: bool = False  # the head is offloaded: its logits are computed on the main GPU
 
 
