@@ -113,7 +113,7 @@ class Cluster:
             and (d["metadata"].get("labels") or {}).get(LABEL_DEPLOYMENT) == name
         ]
 
-    def reservations(self) -> list[dict[str, Any]]:
+    def reservations(self, workloads: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
         """kubevram's reservations as pod-shaped dicts, one per replica of every worker workload.
 
         The pod template carries the reservation annotation; a workload with N replicas reserves N
@@ -121,7 +121,7 @@ class Cluster:
         applied, or pending), so two plans made a second apart never book the same GPU twice.
         """
         pods = []
-        for workload in self.list_workloads():
+        for workload in self.list_workloads() if workloads is None else workloads:
             meta = workload["metadata"]
             template_meta = ((workload.get("spec") or {}).get("template") or {}).get("metadata") or {}
             annotations = template_meta.get("annotations") or {}
@@ -193,11 +193,23 @@ class Cluster:
         prefix = f"/api/{api_version}" if "/" not in api_version else f"/apis/{api_version}"
         return f"{prefix}/namespaces/{namespace}/{plural}" if namespace else f"{prefix}/{plural}"
 
-    def apply(self, manifest: dict[str, Any]) -> str:
-        """Create the object, or merge-patch it when it exists. Returns ``created`` or ``patched``."""
+    def apply(self, manifest: dict[str, Any], existing: Any = ...) -> str:
+        """Create the object, or merge-patch it when it exists. Returns ``created`` or ``patched``.
+
+        ``existing``: the object as last read (a dict), ``None`` when known to be absent, or left out
+        (the patch is tried first and a 404 turns into a create). A 409 on create (someone created it
+        meanwhile) turns into a patch. One request in the common cases.
+        """
         collection = self._collection(manifest)
         path = f"{collection}/{manifest['metadata']['name']}"
-        existing = self._get(path)
+        if existing is ...:
+            try:
+                self._raw("PATCH", path, manifest, MERGE_PATCH)
+                return "patched"
+            except ApiException as exc:
+                if exc.status != 404:
+                    raise
+            existing = None
         if existing is None:
             try:
                 self._raw("POST", collection, manifest)
@@ -211,11 +223,8 @@ class Cluster:
 
     def create_if_absent(self, manifest: dict[str, Any]) -> bool:
         """Create the object unless it exists (never touch an existing one). True when created."""
-        collection = self._collection(manifest)
-        if self._get(f"{collection}/{manifest['metadata']['name']}") is not None:
-            return False
         try:
-            self._raw("POST", collection, manifest)
+            self._raw("POST", self._collection(manifest), manifest)
         except ApiException as exc:
             if exc.status == 409:
                 return False

@@ -100,6 +100,7 @@ class Reconciler:
         self.settings = settings
         self.planner = planner or default_planner()
         self.report = report or (lambda reason, message, warning: None)
+        self._existing_plan_cm: dict[str, Any] | None = None
 
     # ------------------------------------------------------------------------------ the steps
 
@@ -134,6 +135,7 @@ class Reconciler:
 
     def _previous_plan(self, namespace: str, name: str) -> tuple[dict[str, Any] | None, str | None]:
         cm = self.cluster._get(f"/api/v1/namespaces/{namespace}/configmaps/{render.config_map_name(name)}")
+        self._existing_plan_cm = cm
         if cm is None:
             return None, None
         try:
@@ -203,7 +205,14 @@ class Reconciler:
             deployment = with_calibration(deployment, body.get("status"))  # spec.estimation.useCalibration
             model_config = self._model_config(deployment)
             nodes = self.cluster.list_nodes()
-            pods = self.cluster.reservations() + self.cluster.foreign_gpu_pods()
+            workloads = self.cluster.list_workloads()
+            owned = [
+                w
+                for w in workloads
+                if w["metadata"].get("namespace") == namespace
+                and (w["metadata"].get("labels") or {}).get(render.LABEL_DEPLOYMENT) == name
+            ]
+            pods = self.cluster.reservations(workloads) + self.cluster.foreign_gpu_pods()
             input_hash = plan_input_hash(deployment, model_config)
             plan, how = self._plan(deployment, model_config, input_hash, nodes, pods)
             nothing_placed = not plan.get("replicas") and _pending(plan)
@@ -228,14 +237,11 @@ class Reconciler:
             raise _transient(exc, self.settings) from None
 
         try:
-            self._apply(body, deployment, plan, input_hash)
+            self._apply(body, deployment, plan, input_hash, owned)
         except ApiException as exc:
             raise _transient(exc, self.settings) from None
 
-        ready = sum(
-            int((w.get("status") or {}).get("readyReplicas") or 0)
-            for w in self.cluster.list_owned_workloads(namespace, name)
-        )
+        ready = sum(int((w.get("status") or {}).get("readyReplicas") or 0) for w in owned)
         new_status = status.planned_status(
             name,
             plan,
@@ -262,9 +268,15 @@ class Reconciler:
             )
 
     def _apply(
-        self, body: Mapping[str, Any], deployment: LLMDeployment, plan: dict[str, Any], input_hash: str
+        self,
+        body: Mapping[str, Any],
+        deployment: LLMDeployment,
+        plan: dict[str, Any],
+        input_hash: str,
+        owned: list[dict[str, Any]],
     ) -> None:
-        name, namespace = deployment.name, deployment.namespace
+        """Apply every child; delete the workloads (of ``owned``, read before) the plan no longer names."""
+        current = {w["metadata"]["name"]: w for w in owned}
         self.cluster.create_if_absent(render.render_secret(body, secrets.token_urlsafe(32)))
         children = render.render_children(
             body,
@@ -276,14 +288,13 @@ class Reconciler:
         for child in children:
             if child["kind"] == "ConfigMap":
                 child["metadata"]["annotations"] = {PLAN_INPUT: input_hash}
-            self.cluster.apply(child)
+                self.cluster.apply(child, self._existing_plan_cm)
+            elif child["kind"] == "Deployment":
+                self.cluster.apply(child, current.get(child["metadata"]["name"]))
+            else:
+                self.cluster.apply(child)
         wanted = {c["metadata"]["name"] for c in children if c["kind"] == "Deployment"}
-        stale = [
-            w
-            for w in self.cluster.list_owned_workloads(namespace, name)
-            if w["metadata"]["name"] not in wanted
-        ]
-        self.cluster.delete_workloads(stale)
+        self.cluster.delete_workloads([w for n, w in current.items() if n not in wanted])
 
     def release(self, body: Mapping[str, Any]) -> int:
         """On deletion: remove the workloads now, so their GPUs are free for the next plan."""
