@@ -243,17 +243,20 @@ class _Demand:
         key = (device_bytes, limit)
         if key not in self._fewest:
             self._fewest[key] = None
-            # Cheap skip: n GPUs hold all weights and KV plus n overheads, so one of them holds at least
-            # (weights + KV) / n + overhead (90 % of it, to stay on the safe side of rounding).
-            est = self.plan.estimate
-            spread = 0.9 * (est.weightsBytes + est.kvCacheBytes) if est is not None else 0.0
             for n in self.counts(limit):
-                if spread / n + self.workload.overhead_per_gpu > device_bytes:
+                if self.floor(n) > device_bytes:
                     continue
                 if self.need(n) <= device_bytes:
                     self._fewest[key] = n
                     break
         return self._fewest[key]
+
+    def floor(self, n: int) -> float:
+        """A cheap lower bound of ``need(n)``: n GPUs hold all weights and KV plus n overheads, so one of
+        them holds at least (weights + KV) / n + overhead (90 % of it, on the safe side of rounding)."""
+        est = self.plan.estimate
+        spread = 0.9 * (est.weightsBytes + est.kvCacheBytes) if est is not None else 0.0
+        return spread / n + self.workload.overhead_per_gpu
 
     @property
     def constraints(self) -> tuple[Any, ...]:
@@ -485,12 +488,16 @@ class _Planner:
     def reason(self, d: _Demand, used_nodes: set[str], biggest_gpu: int = 0) -> str:
         """Why ``d``'s next replica fits nowhere: the per-GPU need for a few GPU counts (those a GPU of
         ``biggest_gpu`` bytes could meet, when any), the most memory free on a device, excluded nodes."""
+        counts = d.counts(8 if not d.gpus_per_replica else d.gpus_per_replica)
         options: list[int] = []
-        for n in d.counts(8 if not d.gpus_per_replica else d.gpus_per_replica):
+        for n in counts:
+            if len(options) == 3:
+                break
+            if d.floor(n) > biggest_gpu or d.need(n) > biggest_gpu:
+                continue  # no GPU anywhere has that much
             if not options or d.need(n) < d.need(options[-1]):
                 options.append(n)
-        reachable = [n for n in options if d.need(n) <= biggest_gpu]
-        options = reachable or options
+        options = options or list(counts)[-1:]
         needs = " or ".join(
             f"{n}{(' GPUs' if n > 1 else ' GPU') if i == 0 else ''} with >= {_gib(d.need(n))}"
             for i, n in enumerate(options[:3])
