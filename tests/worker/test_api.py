@@ -283,45 +283,86 @@ def test_not_ready_answers_503(serve):
     assert response.headers["retry-after"] == "5"
 
 
-def test_concurrent_requests_are_batched_and_all_answered(make_worker):
+def test_concurrent_requests_are_batched_and_all_answered(make_worker, loaded):
     worker = make_worker(max_batch_size=4, max_queue=64)
     gate = threading.Event()
+    batch_sizes: list[int] = []
+    hook = loaded.model.model.embed_tokens.register_forward_pre_hook(
+        lambda module, args: batch_sizes.append(args[0].shape[0])
+    )
+
+    def body(i: int) -> dict:
+        return {"prompt": PROMPTS[i % 4], "max_tokens": 6 + i % 3, "temperature": 0, "ignore_eos": True}
 
     async def run() -> list[httpx.Response]:
         # Hold the engine between two steps so that all 16 requests queue, then let it go.
         held = asyncio.ensure_future(worker.engine.run_between_steps(gate.wait))
         async with httpx.AsyncClient(base_url=worker.url, timeout=120) as client:
-            posts = [
-                asyncio.ensure_future(
-                    client.post(
-                        "/v1/completions",
-                        json={
-                            "prompt": PROMPTS[i % 4],
-                            "max_tokens": 6 + i % 3,
-                            "temperature": 0,
-                            "ignore_eos": True,
-                        },
-                    )
-                )
-                for i in range(16)
-            ]
+            posts = [asyncio.ensure_future(client.post("/v1/completions", json=body(i))) for i in range(16)]
             await asyncio.to_thread(wait_for, lambda: worker.engine.queue_depth == 16, "16 queued requests")
             gate.set()
             await held
             return list(await asyncio.gather(*posts))
 
-    responses = asyncio.run(run())
+    try:
+        responses = asyncio.run(run())
+    finally:
+        hook.remove()
     assert [r.status_code for r in responses] == [200] * 16
     assert [r.json()["usage"]["completion_tokens"] for r in responses] == [6 + i % 3 for i in range(16)]
-    assert worker.metric("kubevram_worker_batch_size_count") == 4
+    # Batched up to the limit, never past it; requests joined as others finished.
+    assert max(batch_sizes) == 4
     assert worker.metric("kubevram_worker_batch_size_sum") == 16
     assert (
         worker.metric("kubevram_worker_requests_total", {"endpoint": "/v1/completions", "status": "200"})
         == 16
     )
-    # Batched greedy answers equal the answers to the same prompts alone.
-    alone = complete(worker, prompt=PROMPTS[1], max_tokens=7, ignore_eos=True).json()["choices"][0]["text"]
-    assert responses[1].json()["choices"][0]["text"] == alone
+    # Every greedy answer, batched or joined mid-flight, equals the answer to the same request alone.
+    for i, response in enumerate(responses):
+        alone = complete(worker, **body(i)).json()["choices"][0]["text"]
+        assert response.json()["choices"][0]["text"] == alone, i
+
+
+def test_a_request_joins_a_running_batch(make_worker, loaded):
+    worker = make_worker(max_batch_size=4)
+    long_body = {"prompt": "the quick brown fox", "max_tokens": 60, "temperature": 0, "ignore_eos": True}
+    short_body = {"prompt": "hello", "max_tokens": 5, "temperature": 0, "ignore_eos": True}
+    alone_long = complete(worker, **long_body).json()["choices"][0]["text"]
+    alone_short = complete(worker, **short_body).json()["choices"][0]["text"]
+    gate, blocked = threading.Event(), threading.Event()
+    gate.set()
+    calls = []
+
+    def hold(module, args):
+        calls.append(tuple(args[0].shape))  # the input ids: (batch, tokens)
+        if not gate.is_set():
+            blocked.set()
+            gate.wait()
+
+    hook = loaded.model.model.embed_tokens.register_forward_pre_hook(hold)
+
+    async def run() -> tuple[httpx.Response, httpx.Response]:
+        async with httpx.AsyncClient(base_url=worker.url, timeout=120) as client:
+            first = asyncio.ensure_future(client.post("/v1/completions", json=long_body))
+            await asyncio.to_thread(wait_for, lambda: worker.engine.steps > 3, "the long request to run")
+            gate.clear()
+            await asyncio.to_thread(blocked.wait, 30)
+            second = asyncio.ensure_future(client.post("/v1/completions", json=short_body))
+            await asyncio.to_thread(
+                wait_for, lambda: worker.engine.queue_depth == 1, "the short one to queue"
+            )
+            gate.set()
+            return await first, await second
+
+    try:
+        long_response, short_response = asyncio.run(run())
+    finally:
+        gate.set()
+        hook.remove()
+    assert long_response.json()["choices"][0]["text"] == alone_long
+    assert short_response.json()["choices"][0]["text"] == alone_short
+    # The short request's prefill ran alone, then decode steps carried both rows.
+    assert (2, 1) in calls
 
 
 def test_queue_full_answers_429_with_retry_after(make_worker):

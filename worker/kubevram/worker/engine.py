@@ -4,8 +4,11 @@ Requests arrive from the HTTP layer (any thread or event loop) through :meth:`En
 bounded queue, and are batched, up to ``max_batch_size``, into one left-padded batch: one prefill,
 then one decode step per token with a KV cache (``DynamicCache``), every row sampled with its own
 parameters (:mod:`kubevram.worker.logits`). Rows leave the batch when they finish, hit a stop string
-or are cancelled (the cache shrinks with them); the next batch starts when the current one is empty.
-Text is decoded incrementally and handed back through an ``asyncio.Queue`` per request.
+or are cancelled (the cache shrinks with them, and columns that became padding in every row are cut);
+waiting requests join the running batch between two steps: they are prefilled as a group, then group
+and batch are left-padded to one width, KV cache included, and concatenated (continuous batching; for
+caches that cannot be concatenated, such as sliding-window ones, new requests wait for the batch to
+empty). Text is decoded incrementally and handed back through an ``asyncio.Queue`` per request.
 
 An out-of-memory error in a step fails the requests of that batch (status 503), drops the batch's
 cache and tensors, empties the CUDA cache, and the loop goes on serving. :meth:`run_between_steps`
@@ -203,6 +206,8 @@ class Engine:
         )
         self._cond = threading.Condition()
         self._batch: _Batch | None = None
+        self._joinable: bool | None = None  # whether new requests may join a running batch
+        self._merged = False
         self._thread: threading.Thread | None = None
         self._stopping = False
         self._generator = torch.Generator(device=self.device)
@@ -284,8 +289,9 @@ class Engine:
                 callbacks = list(self._callbacks)
                 self._callbacks.clear()
                 new: list[RequestHandle] = []
-                if self._batch is None:
-                    while self._pending and len(new) < self.max_batch_size:
+                room = self.max_batch_size - (len(self._batch.rows) if self._batch else 0)
+                if self._batch is None or self._joinable:
+                    while self._pending and len(new) < room:
                         new.append(self._pending.popleft())
             for fn, future in callbacks:
                 if future.set_running_or_notify_cancel():
@@ -303,7 +309,10 @@ class Engine:
     def _guarded(self, step: Callable[[Any], None], arg: Any) -> None:
         """Run one step; on failure fail its batch. The batch is dropped after the ``except`` block
         so that the traceback's frames (holding the step's tensors) are gone when memory is freed."""
-        rows = arg if arg is not None else (self._batch.rows if self._batch else [])
+        running = list(self._batch.rows) if self._batch else []
+        # A prefill that fails before its rows join the batch fails only them; anything else fails all.
+        self._merged = False
+        rows = arg if arg is not None else running
         error: EngineError | None = None
         try:
             with torch.inference_mode():
@@ -325,12 +334,18 @@ class Engine:
             log.exception("generation step failed")
             error = EngineError(500, f"generation failed: {exc}", type="server_error")
         if error is not None:
-            self._drop_batch(rows, error)
+            if arg is not None and not self._merged and running:
+                self._fail(rows, error)
+            else:
+                self._drop_batch(rows if arg is None else running + rows, error)
 
     def _drop_batch(self, rows: Sequence[Any], error: EngineError) -> None:
         """Free the batch (cache, tensors, cached CUDA blocks) first, then fail its requests."""
         self._batch = None
         self.running = 0
+        self._fail(rows, error)
+
+    def _fail(self, rows: Sequence[Any], error: EngineError) -> None:
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
@@ -346,6 +361,8 @@ class Engine:
         self._drop_batch(rows, error)
 
     def _prefill(self, handles: list[RequestHandle]) -> None:
+        """Prefill new requests as one left-padded group, sample their first tokens, then let the
+        group join the running batch (or become it)."""
         from transformers import DynamicCache
 
         width = max(len(h.prompt_ids) for h in handles)
@@ -357,7 +374,6 @@ class Engine:
         ids, mask = ids.to(self.device), mask.to(self.device)
         position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
         rows = [_Row(h, _row_generator(h.params.seed, self.device)) for h in handles]
-        self.running = len(rows)
         self.hooks.on_prefill(len(rows), sum(len(h.prompt_ids) for h in handles))
         cache = DynamicCache(config=self.model.config)
         out = self.model(
@@ -368,8 +384,19 @@ class Engine:
             use_cache=True,
             logits_to_keep=1,
         )
-        self._batch = _Batch(rows, ids, mask, position_ids[:, -1], width, out.past_key_values)
-        self._advance(out.logits[:, -1, :])
+        logits = out.logits[:, -1, :]
+        group = self._advance(
+            _Batch(rows, ids, mask, position_ids[:, -1], width, out.past_key_values), logits
+        )
+        del out
+        if self._joinable is None and group is not None:
+            self._joinable = _plain_dynamic_cache(group.cache)
+            if not self._joinable:
+                log.info("the model's KV cache cannot be merged: new requests wait for the running batch")
+        self._merged = True
+        if group is not None:
+            self._batch = group if self._batch is None else _merge(self._batch, group, self.pad_token_id)
+        self.running = len(self._batch.rows) if self._batch else 0
 
     def _decode(self, _: None) -> None:
         batch = self._batch
@@ -383,17 +410,18 @@ class Engine:
             use_cache=True,
         )
         batch.positions = positions
-        self._advance(out.logits[:, -1, :])
+        self._batch = self._advance(batch, out.logits[:, -1, :])
+        self.running = len(self._batch.rows) if self._batch else 0
 
-    def _advance(self, logits: torch.Tensor) -> None:
-        """Sample one token per row, append it, decode text, retire finished and cancelled rows."""
-        batch = self._batch
-        assert batch is not None
+    def _advance(self, batch: _Batch, logits: torch.Tensor) -> _Batch | None:
+        """Sample one token per row, append it, decode text; return the batch without its finished
+        and cancelled rows (``None`` when none is left)."""
         self.steps += 1
         tokens = self._sample(batch, logits.float())
         batch.input_ids = torch.cat([batch.input_ids, tokens[:, None]], dim=-1)
         ones = batch.attention_mask.new_ones((len(tokens), 1))
         batch.attention_mask = torch.cat([batch.attention_mask, ones], dim=-1)
+        batch.prompt_length = -1  # past every row's first step
         is_eos = torch.isin(tokens, self._eos).tolist()
         keep = []
         for i, (row, token, eos) in enumerate(zip(batch.rows, tokens.tolist(), is_eos, strict=True)):
@@ -404,16 +432,10 @@ class Engine:
                 keep.append(i)
         self.hooks.on_tokens(len(batch.rows))
         if not keep:
-            self._batch = None
-            self.running = 0
-        elif len(keep) < len(batch.rows):
-            index = torch.tensor(keep, device=batch.input_ids.device)
-            batch.cache.batch_select_indices(index)
-            batch.rows = [batch.rows[i] for i in keep]
-            batch.input_ids = batch.input_ids[index]
-            batch.attention_mask = batch.attention_mask[index]
-            batch.positions = batch.positions[index]
-            self.running = len(keep)
+            return None
+        if len(keep) < len(batch.rows):
+            _select(batch, keep)
+        return batch
 
     def _append(self, row: _Row, token: int, eos: bool) -> bool:
         """Add a token to a row and send its new text; False when the row is finished."""
@@ -532,3 +554,54 @@ def _input_device(model: Any) -> torch.device:
     except AttributeError:
         pass
     return torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def _plain_dynamic_cache(cache: Any) -> bool:
+    """Whether every layer of ``cache`` is a plain growing ``DynamicLayer`` (no sliding window, no
+    quantisation): only such caches can be padded and concatenated along the batch."""
+    from transformers.cache_utils import DynamicLayer
+
+    layers = getattr(cache, "layers", None) or []
+    return bool(layers) and all(type(layer) is DynamicLayer for layer in layers)
+
+
+def _select(batch: _Batch, keep: list[int]) -> None:
+    """Keep only rows ``keep`` (cache included), then cut the columns that are padding in every row."""
+    index = torch.tensor(keep, device=batch.input_ids.device)
+    batch.cache.batch_select_indices(index)
+    batch.rows = [batch.rows[i] for i in keep]
+    batch.input_ids = batch.input_ids[index]
+    batch.attention_mask = batch.attention_mask[index]
+    batch.positions = batch.positions[index]
+    if not _plain_dynamic_cache(batch.cache):
+        return
+    lead = int((batch.attention_mask.cumsum(dim=-1) == 0).sum(dim=-1).min())
+    if lead > 0:
+        batch.input_ids = batch.input_ids[:, lead:]
+        batch.attention_mask = batch.attention_mask[:, lead:]
+        for layer in batch.cache.layers:
+            layer.keys = layer.keys[:, :, lead:, :]
+            layer.values = layer.values[:, :, lead:, :]
+
+
+def _merge(batch: _Batch, group: _Batch, pad_token_id: int) -> _Batch:
+    """``group``'s rows join ``batch``: both are left-padded to one width, caches included, and
+    concatenated along the batch. Invariant of both: the cache holds every column but the last."""
+    width = max(batch.input_ids.shape[-1], group.input_ids.shape[-1])
+    for part in (batch, group):
+        missing = width - part.input_ids.shape[-1]
+        if missing:
+            part.input_ids = torch.nn.functional.pad(part.input_ids, (missing, 0), value=pad_token_id)
+            part.attention_mask = torch.nn.functional.pad(part.attention_mask, (missing, 0), value=0)
+            for layer in part.cache.layers:
+                layer.keys = torch.nn.functional.pad(layer.keys, (0, 0, missing, 0))
+                layer.values = torch.nn.functional.pad(layer.values, (0, 0, missing, 0))
+    for mine, theirs in zip(batch.cache.layers, group.cache.layers, strict=True):
+        mine.keys = torch.cat([mine.keys, theirs.keys], dim=0)
+        mine.values = torch.cat([mine.values, theirs.values], dim=0)
+    batch.rows = batch.rows + group.rows
+    batch.input_ids = torch.cat([batch.input_ids, group.input_ids], dim=0)
+    batch.attention_mask = torch.cat([batch.attention_mask, group.attention_mask], dim=0)
+    batch.positions = torch.cat([batch.positions, group.positions], dim=0)
+    batch.prompt_length = -1
+    return batch
