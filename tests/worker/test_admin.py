@@ -265,3 +265,47 @@ def test_release_is_safe_under_concurrent_generation_and_never_runs_during_a_ste
         assert not overlapping, f"release [{start}, {end}) overlaps steps {overlapping}"
     assert any(running > 0 for *_, running in releases), "no release happened while a batch was running"
     assert admin.monitor.releases["request"] == len(released)
+
+
+@pytest.mark.slow
+def test_kubevram_worker_serves_admin_on_its_own_port(tiny_model_dir):
+    """The real command: ``--admin-port`` puts the admin routes on a second server, out of the API port."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    port, admin_port = _free_port(), _free_port()
+    command = [sys.executable, "-m", "kubevram.cli", "worker", "--model", str(tiny_model_dir),
+               "--host", "127.0.0.1", "--port", str(port), "--admin-port", str(admin_port)]
+    env = {**os.environ, "KUBEVRAM_ADMIN_TOKEN": TOKEN, "PYTHONUNBUFFERED": "1"}
+    for name in ("KUBEVRAM_POD_NAME", "KUBEVRAM_API_URL", "KUBERNETES_SERVICE_HOST"):
+        env.pop(name, None)
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    try:
+        url, admin_url = f"http://127.0.0.1:{port}", f"http://127.0.0.1:{admin_port}"
+        deadline = time.monotonic() + 180
+        while True:
+            assert proc.poll() is None, proc.stdout.read() if proc.stdout else ""
+            assert time.monotonic() < deadline, "the worker did not turn ready"
+            try:
+                if httpx.get(f"{url}/readyz", timeout=5).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            time.sleep(0.1)
+        assert httpx.get(f"{url}/v1/admin/stats", headers=AUTH).status_code == 404
+        assert httpx.get(f"{admin_url}/v1/admin/stats").status_code == 401
+        stats = httpx.get(f"{admin_url}/v1/admin/stats", headers=AUTH).json()
+        assert stats["ready"] is True and stats["devices"] == []
+        released = httpx.post(f"{admin_url}/v1/admin/release", headers=AUTH, timeout=60)
+        assert released.status_code == 200 and released.json()["reason"] == "request"
+        metrics = httpx.get(f"{url}/metrics").text
+        assert 'kubevram_worker_releases_total{reason="request"} 1.0' in metrics
+        assert "kubevram_worker_process_rss_bytes " in metrics
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=60)
+    assert proc.returncode in (0, -signal.SIGTERM), out
+    assert out.count("Application shutdown complete") == 2, out  # both servers stopped cleanly
+    assert "status reporting is off" in out
