@@ -112,9 +112,12 @@ def test_bar_is_fixed_width_and_proportional() -> None:
     assert len(_bar(0, [], width=8)) == 8
 
 
-def test_list_nodelist_and_documents_load() -> None:
+def test_list_nodelist_documents_and_json_load() -> None:
     nodes = [gfd_node("a"), gfd_node("b")]
-    for text in (yaml.safe_dump({"kind": "NodeList", "items": nodes}), yaml.safe_dump_all(nodes)):
+    node_list = {"apiVersion": "v1", "kind": "List", "items": nodes}
+    texts = (yaml.safe_dump({"kind": "NodeList", "items": nodes}), yaml.safe_dump_all(nodes),
+             json.dumps(node_list))
+    for text in texts:
         loaded, warnings = load_nodes(text, "x")
         assert [n["metadata"]["name"] for n in loaded] == ["a", "b"] and warnings == []
 

@@ -50,12 +50,20 @@ def sample_cluster_text() -> str:
 
 
 def load_nodes(text: str, source: str = "") -> tuple[list[Any], list[str]]:
-    """Node objects from YAML (a List/NodeList or several documents) and warnings for what is not a Node.
+    """Node objects from YAML or JSON (a List/NodeList or several documents) and warnings for what is
+    not a Node.
 
     Raises ``SpecError`` only when the text is not YAML at all or holds no Node.
     """
+    docs: list[Any] | None = None
+    if text.lstrip().startswith("{"):  # `kubectl get nodes -o json` is YAML too; json reads it 50x faster
+        try:
+            docs = [json.loads(text)]
+        except ValueError:
+            docs = None
     try:
-        docs = [d for d in yaml.load_all(text, Loader=_LOADER) if d is not None]
+        if docs is None:
+            docs = [d for d in yaml.load_all(text, Loader=_LOADER) if d is not None]
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}" if mark is not None else "unknown position"
