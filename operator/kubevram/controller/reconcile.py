@@ -291,6 +291,9 @@ class Reconciler:
                 self.cluster.apply(child, self._existing_plan_cm)
             elif child["kind"] == "Deployment":
                 self.cluster.apply(child, current.get(child["metadata"]["name"]))
+            elif self._existing_plan_cm is None:
+                # First reconciliation (no plan yet): create first; a 409 falls back to a patch.
+                self.cluster.apply(child, None)
             else:
                 self.cluster.apply(child)
         wanted = {c["metadata"]["name"] for c in children if c["kind"] == "Deployment"}
