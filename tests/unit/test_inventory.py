@@ -110,7 +110,7 @@ def test_duplicate_node_names_keep_one_whatever_the_order() -> None:
     first, second = build_inventory([a, b]), build_inventory([b, a])
     assert len(first.nodes) == len(second.nodes) == 1
     assert len(first.nodes[0].devices) == len(second.nodes[0].devices)
-    assert any("listed twice" in w for w in first.warnings)
+    assert any("listed 2 times" in w for w in first.warnings)
 
 
 def test_readiness_cordon_selector_and_taints() -> None:

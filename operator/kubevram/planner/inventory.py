@@ -369,30 +369,31 @@ def apply_pods(
                 node.hold_whole(index)
 
 
+def _content(obj: Any) -> str:
+    try:
+        return json.dumps(obj, sort_keys=True, default=str)
+    except (TypeError, ValueError):
+        return repr(obj)
+
+
 def build_inventory(
     nodes: Sequence[Any], pods: Sequence[Mapping[str, Any]] = (), *, replanned: Iterable[tuple[str, str]] = ()
 ) -> Inventory:
     """Inventory of every GPU node in ``nodes`` (sorted by name; duplicates keep the first by name
     and content, with a warning) minus what ``pods`` hold."""
     warnings: list[str] = []
-    seen: dict[str, NodeInventory] = {}
-    keyed = []
+    by_name: dict[str, list[tuple[Any, NodeInventory]]] = {}
     for obj in nodes:
-        try:
-            text = json.dumps(obj, sort_keys=True, default=str)
-        except (TypeError, ValueError):
-            text = repr(obj)
-        keyed.append((text, obj))
-    parsed = []
-    for _text, obj in sorted(keyed, key=lambda item: item[0]):
         inv = node_inventory(obj, warnings)
         if inv is not None:
-            parsed.append(inv)
-    for inv in sorted(parsed, key=lambda n: n.name):
-        if inv.name in seen:
-            warnings.append(f"node {inv.name}: listed twice; the second is ignored")
-            continue
-        seen[inv.name] = inv
+            by_name.setdefault(inv.name, []).append((obj, inv))
+    seen: dict[str, NodeInventory] = {}
+    for name in sorted(by_name):
+        found = by_name[name]
+        if len(found) > 1:  # keep one whatever the input order: the first by content
+            warnings.append(f"node {name}: listed {len(found)} times; one is kept")
+            found.sort(key=lambda item: _content(item[0]))
+        seen[name] = found[0][1]
     out = list(seen.values())
     apply_pods(out, pods, warnings, replanned=replanned)
     return Inventory(out, sorted(warnings))

@@ -640,16 +640,15 @@ def plan_cluster(
     configs = configs or {}
     plans: list[DeploymentPlan] = []
     demands: list[_Demand] = []
-    seen: dict[tuple[str, str], int] = {}
     # Duplicate (namespace, name): the first by content is planned, the others get an error.
-    order = sorted(range(len(deployments)), key=lambda i: deployments[i].model_dump_json())
+    by_key: dict[tuple[str, str], list[int]] = {}
+    for i, dep in enumerate(deployments):
+        by_key.setdefault((dep.namespace, dep.name), []).append(i)
     duplicate: set[int] = set()
-    for i in order:
-        key = (deployments[i].namespace, deployments[i].name)
-        if key in seen:
-            duplicate.add(i)
-        else:
-            seen[key] = i
+    for same in by_key.values():
+        if len(same) > 1:
+            same.sort(key=lambda i: deployments[i].model_dump_json())
+            duplicate.update(same[1:])
     for i, dep in enumerate(deployments):
         plan = DeploymentPlan(dep.name, dep.namespace)
         plans.append(plan)
