@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from gpu_nodes import L4, gfd_node
+from gpu_nodes import L4, gfd_node, kubevram_pod, other_pod
 
 from kubevram.api.errors import SpecError
 from kubevram.cli import main
@@ -83,7 +83,7 @@ def test_malformed_nodes_warn_with_node_and_label() -> None:
     out, warnings = _plan(cluster=cluster, output="json")
     assert json.loads(out)
     assert any("gpu-broken" in w and "nvidia.com/gpu.memory" in w for w in warnings)
-    assert any("skipped a Service" in w for w in warnings)
+    assert any("skipped a Service, not a Node or Pod" in w for w in warnings)
 
 
 @pytest.mark.parametrize(
@@ -103,6 +103,17 @@ def test_a_deployment_without_config_names_the_field() -> None:
     with pytest.raises(SpecError) as info:
         _plan(text)
     assert info.value.field == "spec.model.config" and "test.yaml: qwen" in str(info.value)
+
+
+def test_pods_in_the_cluster_file_hold_their_gpus() -> None:
+    running = kubevram_pod("chat-0", "chat", "gpu-l4-0", {0: 23034 * 2**20}, namespace="prod")
+    cluster = yaml.safe_dump({"apiVersion": "v1", "kind": "List", "items": [
+        gfd_node("gpu-l4-0", L4, 3), running, other_pod("train-0", "gpu-l4-0", 1)]})
+    out, warnings = _plan(QWEN.split("---")[0], cluster=cluster)
+    assert warnings == []
+    assert "1/2 placed" in out  # of 3 GPUs, one is reserved by a kubevram pod, one requested by another pod
+    assert re.search(r"GPU 0 +\[▪{40}\] +22\.5/22\.5 GiB  running pods", out)
+    assert "gpu-l4-0  NVIDIA-L4  3 x 22.5 GiB; 1 requested by other pods" in out
 
 
 def test_bar_is_fixed_width_and_proportional() -> None:

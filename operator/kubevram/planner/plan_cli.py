@@ -2,7 +2,8 @@
 
 ``plan_command(text, source, model_config, cluster_text, cluster_source, output)`` is everything the
 command prints. The cluster is Node objects as ``kubectl get nodes -o yaml`` prints them (a ``List``,
-a ``NodeList`` or several documents); without ``--cluster`` the built-in sample cluster
+a ``NodeList`` or several documents), optionally with the Pods that already hold GPUs
+(``kubectl get nodes,pods -A -o yaml``); without ``--cluster`` the built-in sample cluster
 (``sample_cluster.yaml`` next to this module) is used, so the command runs on a laptop.
 
 The table shows, per deployment, the memory of one replica and where its replicas go (or why they
@@ -49,11 +50,12 @@ def sample_cluster_text() -> str:
     return resources.files("kubevram.planner").joinpath(SAMPLE_CLUSTER).read_text(encoding="utf-8")
 
 
-def load_nodes(text: str, source: str = "") -> tuple[list[Any], list[str]]:
-    """Node objects from YAML or JSON (a List/NodeList or several documents) and warnings for what is
-    not a Node.
+def load_cluster(text: str, source: str = "") -> tuple[list[Any], list[Any], list[str]]:
+    """Node and Pod objects from YAML or JSON (``List``/``NodeList``/``PodList`` or several documents,
+    e.g. ``kubectl get nodes,pods -A -o yaml``) and warnings for anything else.
 
-    Raises ``SpecError`` only when the text is not YAML at all or holds no Node.
+    Pods tell what is already in use: kubevram workers by their reservation annotation, other pods by
+    their ``nvidia.com/gpu`` requests. Raises ``SpecError`` only when the text is not YAML or holds no Node.
     """
     docs: list[Any] | None = None
     if text.lstrip().startswith("{"):  # `kubectl get nodes -o json` is YAML too; json reads it 50x faster
@@ -71,18 +73,27 @@ def load_nodes(text: str, source: str = "") -> tuple[list[Any], list[str]]:
         raise SpecError("", f"malformed YAML at {where}: {problem}", source=source or "--cluster") from None
     warnings: list[str] = []
     nodes: list[Any] = []
+    pods: list[Any] = []
     for doc in docs:
-        is_list = isinstance(doc, dict) and doc.get("kind") in ("List", "NodeList")
+        is_list = isinstance(doc, dict) and doc.get("kind") in ("List", "NodeList", "PodList")
         items = doc["items"] if is_list and isinstance(doc.get("items"), list) else [doc]
         for item in items:
-            if isinstance(item, dict) and item.get("kind", "Node") == "Node":
+            kind = item.get("kind", "Node") if isinstance(item, dict) else type(item).__name__
+            if kind == "Node":
                 nodes.append(item)
+            elif kind == "Pod":
+                pods.append(item)
             else:
-                kind = item.get("kind") if isinstance(item, dict) else type(item).__name__
-                warnings.append(f"{source or '--cluster'}: skipped a {kind}, not a Node")
+                warnings.append(f"{source or '--cluster'}: skipped a {kind}, not a Node or Pod")
     if not nodes:
         raise SpecError("", "no Node objects found (expected `kubectl get nodes -o yaml` output)",
                         source=source or "--cluster")
+    return nodes, pods, warnings
+
+
+def load_nodes(text: str, source: str = "") -> tuple[list[Any], list[str]]:
+    """Only the Node objects of ``load_cluster`` (and its warnings)."""
+    nodes, _, warnings = load_cluster(text, source)
     return nodes, warnings
 
 
@@ -102,14 +113,14 @@ def plan_command(
     warn = warn or (lambda line: print(f"warning: {line}", file=sys.stderr))
     deployments = load_deployments(text, source)
     sample = cluster_text is None
-    nodes, warnings = load_nodes(sample_cluster_text() if sample else str(cluster_text),
-                                 "sample cluster" if sample else cluster_source)
+    nodes, pods, warnings = load_cluster(sample_cluster_text() if sample else str(cluster_text),
+                                         "sample cluster" if sample else cluster_source)
 
     def resolve(dep: LLMDeployment, config: Mapping[str, Any] | None) -> ModelFacts:
         return resolve_facts(dep, config, fallback)
 
     plan = plan_cluster(
-        deployments, nodes, model_config=model_config, node_classes=node_classes, resolve=resolve
+        deployments, nodes, pods, model_config=model_config, node_classes=node_classes, resolve=resolve
     )
     for dp in plan.deployments:
         if dp.error is not None:
@@ -184,7 +195,9 @@ def _node_lines(node: NodeInventory, planned: _Planned) -> list[str]:
     size = f"{len(node.devices)} x {_gib(mem)} GiB" if uniform else f"{len(node.devices)} devices"
     sharing = {"none": "", "time-slicing": f", time-sliced x{node.devices[0].slots if node.devices else 1}",
                "mig-single": ", MIG single", "mig-mixed": ", MIG mixed"}[node.sharing]
-    lines = [f"{node.name}  {node.product}  {size}{sharing}"]
+    foreign = sum(node.foreign.values())
+    others = f"; {foreign} requested by other pods (which, the device plugin knows)" if foreign else ""
+    lines = [f"{node.name}  {node.product}  {size}{sharing}{others}"]
     for dev in node.devices:
         here = planned.get(dev.index, [])
         parts: list[tuple[str, int]] = []
@@ -223,7 +236,7 @@ def render_table(plan: ClusterPlan, title: str) -> str:
                     (f"{dp.namespace}/{dp.name}#{i}", r.plan.per_gpu[pod_index], r.reservation[node_index],
                      r.shared)
                 )
-    shown = [n for n in plan.inventory.nodes if n.name in planned or n.held_whole or n.committed]
+    shown = [n for n in plan.inventory.nodes if n.name in planned or n.held_whole or n.committed or n.foreign]
     idle = len(plan.inventory.nodes) - len(shown)
     lines += ["", "GPUS (per node)"]
     for node in shown:
@@ -235,4 +248,4 @@ def render_table(plan: ClusterPlan, title: str) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["load_nodes", "plan_command", "render_table", "sample_cluster_text"]
+__all__ = ["load_cluster", "load_nodes", "plan_command", "render_table", "sample_cluster_text"]
