@@ -114,7 +114,9 @@ def build_parser() -> argparse.ArgumentParser:
     plan = sub.add_parser("plan", help="place every replica on nodes and GPUs, with device maps")
     plan.add_argument("-f", "--file", required=True, help="YAML with one or more LLMDeployment documents")
     plan.add_argument(
-        "--cluster", help="Node objects as `kubectl get nodes -o yaml` prints them (default: a sample)"
+        "--cluster",
+        help="Node objects as `kubectl get nodes -o yaml` prints them, optionally with the Pods holding GPUs "
+        "(`kubectl get nodes,pods -A -o yaml`); default: a built-in sample cluster",
     )
     plan.add_argument("--model-config", help="the model's Hugging Face config.json")
     plan.add_argument("-o", "--output", choices=["table", "json"], default="table")
