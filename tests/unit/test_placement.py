@@ -25,6 +25,7 @@ from gpu_nodes import (
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from kubevram.api.v1alpha1 import LLMDeploymentStatus
 from kubevram.planner.inventory import build_inventory
 from kubevram.planner.placement import KNOWN_PRODUCTS, ClusterPlan, plan_cluster
 
@@ -300,6 +301,21 @@ def test_json_has_the_design_contract_and_is_json() -> None:
             assert {"gpuClass", "gpuProduct", "minGpuMemoryMiB", "gpuCount", "nodeAffinity"} <= (
                 d["unscheduled"]["autoscaling"].keys()
             )
+
+
+def test_calibrated_activation_coefficient_is_used_on_opt_in() -> None:
+    def calibrated(use: bool) -> Any:
+        dep = deployment("q", seq=4096, batch=2)
+        estimation = dep.spec.estimation.model_copy(update={"useCalibration": use})
+        status = LLMDeploymentStatus(calibration={"coefficient": {"bytesPerToken": 1000.0}})
+        return dep.model_copy(update={"spec": dep.spec.model_copy(update={"estimation": estimation}),
+                                      "status": status})
+
+    on = plan_cluster([calibrated(True)], [gfd_node("n", L4, 1)]).deployments[0].estimate
+    off = plan_cluster([calibrated(False)], [gfd_node("n", L4, 1)]).deployments[0].estimate
+    assert on is not None and off is not None
+    assert on.activationBytes < off.activationBytes
+    assert on.activationBytes >= 1000 * 4096 * 2  # the coefficient x prefill tokens (or the head, if larger)
 
 
 def test_zero_replicas_plan_nothing() -> None:
