@@ -62,7 +62,8 @@ def main(argv: list[str] | None = None) -> int:
     from kubevram_emulator import EmulatedCluster, gpu_node
 
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s")
-    cluster = EmulatedCluster(Path(tempfile.mkdtemp(prefix="kubevram-bench-"))).start()
+    # keep_requests=False: kmock would match each request against every earlier one (quadratic).
+    cluster = EmulatedCluster(Path(tempfile.mkdtemp(prefix="kubevram-bench-")), keep_requests=False).start()
     os.environ["KUBECONFIG"] = str(cluster.kubeconfig)
     kubernetes.config.kube_config.KUBE_CONFIG_DEFAULT_LOCATION = str(cluster.kubeconfig)
     for i in range(args.nodes):

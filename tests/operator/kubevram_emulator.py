@@ -11,7 +11,9 @@ It runs in its own thread and event loop, so tests stay synchronous and kopf run
 * ``metadata.uid``, ``creationTimestamp``, ``resourceVersion`` and a name from ``generateName``
   (events) on create; ``generation`` starting
   at 1 and growing by one on every change of ``spec`` (what ``observedGeneration`` is compared with);
-* the discovery of the resources involved (LLMDeployment with its status and scale subresources).
+* the discovery of the resources involved (LLMDeployment with its status and scale subresources);
+* a request log ``(method, path, status)``, and (for the benchmark) forgetting kmock's own request
+  history, which kmock matches every new request against.
 
 There is no controller-manager: Deployments get no pods and ownerReferences are not
 garbage-collected. Tests read the objects over HTTP, like ``kubectl``.
@@ -50,6 +52,9 @@ class MendedEmulator(kmock.KubernetesEmulator):
         super().__attrs_post_init__()
         #: Every request served: (method, path, status), for assertions on what the operator did.
         self.log: list[tuple[str, str, int]] = []
+        #: kmock keeps every request and matches each new one against that history (slices such as
+        #: ``[:1]`` count earlier matches), which is quadratic; the benchmark turns this off.
+        self.keep_requests = True
 
     async def _handle(self, request: Any) -> Any:
         data = request.data if isinstance(request.data, dict) else None
@@ -80,6 +85,8 @@ class MendedEmulator(kmock.KubernetesEmulator):
             if meta is not None:
                 meta["resourceVersion"] = str(next(self._versions))
         response = await super()._handle(request)
+        if not self.keep_requests:
+            self._requests.clear()
         self.log.append(
             (
                 str(getattr(request.method, "value", request.method)).upper(),
@@ -133,8 +140,9 @@ def declare_resources(emulator: kmock.KubernetesEmulator) -> None:
 class EmulatedCluster:
     """The emulator on a local port, in a background thread, with a kubeconfig pointing at it."""
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, *, keep_requests: bool = True) -> None:
         self.directory = directory
+        self.keep_requests = keep_requests
         self.kubeconfig = directory / "kubeconfig"
         self.emulator: MendedEmulator | None = None
         self.url = ""
@@ -152,6 +160,7 @@ class EmulatedCluster:
         self._stop = asyncio.Event()
         async with MendedEmulator() as emulator, kmock.Server(emulator) as server:
             declare_resources(emulator)
+            emulator.keep_requests = self.keep_requests
             self.emulator = emulator
             self.url = str(server.url).rstrip("/")
             self._ready.set()
