@@ -11,6 +11,8 @@ It runs in its own thread and event loop, so tests stay synchronous and kopf run
 * ``metadata.uid``, ``creationTimestamp``, ``resourceVersion`` and a name from ``generateName``
   (events) on create; ``generation`` starting
   at 1 and growing by one on every change of ``spec`` (what ``observedGeneration`` is compared with);
+* ``/api/v1/namespaces`` parsed as the Namespace resource (kmock 0.8 fails on it), so kopf can run
+  namespaced;
 * the discovery of the resources involved (LLMDeployment with its status and scale subresources);
 * a request log ``(method, path, status)``, and (for the benchmark) forgetting kmock's own request
   history, which kmock matches every new request against.
@@ -33,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 import kmock
-from kmock._internal import enums
+from kmock._internal import enums, parsing
 from kubernetes import client as k8s_client
 from kubernetes.client.exceptions import ApiException
 
@@ -41,6 +43,23 @@ from kubevram.api.v1alpha1 import GROUP, KIND, PLURAL, SHORT_NAMES, SINGULAR, VE
 
 LLMD = f"{GROUP}/{VERSION}/{PLURAL}"
 LLMD_PATH = f"/apis/{GROUP}/{VERSION}"
+
+
+_parse_path = parsing.parse_path
+
+
+def _mended_parse_path(path: str) -> parsing.ParsedPath:
+    """kmock 0.8 reads ``/api/v1/namespaces[/NAME]`` as a namespace with no plural (and fails on the
+    list): parse it as the cluster-scoped ``namespaces`` resource, as Kubernetes does."""
+    parts = path.strip("/").split("/")
+    if parts[:3] == ["api", "v1", "namespaces"] and len(parts) in (3, 4):
+        return parsing.ParsedPath(
+            group="", version="v1", plural="namespaces", name=parts[3] if len(parts) == 4 else None
+        )
+    return _parse_path(path)
+
+
+parsing.parse_path = _mended_parse_path
 
 
 class MendedEmulator(kmock.KubernetesEmulator):
@@ -186,13 +205,10 @@ class EmulatedCluster:
         configuration = k8s_client.Configuration()
         configuration.host = self.url
         self._api = k8s_client.ApiClient(configuration)
-        # kmock 0.8 misparses /api/v1/namespaces (no plural after "namespaces"): load it as an object.
-        self.call(lambda: self._load("v1/namespaces", None, "default", {"metadata": {"name": "default"}}))
+        self.create(
+            "/api/v1/namespaces", {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "default"}}
+        )
         return self
-
-    def _load(self, resource: str, namespace: str | None, name: str, obj: dict[str, Any]) -> None:
-        assert self.emulator is not None
-        self.emulator.objects[resource, namespace, name] = {"apiVersion": "v1", "kind": "Namespace", **obj}
 
     def stop(self) -> None:
         if self._stop is not None:

@@ -253,8 +253,9 @@ def test_unfittable_reports_numbers_and_asks_the_autoscaler_then_places_on_a_new
             "spec.placement.offload",
             "'none'",
         ),
+        ({"model": {"id": "acme/unknown-13b"}}, "spec.model.config", "'acme/unknown-13b'"),
     ],
-    ids=["missing-configmap", "unreadable-config", "larger-than-any-node"],
+    ids=["missing-configmap", "unreadable-config", "larger-than-any-node", "unknown-model"],
 )
 def test_bad_input_becomes_a_condition_naming_the_field_without_children(
     cluster: EmulatedCluster, operator: Any, spec: dict[str, Any], field: str, value: str
@@ -385,7 +386,12 @@ def test_ready_replicas_reach_the_status(cluster: EmulatedCluster, operator: Any
     )
 
 
-def test_kubevram_operator_command_runs_against_the_cluster_in_kubeconfig(cluster: EmulatedCluster) -> None:
+@pytest.mark.parametrize(
+    "scope", [["--all-namespaces"], ["--namespace", "default"]], ids=["all", "namespaced"]
+)
+def test_kubevram_operator_command_runs_against_the_cluster_in_kubeconfig(
+    cluster: EmulatedCluster, scope: list[str]
+) -> None:
     """``kubevram operator`` as a user starts it: a process, KUBECONFIG, interrupted at the end."""
     import os
     import signal
@@ -395,7 +401,7 @@ def test_kubevram_operator_command_runs_against_the_cluster_in_kubeconfig(cluste
     cluster.add_node(gpu_node("gpu-l4-0", **L4))
     cluster.create_llmd(llmd(replicas=1))
     process = subprocess.Popen(
-        [sys.executable, "-m", "kubevram.cli", "operator", "--all-namespaces"],
+        [sys.executable, "-m", "kubevram.cli", "operator", *scope],
         env={**os.environ, "KUBECONFIG": str(cluster.kubeconfig)},
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
