@@ -52,7 +52,7 @@ def release(body: kopf.Body, logger: kopf.Logger, **_: Any) -> None:
     logger.info("released the reservations of %d workload(s)", reconciler(body).release(body))
 
 
-@kopf.timer(*RESOURCE, interval=READY_INTERVAL, idle=READY_INTERVAL / 2)
+@kopf.timer(*RESOURCE, interval=READY_INTERVAL)
 def readiness(body: kopf.Body, patch: kopf.Patch, **_: Any) -> None:
     """Copy the workloads' ready replicas into the status."""
     reconciler(body).refresh_readiness(body, patch)
