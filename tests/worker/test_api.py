@@ -406,10 +406,45 @@ def test_out_of_memory_fails_the_request_and_the_worker_keeps_serving(make_worke
     assert failed.json()["error"]["code"] == "out_of_memory"
     assert worker.engine.oom_count == 1
     assert worker.engine.running == 0
+    assert worker.engine._batch is None  # the failed batch's cache and tensors are gone
     ok = complete(worker, prompt="hello", max_tokens=4)
     assert ok.status_code == 200
     assert worker.metric("kubevram_worker_oom_total") == 1
     assert worker.metric("kubevram_worker_sequences_finished_total", {"reason": "error"}) == 1
+
+
+def test_out_of_memory_while_joining_fails_only_the_newcomer(make_worker, loaded):
+    worker = make_worker(max_batch_size=4)
+    long_body = {"prompt": "the quick brown fox", "max_tokens": 200, "temperature": 0, "ignore_eos": True}
+    alone = complete(worker, **long_body).json()["choices"][0]["text"]
+    armed = threading.Event()
+    running_at_oom = []
+
+    def oom_on_prefill(module, args):
+        if armed.is_set() and args[0].shape[1] > 1:  # a prefill while the long request decodes
+            armed.clear()
+            running_at_oom.append(worker.engine.running)
+            raise torch.OutOfMemoryError("CUDA out of memory")
+
+    hook = loaded.model.model.embed_tokens.register_forward_pre_hook(oom_on_prefill)
+
+    async def run() -> tuple[httpx.Response, httpx.Response]:
+        async with httpx.AsyncClient(base_url=worker.url, timeout=120) as client:
+            first = asyncio.ensure_future(client.post("/v1/completions", json=long_body))
+            await asyncio.to_thread(wait_for, lambda: worker.engine.running == 1, "the long request to run")
+            armed.set()
+            second = await client.post("/v1/completions", json={"prompt": "hello", "max_tokens": 5})
+            return await first, second
+
+    try:
+        first, second = asyncio.run(run())
+    finally:
+        hook.remove()
+    assert running_at_oom == [1]  # the newcomer was joining a running batch
+    assert second.status_code == 503
+    assert second.json()["error"]["code"] == "out_of_memory"
+    assert first.status_code == 200
+    assert first.json()["choices"][0]["text"] == alone
 
 
 def test_out_of_memory_while_streaming_sends_an_error_event(make_worker, loaded):
@@ -464,6 +499,35 @@ def test_a_disconnected_stream_is_cancelled(make_worker, loaded):
     assert worker.metric("kubevram_worker_sequences_finished_total", {"reason": "cancelled"}) == 1
     assert worker.metric("kubevram_worker_generation_tokens_total") < 400
     assert complete(worker, prompt="hello", max_tokens=3).status_code == 200
+
+
+def test_a_disconnected_plain_request_is_cancelled(make_worker, loaded):
+    worker = make_worker()
+    gate, blocked = threading.Event(), threading.Event()
+    gate.set()
+    calls = []
+
+    def hold(module, args):
+        calls.append(1)
+        if len(calls) == 3:  # hold the engine at its second decode step
+            gate.clear()
+            blocked.set()
+            gate.wait()
+
+    hook = loaded.model.model.embed_tokens.register_forward_pre_hook(hold)
+    try:
+        body = {"prompt": "hello", "max_tokens": 400, "temperature": 0, "ignore_eos": True}
+        with pytest.raises(httpx.ReadTimeout):  # the client gives up and closes the connection
+            httpx.post(f"{worker.url}/v1/completions", json=body, timeout=httpx.Timeout(30, read=1))
+        assert blocked.wait(30)
+        request = worker.engine._batch.rows[0].handle
+        assert request.cancelled.wait(30)
+    finally:
+        gate.set()
+        hook.remove()
+    wait_for(lambda: worker.engine.running == 0, "the cancelled request to leave the batch")
+    assert worker.metric("kubevram_worker_sequences_finished_total", {"reason": "cancelled"}) == 1
+    assert worker.metric("kubevram_worker_generation_tokens_total") < 400
 
 
 def test_metrics_endpoint(worker):

@@ -19,10 +19,11 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from kubevram.api.errors import from_validation_error
 from kubevram.worker.engine import EngineError, Output, RequestHandle
-from kubevram.worker.metrics import CONTENT_TYPE_LATEST
+from kubevram.worker.metrics import CONTENT_TYPE_LATEST, WorkerMetrics
 from kubevram.worker.protocol import (
     AssistantMessage,
     ChatChoice,
@@ -105,6 +106,35 @@ def _sse(obj: BaseModel | dict[str, Any]) -> str:
     return f"data: {data}\n\n"
 
 
+_ENDPOINTS = frozenset(
+    {"/v1/completions", "/v1/chat/completions", "/v1/models", "/v1/admin/release", "/v1/admin/stats"}
+)
+
+
+class _CountRequests:
+    """Counts ``/v1/`` requests by endpoint and status. Plain ASGI: Starlette's ``BaseHTTPMiddleware``
+    (``@app.middleware("http")``) would hide the client's disconnect from the routes."""
+
+    def __init__(self, app: ASGIApp, metrics: WorkerMetrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        path = scope.get("path", "")
+        if scope["type"] != "http" or not path.startswith("/v1/"):
+            await self.app(scope, receive, send)
+            return
+
+        endpoint = path if path in _ENDPOINTS else "other"  # no label per unknown path
+
+        async def counting_send(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                self.metrics.requests.labels(endpoint=endpoint, status=str(message["status"])).inc()
+            await send(message)
+
+        await self.app(scope, receive, counting_send)
+
+
 def create_app(state: WorkerState) -> FastAPI:
     """The worker's FastAPI app over ``state`` (which holds the engine once the model is loaded)."""
     app = FastAPI(title="kubevram worker", docs_url=None, redoc_url=None)
@@ -119,12 +149,7 @@ def create_app(state: WorkerState) -> FastAPI:
     async def _on_http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         return error_response(exc.status_code, str(exc.detail))
 
-    @app.middleware("http")
-    async def _count(request: Request, call_next: Any) -> Response:
-        response: Response = await call_next(request)
-        if request.url.path.startswith("/v1/"):
-            metrics.requests.labels(endpoint=request.url.path, status=str(response.status_code)).inc()
-        return response
+    app.add_middleware(_CountRequests, metrics=metrics)
 
     @app.get("/healthz")
     async def healthz() -> dict[str, str]:
