@@ -103,16 +103,16 @@ class MendedEmulator(kmock.KubernetesEmulator):
                         meta["generation"] = int(current.get("metadata", {}).get("generation") or 1) + 1
             if meta is not None:
                 meta["resourceVersion"] = str(next(self._versions))
-        response = await super()._handle(request)
-        if not self.keep_requests:
-            self._requests.clear()
-        self.log.append(
-            (
-                str(getattr(request.method, "value", request.method)).upper(),
-                request.url.path,
-                int(response.status),
-            )
-        )
+        method = str(getattr(request.method, "value", request.method)).upper()
+        try:
+            response = await super()._handle(request)
+        except kmock.KubernetesError as exc:  # 404, 409 raised by the emulator itself
+            self.log.append((method, request.url.path, int(exc.status)))
+            raise
+        finally:
+            if not self.keep_requests:
+                self._requests.clear()
+        self.log.append((method, request.url.path, int(response.status)))
         return response
 
 

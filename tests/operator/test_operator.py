@@ -297,7 +297,10 @@ def test_restart_makes_no_duplicate_children(cluster: EmulatedCluster) -> None:
             ),
         )
     after = cluster.requests()[seen:]
-    assert not [r for r in after if r[0] == "POST" and "/events" not in r[1]]  # nothing created anew
+    # Nothing created anew (the Secret is created-if-absent: its POST is answered 409).
+    assert [r for r in after if r[0] == "POST" and "/events" not in r[1]] == [
+        ("POST", "/api/v1/namespaces/default/secrets", 409)
+    ]
     assert {n: w["spec"] for n, w in workloads(cluster).items()} == before
     assert cluster.get("/api/v1/namespaces/default/secrets/qwen-admin") == secret
 
