@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,7 +13,7 @@ import pytest
 os.environ.setdefault("KUBEVRAM_READY_INTERVAL", "1")
 os.environ.setdefault("KUBEVRAM_CALIBRATION_INTERVAL", "1")
 
-from kubevram_emulator import EmulatedCluster
+from kubevram_emulator import EmulatedCluster, running_operator
 
 
 @pytest.fixture()
@@ -34,22 +33,6 @@ def cluster(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Emulate
         yield emulated
     finally:
         emulated.stop()
-
-
-@contextlib.contextmanager
-def running_operator(*extra_args: str) -> Iterator[Any]:
-    """``kubevram``'s kopf handlers in KopfRunner (a thread), cluster-wide, standalone."""
-    import kopf
-    from kopf.testing import KopfRunner
-
-    settings = kopf.OperatorSettings()
-    # kmock 0.8 cannot list /api/v1/namespaces; cluster-wide watching needs no namespace scan.
-    settings.scanning.disabled = True
-    args = ["run", "--all-namespaces", "--standalone", "-m", "kubevram.controller.handlers", *extra_args]
-    with KopfRunner(args, settings=settings, timeout=30) as runner:
-        yield runner
-    assert runner.exception is None, runner.output
-    assert runner.exit_code == 0, runner.output
 
 
 @pytest.fixture()

@@ -24,13 +24,14 @@ garbage-collected. Tests read the objects over HTTP, like ``kubectl``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime
 import itertools
 import json
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -293,6 +294,22 @@ class EmulatedCluster:
                 return last
             time.sleep(interval)
         raise AssertionError(f"timed out after {timeout}s waiting for {what}; last: {last!r}")
+
+
+@contextlib.contextmanager
+def running_operator(*extra_args: str) -> Iterator[Any]:
+    """``kubevram``'s kopf handlers in KopfRunner (a thread), cluster-wide, standalone."""
+    import kopf
+    from kopf.testing import KopfRunner
+
+    settings = kopf.OperatorSettings()
+    # kmock 0.8 cannot list /api/v1/namespaces; cluster-wide watching needs no namespace scan.
+    settings.scanning.disabled = True
+    args = ["run", "--all-namespaces", "--standalone", "-m", "kubevram.controller.handlers", *extra_args]
+    with KopfRunner(args, settings=settings, timeout=30) as runner:
+        yield runner
+    assert runner.exception is None, runner.output
+    assert runner.exit_code == 0, runner.output
 
 
 def gpu_node(

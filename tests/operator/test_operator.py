@@ -12,8 +12,7 @@ from typing import Any
 
 import kmock
 import pytest
-from conftest import running_operator
-from kubevram_emulator import EmulatedCluster, gpu_node
+from kubevram_emulator import EmulatedCluster, gpu_node, running_operator
 
 from kubevram.controller import render
 
