@@ -223,6 +223,29 @@ def test_unfittable_reports_numbers_and_asks_the_autoscaler_then_places_on_a_new
     assert sorted(pinned_node(w) for w in found.values()) == ["gpu-l4-0", "gpu-l4-1"]
 
 
+def test_a_new_gpu_node_replans_waiting_deployments_without_waiting_for_the_retry(
+    cluster: EmulatedCluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("KUBEVRAM_RETRY_DELAY", "600")  # the handler's own retry is out of the picture
+    cluster.add_node(gpu_node("gpu-l4-0", **{**L4, "gpus": 1}))
+    with running_operator():
+        cluster.create_llmd(llmd(replicas=2))
+        cluster.wait_for(
+            "phase Scheduling",
+            lambda: ((cluster.llmd("qwen") or {}).get("status") or {}).get("phase") == "Scheduling",
+        )
+        cluster.add_node(gpu_node("gpu-l4-1", **{**L4, "gpus": 1}))
+        obj = cluster.wait_for(
+            "Scheduled=True",
+            lambda: condition(o := cluster.llmd("qwen"), "Scheduled").get("status") == "True" and o,
+        )
+        assert obj["status"]["autoscaling"]["pendingReplicas"] == 0
+        found = cluster.wait_for(
+            "the pending workload to go", lambda: "qwen-pending" not in (w := workloads(cluster)) and w
+        )
+        assert sorted(pinned_node(w) for w in found.values()) == ["gpu-l4-0", "gpu-l4-1"]
+
+
 @pytest.mark.parametrize(
     ("spec", "field", "value"),
     [
@@ -344,7 +367,15 @@ def test_conflicts_are_retried(
     } == {2048}
 
 
-def test_deletion_releases_the_reservations(cluster: EmulatedCluster, operator: Any) -> None:
+def test_deletion_releases_the_reservations(
+    cluster: EmulatedCluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("KUBEVRAM_RETRY_DELAY", "600")  # the freed GPU is taken at once, not at a retry
+    with running_operator():
+        _deletion_releases_the_reservations(cluster)
+
+
+def _deletion_releases_the_reservations(cluster: EmulatedCluster) -> None:
     cluster.add_node(gpu_node("gpu-l4-0", **{**L4, "gpus": 1}))
     cluster.create_llmd(llmd("first", replicas=1))
     wait_generation(cluster, "first", 1, "Planned")

@@ -18,6 +18,7 @@ from typing import Any
 from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
 
+from kubevram.api.v1alpha1 import API_VERSION, PLURAL
 from kubevram.controller.render import LABEL_DEPLOYMENT, LABEL_MANAGED_BY, MANAGED_BY, RESERVATION
 
 MERGE_PATCH = "application/merge-patch+json"
@@ -179,6 +180,13 @@ class Cluster:
         if not isinstance(value, dict):
             raise ConfigNotReadable(f"{key!r} of ConfigMap {namespace}/{name} is not a JSON object")
         return value
+
+    def get_llmd(self, namespace: str, name: str) -> dict[str, Any] | None:
+        return self._get(f"/apis/{API_VERSION}/namespaces/{namespace}/{PLURAL}/{name}")
+
+    def patch_llmd_status(self, namespace: str, name: str, status: dict[str, Any]) -> None:
+        path = f"/apis/{API_VERSION}/namespaces/{namespace}/{PLURAL}/{name}/status"
+        self._raw("PATCH", path, {"status": status}, MERGE_PATCH)
 
     def get_secret(self, namespace: str, name: str) -> dict[str, Any] | None:
         return self._get(f"/api/v1/namespaces/{namespace}/secrets/{name}")

@@ -13,7 +13,13 @@ import kopf
 
 from kubevram.api.v1alpha1 import GROUP, PLURAL, VERSION
 from kubevram.controller.adapter import Cluster
-from kubevram.controller.reconcile import Reconciler, Settings
+from kubevram.controller.reconcile import (
+    Reconciler,
+    Settings,
+    gpu_node_changed,
+    replan_waiting,
+    waiting_key,
+)
 
 RESOURCE = (GROUP, VERSION, PLURAL)
 #: How often ready replicas are re-read from the workloads (seconds; the chart may set it).
@@ -47,9 +53,25 @@ def reconcile(body: kopf.Body, patch: kopf.Patch, **_: Any) -> None:
 
 
 @kopf.on.delete(*RESOURCE)
-def release(body: kopf.Body, logger: kopf.Logger, **_: Any) -> None:
-    """Remove the workloads at once, so their GPUs are free for the next plan."""
+def release(body: kopf.Body, logger: kopf.Logger, **kwargs: Any) -> None:
+    """Remove the workloads at once and re-plan the deployments waiting for their GPUs."""
     logger.info("released the reservations of %d workload(s)", reconciler(body).release(body))
+    key = (body.get("metadata", {}).get("namespace") or "default", body.get("metadata", {}).get("name"))
+    replan_waiting(Cluster(), Settings.from_env(), [k for k in kwargs["waiting"] if k != key])
+
+
+@kopf.index(*RESOURCE)
+def waiting(body: kopf.Body, **_: Any) -> dict[tuple[str, str], int] | None:
+    """LLMDeployments with replicas that wait for a node."""
+    return waiting_key(body)
+
+
+@kopf.on.event("", "v1", "nodes")
+def nodes(type: str, body: kopf.Body, memo: kopf.Memo, **kwargs: Any) -> None:
+    """Re-plan the waiting deployments when a GPU node appears or changes."""
+    seen = memo.setdefault("gpu_nodes", {})  # per operator run
+    if gpu_node_changed(type, body, seen) and kwargs["waiting"]:
+        replan_waiting(Cluster(), Settings.from_env(), list(kwargs["waiting"]))
 
 
 @kopf.timer(*RESOURCE, interval=READY_INTERVAL)

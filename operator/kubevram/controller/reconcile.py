@@ -23,7 +23,8 @@ import json
 import logging
 import os
 import secrets
-from collections.abc import Callable, Mapping
+import threading
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -190,6 +191,35 @@ class Reconciler:
     # ------------------------------------------------------------------------------- the whole
 
     def plan_and_apply(self, body: Mapping[str, Any], patch: Any) -> None:
+        """One reconciliation; never two at once for the same deployment (kopf's handlers and the
+        node-change re-plan share a lock per deployment)."""
+        meta = body["metadata"]
+        with _lock_for(meta.get("namespace") or "default", meta["name"]):
+            self._plan_and_apply(body, patch)
+
+    def replan_pending(self, namespace: str, name: str) -> bool:
+        """Re-plan a deployment whose replicas wait for a node (a GPU node appeared or changed).
+
+        Runs outside kopf's handler for the resource: the status goes out as a merge patch of the
+        status subresource. Returns True when nothing is pending any more. The handler's own retry,
+        when it comes, finds the replicas placed and succeeds.
+        """
+        body = self.cluster.get_llmd(namespace, name)
+        if body is None:
+            return True
+        patch = _StatusPatch()
+        done = True
+        try:
+            self.plan_and_apply(body, patch)
+        except kopf.TemporaryError:
+            done = False
+        except kopf.PermanentError:
+            pass
+        if patch.status:
+            self.cluster.patch_llmd_status(namespace, name, patch.status)
+        return done
+
+    def _plan_and_apply(self, body: Mapping[str, Any], patch: Any) -> None:
         meta = body["metadata"]
         name, namespace = meta["name"], meta.get("namespace") or "default"
         source = f"{namespace}/{name}"
@@ -336,6 +366,64 @@ class Reconciler:
         patch.status["phase"] = (
             "Scheduling" if pending else "Running" if ok and desired else "Degraded" if ready else "Planned"
         )
+
+
+class _StatusPatch:
+    """What kopf's ``patch`` offers a handler, for reconciliations outside kopf's handlers."""
+
+    def __init__(self) -> None:
+        self.status: dict[str, Any] = {}
+
+
+_locks: dict[tuple[str, str], threading.Lock] = {}
+_locks_guard = threading.Lock()
+
+
+def _lock_for(namespace: str, name: str) -> threading.Lock:
+    with _locks_guard:
+        return _locks.setdefault((namespace, name), threading.Lock())
+
+
+def gpu_node_changed(event_type: str | None, node: Mapping[str, Any], seen: dict[str, str]) -> bool:
+    """Whether a node event may give pending replicas a place: a GPU node appeared, or its GPU labels,
+    allocatable GPUs, taints or schedulability changed (not its heartbeats). ``seen`` holds the
+    fingerprints of the nodes seen so far (one dict per operator run)."""
+    meta = node.get("metadata") or {}
+    name = str(meta.get("name") or "")
+    if event_type == "DELETED":
+        seen.pop(name, None)
+        return False
+    labels = {k: v for k, v in (meta.get("labels") or {}).items() if k.startswith("nvidia.com/")}
+    node_status = node.get("status") or {}
+    allocatable = {
+        k: v for k, v in (node_status.get("allocatable") or {}).items() if k.startswith("nvidia.com/")
+    }
+    if not labels and not allocatable:
+        return False
+    spec = node.get("spec") or {}
+    ready = [c.get("status") for c in node_status.get("conditions") or [] if c.get("type") == "Ready"]
+    fingerprint = render._digest(
+        [labels, allocatable, spec.get("taints"), spec.get("unschedulable"), ready], 16
+    )
+    changed = seen.get(name) != fingerprint
+    seen[name] = fingerprint
+    return changed
+
+
+def waiting_key(body: Mapping[str, Any]) -> dict[tuple[str, str], int] | None:
+    """``{(namespace, name): pending replicas}`` for a deployment with replicas waiting, else None."""
+    meta = body.get("metadata") or {}
+    pending = int(((body.get("status") or {}).get("autoscaling") or {}).get("pendingReplicas") or 0)
+    return {(str(meta.get("namespace") or "default"), str(meta.get("name"))): pending} if pending else None
+
+
+def replan_waiting(cluster: Cluster, settings: Settings, waiting: Iterable[tuple[str, str]]) -> int:
+    """Re-plan every (namespace, name) with pending replicas; how many have none pending now."""
+    placed = 0
+    for namespace, name in sorted(set(waiting)):
+        if Reconciler(cluster, settings).replan_pending(namespace, name):
+            placed += 1
+    return placed
 
 
 def _as_kept(pod: dict[str, Any]) -> dict[str, Any]:
