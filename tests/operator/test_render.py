@@ -220,7 +220,7 @@ def test_worker_container_runs_the_plan_with_probes_token_and_admin_port_off_the
 
 
 def test_model_volume_offload_and_user_settings_reach_the_pod() -> None:
-    plan = {**PLAN, "replicas": [replica("gpu-a", [0])], "unscheduled": {"count": 0}}
+    plan: dict[str, Any] = {**PLAN, "replicas": [replica("gpu-a", [0])], "unscheduled": {"count": 0}}
     plan["replicas"][0]["maxMemory"] = {"0": 10 * GiB, "cpu": 30 * GiB}
     objs = children(
         plan,
