@@ -88,7 +88,10 @@ def test_merge_patches_remove_what_the_operator_no_longer_renders() -> None:
     }
 
     existing = {"spec": {"template": {"spec": {"nodeSelector": {"pool": "a"}, "dnsPolicy": "ClusterFirst"}}}}
-    desired: dict[str, Any] = {"kind": "Deployment", "spec": {"replicas": 1, "template": {"spec": {"containers": []}}}}
+    desired: dict[str, Any] = {
+        "kind": "Deployment",
+        "spec": {"replicas": 1, "template": {"spec": {"containers": []}}},
+    }
     patch = _with_removals(existing, desired)
     # The dropped nodeSelector goes; what the API server defaulted (dnsPolicy) stays untouched.
     assert patch["spec"]["template"]["spec"] == {"containers": [], "nodeSelector": None}
