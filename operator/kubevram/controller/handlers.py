@@ -18,6 +18,7 @@ from kubevram.controller.reconcile import (
     Settings,
     gpu_node_changed,
     replan_waiting,
+    waiting_here,
     waiting_key,
 )
 
@@ -70,8 +71,9 @@ def waiting(body: kopf.Body, **_: Any) -> dict[tuple[str, str], int] | None:
 def nodes(type: str, body: kopf.Body, memo: kopf.Memo, **kwargs: Any) -> None:
     """Re-plan the waiting deployments when a GPU node appears or changes."""
     seen = memo.setdefault("gpu_nodes", {})  # per operator run
-    if gpu_node_changed(type, body, seen) and kwargs["waiting"]:
-        replan_waiting(Cluster(), Settings.from_env(), list(kwargs["waiting"]))
+    waiting_now = set(kwargs["waiting"]) | waiting_here()
+    if gpu_node_changed(type, body, seen) and waiting_now:
+        replan_waiting(Cluster(), Settings.from_env(), waiting_now)
 
 
 @kopf.timer(*RESOURCE, interval=READY_INTERVAL)

@@ -282,6 +282,7 @@ class Reconciler:
             now=status.now_rfc3339(),
         )
         patch.status.update(new_status)
+        _mark_waiting((namespace, name), bool(_pending(plan)))
         placed = len(plan.get("replicas") or [])
         nodes_used = sorted({r["node"] for r in plan.get("replicas") or []})
         self.report(
@@ -332,7 +333,9 @@ class Reconciler:
     def release(self, body: Mapping[str, Any]) -> int:
         """On deletion: remove the workloads now, so their GPUs are free for the next plan."""
         meta = body["metadata"]
-        owned = self.cluster.list_owned_workloads(meta.get("namespace") or "default", meta["name"])
+        namespace = meta.get("namespace") or "default"
+        _mark_waiting((namespace, meta["name"]), False)
+        owned = self.cluster.list_owned_workloads(namespace, meta["name"])
         self.cluster.delete_workloads(owned)
         return len(owned)
 
@@ -377,6 +380,23 @@ class _StatusPatch:
 
 _locks: dict[tuple[str, str], threading.Lock] = {}
 _locks_guard = threading.Lock()
+
+
+# Deployments this process last left with pending replicas. kopf's ``waiting`` index learns of them only
+# when the status patch comes back on the watch stream; a GPU node that appears in between must still
+# re-plan them, so the node handler takes the union of both.
+_waiting_here: set[tuple[str, str]] = set()
+
+
+def _mark_waiting(key: tuple[str, str], pending: bool) -> None:
+    with _locks_guard:
+        (_waiting_here.add if pending else _waiting_here.discard)(key)
+
+
+def waiting_here() -> set[tuple[str, str]]:
+    """(namespace, name) of the deployments this process left with pending replicas."""
+    with _locks_guard:
+        return set(_waiting_here)
 
 
 def _lock_for(namespace: str, name: str) -> threading.Lock:
