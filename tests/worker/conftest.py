@@ -80,6 +80,11 @@ def build_model(vocab_size: int, tokenizer, seed: int = 0):
 
 
 @pytest.fixture(scope="session")
+def cjk_tokenizer():
+    return build_tokenizer()
+
+
+@pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
     """A directory ``kubevram worker --model DIR`` loads: config, safetensors weights, tokenizer."""
     path = tmp_path_factory.mktemp("tiny-llama-cjk")

@@ -146,6 +146,29 @@ def test_usage_is_counted(worker, loaded):
     assert payload["object"] == "text_completion"
 
 
+def test_token_id_prompts_and_echo(worker, loaded):
+    ids = loaded.tokenizer("the quick brown fox")["input_ids"]
+    by_text = complete(worker, prompt="the quick brown fox", max_tokens=6, ignore_eos=True).json()
+    by_ids = complete(worker, prompt=ids, max_tokens=6, ignore_eos=True).json()
+    assert by_ids["choices"][0]["text"] == by_text["choices"][0]["text"]
+    assert by_ids["usage"] == by_text["usage"]
+    echoed = complete(worker, prompt="the quick brown fox", max_tokens=6, ignore_eos=True, echo=True).json()
+    assert echoed["choices"][0]["text"] == "the quick brown fox" + by_text["choices"][0]["text"]
+
+
+def test_chat_without_a_template_is_refused(make_worker, loaded):
+    worker = make_worker()
+    template, loaded.tokenizer.chat_template = loaded.tokenizer.chat_template, None
+    try:
+        response = httpx.post(
+            f"{worker.url}/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}]}
+        )
+    finally:
+        loaded.tokenizer.chat_template = template
+    assert response.status_code == 400
+    assert "no chat template" in response.json()["error"]["message"]
+
+
 def test_streaming_matches_the_whole_answer(worker):
     whole = complete(worker, prompt="hello world", max_tokens=20, ignore_eos=True).json()
     with httpx.stream(

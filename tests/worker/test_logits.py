@@ -139,3 +139,56 @@ def test_temperature_and_top_p_per_row():
     torch.testing.assert_close(warm, original / torch.tensor([[2.0], [0.5]]))
     with pytest.raises(ValueError, match=r"`top_p` must be in \(0, 1\]"):
         TopPLogitsWarper(1.5)
+
+
+@pytest.mark.parametrize("which", ["chinese", "suppress", "penalty", "top_p", "temperature"])
+def test_rows_are_independent(classes, which):
+    """Processing a batch gives, row by row, what processing each row alone gives."""
+    torch.manual_seed(0)
+    scores = torch.randn(3, VOCAB)
+    input_ids = torch.randint(0, VOCAB, (3, 5))
+    per_row = torch.tensor([[2.0], [1.0], [7.0]])
+
+    def make(rows: slice):
+        if which == "chinese":
+            return ChineseLogitsProcessor(classes.boosted, per_row[rows])
+        if which == "suppress":
+            lengths = torch.tensor([5, 4, 5])[rows]
+            return SuppressLeadingPunctuationLogitsProcessor(classes.punctuation, lengths)
+        if which == "penalty":
+            return RepetitionPenaltyLogitsProcessor(per_row[rows])
+        if which == "top_p":
+            return TopPLogitsWarper(per_row[rows] / 8)
+        return TemperatureLogitsWarper(per_row[rows])
+
+    together = make(slice(None))(input_ids, scores)
+    for i in range(3):
+        alone = make(slice(i, i + 1))(input_ids[i : i + 1], scores[i : i + 1])
+        torch.testing.assert_close(together[i : i + 1], alone)
+
+
+def test_token_classes_from_a_byte_level_tokenizer(cjk_tokenizer):
+    from kubevram.worker.logits import token_classes
+
+    tokenizer = cjk_tokenizer
+    eos = tokenizer.eos_token_id
+    classes = token_classes(tokenizer, len(tokenizer) + 10, [eos])  # the model's head may be wider
+    assert classes.cjk.shape == (len(tokenizer) + 10,)
+
+    def ids(text: str) -> list[int]:
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    (ni,) = ids("你")
+    (comma,) = ids("，")
+    (question,) = ids("?")
+    assert classes.cjk[ni] and not classes.punctuation[ni]
+    assert classes.punctuation[comma] and classes.punctuation[question] and not classes.cjk[comma]
+    assert classes.eos.nonzero().flatten().tolist() == [eos]
+    assert not classes.cjk[eos] and not classes.punctuation[eos]
+    assert not classes.boosted[len(tokenizer) :].any()  # ids past the tokenizer are in no set
+    for token in ids("hello world"):
+        assert not classes.boosted[token]
+    # Byte-level pieces of a character decode to U+FFFD and are in no set.
+    partial = [i for i in range(len(tokenizer)) if "\ufffd" in tokenizer.decode([i])]
+    assert partial
+    assert not classes.boosted[partial].any()

@@ -189,13 +189,13 @@ def create_app(state: WorkerState) -> FastAPI:
                 request,
                 started,
                 "/v1/completions",
-                _completion_chunks(handle, name, include_usage, body.echo, engine.tokenizer),
+                _completion_chunks(handle, name, include_usage, _echo(body, prompt, engine.tokenizer)),
             )
         output = await _wait(handle, request)
         if output is None:
             return Response(status_code=499)
         metrics.latency.labels(endpoint="/v1/completions").observe(time.monotonic() - started)
-        text = (engine.tokenizer.decode(prompt) if body.echo else "") + output.text
+        text = _echo(body, prompt, engine.tokenizer) + output.text
         return JSONResponse(
             CompletionResponse(
                 model=name,
@@ -285,8 +285,19 @@ def _error_chunk(error: EngineError) -> str:
     )
 
 
+def _echo(body: CompletionRequest, prompt: list[int], tokenizer: Any) -> str:
+    """What ``echo`` puts before the completion: the prompt text as sent, token-id prompts decoded."""
+    if not body.echo:
+        return ""
+    if isinstance(body.prompt, str):
+        return body.prompt
+    if body.prompt and isinstance(body.prompt[0], str):
+        return str(body.prompt[0])
+    return str(tokenizer.decode(prompt, skip_special_tokens=True))
+
+
 async def _completion_chunks(
-    handle: RequestHandle, model: str, include_usage: bool, echo: bool, tokenizer: Any
+    handle: RequestHandle, model: str, include_usage: bool, echo: str
 ) -> AsyncIterator[str]:
     rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
 
@@ -301,7 +312,7 @@ async def _completion_chunks(
         return _sse(response)
 
     if echo:
-        yield chunk(tokenizer.decode(handle.prompt_ids), None)
+        yield chunk(echo, None)
     async for output in handle:
         if output.error is not None:
             yield _error_chunk(output.error)
