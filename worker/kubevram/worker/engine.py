@@ -21,6 +21,7 @@ import asyncio
 import collections
 import concurrent.futures
 import gc
+import inspect
 import itertools
 import logging
 import threading
@@ -196,6 +197,8 @@ class Engine:
         self.eos_token_ids = sorted(set(eos_token_ids))
         self.hooks = hooks or EngineHooks()
         self.device = _input_device(model)
+        # Remote-code models may not take ``logits_to_keep``; without it a prefill computes every position.
+        self._keep_last = {"logits_to_keep": 1} if _takes(model, "logits_to_keep") else {}
         self.token_classes = token_classes.to(self.device) if token_classes is not None else None
         pad = getattr(tokenizer, "pad_token_id", None)
         self.pad_token_id = int(pad if pad is not None else (self.eos_token_ids or [0])[0])
@@ -382,7 +385,7 @@ class Engine:
             position_ids=position_ids,
             past_key_values=cache,
             use_cache=True,
-            logits_to_keep=1,
+            **self._keep_last,
         )
         logits = out.logits[:, -1, :]
         group = self._advance(
@@ -417,7 +420,8 @@ class Engine:
         """Sample one token per row, append it, decode text; return the batch without its finished
         and cancelled rows (``None`` when none is left)."""
         self.steps += 1
-        tokens = self._sample(batch, logits.float())
+        # Sampling happens where the inputs live (the output head may sit on another device).
+        tokens = self._sample(batch, logits.to(self.device).float())
         batch.input_ids = torch.cat([batch.input_ids, tokens[:, None]], dim=-1)
         ones = batch.attention_mask.new_ones((len(tokens), 1))
         batch.attention_mask = torch.cat([batch.attention_mask, ones], dim=-1)
@@ -543,6 +547,13 @@ def _row_generator(seed: int | None, device: torch.device) -> torch.Generator | 
     generator = torch.Generator(device=device)
     generator.manual_seed(seed)
     return generator
+
+
+def _takes(model: Any, name: str) -> bool:
+    try:
+        return name in inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return False
 
 
 def _input_device(model: Any) -> torch.device:
