@@ -10,11 +10,13 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import httpx
 import pytest
 import torch
 
+from kubevram.api.errors import SpecError
 from kubevram.api.v1alpha1 import ChineseSpec, GenerationDefaults, GenerationSpec, ServingSpec
 from kubevram.api.workerplan import WorkerPlan
 from kubevram.worker.engine import Engine, EngineError, SamplingParams
@@ -157,6 +159,27 @@ def test_build_state_reads_plan_and_flags(tmp_path):
     assert (st.serving.maxBatchSize, st.serving.maxSequenceLength) == (2, 2048)
     assert st.generation.chinese.enabled
     assert st.model_names == ["tiny", "/models/tiny"]
+
+
+def test_build_state_reads_a_deployment_without_a_plan():
+    example = Path(__file__).resolve().parents[2] / "examples" / "chinese-chat.yaml"
+    args = argparse.Namespace(
+        model="meta-llama/Llama-2-7b-chat-hf",
+        plan=None,
+        deployment=str(example),
+        max_batch_size=None,
+        max_sequence_length=None,
+        served_model_name="zh",
+    )
+    st, loaded_plan = build_state(args)
+    assert loaded_plan is None
+    assert st.generation.chinese.enabled
+    assert st.generation.chinese.alpha == 5.0
+    assert st.serving.maxBatchSize == 2
+    assert st.model_names == ["zh", "meta-llama/Llama-2-7b-chat-hf"]
+    missing = argparse.Namespace(**{**vars(args), "deployment": "/nonexistent.yaml"})
+    with pytest.raises(SpecError, match="cannot read the deployment"):
+        build_state(missing)
 
 
 async def test_run_between_steps_runs_on_the_engine_thread(loaded):
