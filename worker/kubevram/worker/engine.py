@@ -281,6 +281,25 @@ class Engine:
 
     # ---- the loop: the engine thread ----------------------------------------------------------
 
+    def drop_cancelled(self) -> int:
+        """Remove the running batch's rows whose client went away, their KV cache rows with them; how
+        many. The next step drops them anyway; a memory release does it now. Engine thread only."""
+        batch = self._batch
+        if batch is None:
+            return 0
+        keep = [i for i, row in enumerate(batch.rows) if not row.handle.cancelled.is_set()]
+        dropped = len(batch.rows) - len(keep)
+        if not dropped:
+            return 0
+        for _ in range(dropped):
+            self.hooks.on_finished("cancelled")
+        if keep:
+            _select(batch, keep)
+        else:
+            self._batch = None
+        self.running = len(keep)
+        return dropped
+
     def _loop(self) -> None:
         log.info("engine loop started (max batch %d, queue %d)", self.max_batch_size, self.max_queue)
         while True:

@@ -195,31 +195,8 @@ def _malloc_trim() -> bool:
 
 
 def drop_cancelled_rows(engine: Engine) -> int:
-    """Remove the rows of the running batch whose client went away (their KV cache rows with them).
-
-    The engine drops such rows at its next step anyway; a release does it now. Engine thread only.
-    """
-    batch = engine._batch
-    if batch is None:
-        return 0
-    keep = [i for i, row in enumerate(batch.rows) if not row.handle.cancelled.is_set()]
-    dropped = len(batch.rows) - len(keep)
-    if not dropped:
-        return 0
-    for _ in range(dropped):
-        engine.hooks.on_finished("cancelled")
-    if not keep:
-        engine._batch = None
-        engine.running = 0
-        return dropped
-    index = torch.tensor(keep, device=batch.input_ids.device)
-    batch.cache.batch_select_indices(index)
-    batch.rows = [batch.rows[i] for i in keep]
-    batch.input_ids = batch.input_ids[index]
-    batch.attention_mask = batch.attention_mask[index]
-    batch.positions = batch.positions[index]
-    engine.running = len(keep)
-    return dropped
+    """Remove the rows of the running batch whose client went away (their KV cache rows with them)."""
+    return engine.drop_cancelled()
 
 
 def tiny_forward(engine: Engine, tokens: int = 2) -> None:
