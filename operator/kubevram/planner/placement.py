@@ -75,11 +75,6 @@ def _estimate(facts: ModelFacts, workload: Workload) -> Estimate:
     return estimate(facts, workload)
 
 
-def _min_per_gpu(facts: ModelFacts, workload: Workload, n: int) -> int:
-    """Bytes each of ``n`` equal GPUs needs for one replica (the same for every strategy on equal GPUs)."""
-    return min_per_gpu_bytes(facts, workload, n)
-
-
 # ------------------------------------------------------------------------------------ node classes
 
 
@@ -228,7 +223,7 @@ class _Demand:
 
     def need(self, n: int) -> int:
         if n not in self._need:
-            self._need[n] = _min_per_gpu(self.facts, self.workload, n)
+            self._need[n] = min_per_gpu_bytes(self.facts, self.workload, n)
         return self._need[n]
 
     def counts(self, limit: int) -> range:
