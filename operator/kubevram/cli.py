@@ -83,20 +83,13 @@ def _cmd_worker(args: argparse.Namespace) -> int:
 def _model_config(args: argparse.Namespace) -> dict | None:
     if not getattr(args, "model_config", None):
         return None
-    import json
+    from kubevram.api.load import parse_config_json
 
     text = _read(args.model_config, "--model-config")
     try:
-        value = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise CliError(
-            f"--model-config: {args.model_config!r} is not JSON: {exc.msg} at line {exc.lineno}"
-        ) from None
-    if not isinstance(value, dict):
-        raise CliError(
-            f"--model-config: {args.model_config!r} holds {type(value).__name__}, not a JSON object"
-        )
-    return value
+        return parse_config_json(text, f"--model-config: {args.model_config!r}")
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -186,3 +186,18 @@ def test_the_installed_command_runs(tmp_path: Path) -> None:
         check=False,
     )
     assert done.returncode == 2 and "cannot read" in done.stderr and "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("{not json", "cfg is not JSON: Expecting property name"),
+        ("[1, 2]", "cfg holds list, not a JSON object"),
+    ],
+)
+def test_config_json_errors_name_the_source(text: str, expected: str) -> None:
+    from kubevram.api.load import parse_config_json
+
+    with pytest.raises(ValueError, match=expected):
+        parse_config_json(text, "cfg")
+    assert parse_config_json('{"model_type": "llama"}', "cfg") == {"model_type": "llama"}

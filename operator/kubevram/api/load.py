@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import yaml
@@ -59,3 +60,14 @@ def load_deployments(text: str, source: str = "") -> list[LLMDeployment]:
         where = f"{source}[{index}]" if len(items) > 1 and source else source
         out.append(parse_deployment(item, source=where))
     return out
+
+
+def parse_config_json(text: str, what: str) -> dict[str, Any]:
+    """A model's ``config.json`` text as a dict; ``ValueError`` names ``what`` and says why it is not one."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{what} is not JSON: {exc.msg} at line {exc.lineno}") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{what} holds {type(value).__name__}, not a JSON object")
+    return value

@@ -18,6 +18,7 @@ from typing import Any
 from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
 
+from kubevram.api.load import parse_config_json
 from kubevram.api.v1alpha1 import API_VERSION, PLURAL
 from kubevram.controller.render import LABEL_DEPLOYMENT, LABEL_MANAGED_BY, MANAGED_BY, RESERVATION
 
@@ -172,14 +173,9 @@ class Cluster:
         if text is None:
             raise ConfigNotReadable(f"ConfigMap {namespace}/{name} has no key {key!r}")
         try:
-            value = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise ConfigNotReadable(
-                f"{key!r} of ConfigMap {namespace}/{name} is not JSON: {exc.msg}"
-            ) from None
-        if not isinstance(value, dict):
-            raise ConfigNotReadable(f"{key!r} of ConfigMap {namespace}/{name} is not a JSON object")
-        return value
+            return parse_config_json(text, f"{key!r} of ConfigMap {namespace}/{name}")
+        except ValueError as exc:
+            raise ConfigNotReadable(str(exc)) from None
 
     def get_llmd(self, namespace: str, name: str) -> dict[str, Any] | None:
         return self._get(f"/apis/{API_VERSION}/namespaces/{namespace}/{PLURAL}/{name}")
