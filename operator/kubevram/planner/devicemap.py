@@ -52,7 +52,7 @@ from typing import Any
 
 from kubevram.api.errors import SpecError
 from kubevram.api.quantity import format_bytes
-from kubevram.planner.estimate import Workload, gpu_bytes_for, layer_kv_bytes
+from kubevram.planner.estimate import Workload, gpu_breakdown, gpu_bytes_for, layer_kv_bytes
 from kubevram.planner.facts import ModelFacts
 from kubevram.planner.modules import Kind, Module, model_modules
 
@@ -137,15 +137,7 @@ class _Model:
         kv = self.kv[b] - self.kv[a] + extra_kv
         has_layer = self.layers[b] > self.layers[a] or extra_kv > 0
         act = self.act[(has_layer, (a <= self.head_unit < b) if head is None else head)]
-        frag = int((kv + act) * self.fragmentation)
-        return {
-            "weights": weights,
-            "kvCache": kv,
-            "activations": act,
-            "overhead": self.overhead,
-            "fragmentation": frag,
-            "total": weights + kv + act + self.overhead + frag,
-        }
+        return gpu_breakdown(weights, kv, act, self.overhead, self.fragmentation)
 
 
 @lru_cache(maxsize=256)

@@ -214,14 +214,20 @@ def gpu_bytes_for(
         * facts.hidden_size
         * workload.compute_bytes,  # the residual stream passing by
     )
-    frag = int((kv + act) * workload.fragmentation)
+    return gpu_breakdown(weights, kv, act, workload.overhead_per_gpu, workload.fragmentation)
+
+
+def gpu_breakdown(weights: int, kv: int, act: int, overhead: int, fragmentation: float) -> dict[str, int]:
+    """The parts one GPU holds and their total; the allocator headroom is ``fragmentation`` of the
+    dynamic memory (KV cache and activations)."""
+    frag = int((kv + act) * fragmentation)
     return {
         "weights": weights,
         "kvCache": kv,
         "activations": act,
-        "overhead": workload.overhead_per_gpu,
+        "overhead": overhead,
         "fragmentation": frag,
-        "total": weights + kv + act + workload.overhead_per_gpu + frag,
+        "total": weights + kv + act + overhead + frag,
     }
 
 
@@ -233,6 +239,7 @@ __all__ = [
     "activation_bytes",
     "estimate",
     "full_forward_bytes_per_token",
+    "gpu_breakdown",
     "gpu_bytes_for",
     "head_activation_bytes",
     "kv_bytes_per_token",
