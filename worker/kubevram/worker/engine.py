@@ -67,6 +67,17 @@ class EngineError(Exception):
         self.code = code
         self.retry_after = retry_after
 
+    @classmethod
+    def loading(cls) -> EngineError:
+        """503 for a request that needs the model before it has loaded."""
+        return cls(
+            503,
+            "the model is still loading; retry when /readyz answers 200",
+            type="service_unavailable",
+            code="model_loading",
+            retry_after=5,
+        )
+
 
 @dataclass(frozen=True)
 class SamplingParams:

@@ -404,13 +404,7 @@ class MemoryMonitor(EngineHooks):
         """Run :func:`release_now` between two engine steps; 503 while the model loads."""
         engine = self.engine
         if engine is None:
-            raise EngineError(
-                503,
-                "the model is still loading; retry when /readyz answers 200",
-                type="service_unavailable",
-                code="model_loading",
-                retry_after=5,
-            )
+            raise EngineError.loading()
         devices = list(self.devices)
         result = await engine.run_between_steps(lambda: release_now(engine, devices, reason))
         self.releases[reason] += 1

@@ -37,13 +37,7 @@ class WorkerState:
                 raise EngineError(
                     503, f"the model failed to load: {self.load_error}", type="service_unavailable"
                 )
-            raise EngineError(
-                503,
-                "the model is still loading; retry when /readyz answers 200",
-                type="service_unavailable",
-                code="model_loading",
-                retry_after=5,
-            )
+            raise EngineError.loading()
         return self.engine
 
     def check_model(self, name: str | None) -> None:
