@@ -34,8 +34,6 @@ from kubevram.api.v1alpha1 import (
     ServingSpec,
 )
 
-WORKER_PLAN_KIND = "WorkerPlan"
-
 #: Where one module goes: a pod GPU index, the CPU or the disk (accelerate's device_map values).
 Device = int | Literal["cpu", "disk"]
 

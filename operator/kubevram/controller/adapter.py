@@ -43,12 +43,6 @@ def api_client() -> client.ApiClient:
         return _configured[key]
 
 
-def reset_client() -> None:
-    """Forget the configured client (the next adapter reads ``KUBECONFIG`` again)."""
-    with _config_lock:
-        _configured.clear()
-
-
 class ConfigNotReadable(Exception):
     """A ConfigMap (or key) holding a model config is missing or is not a JSON object."""
 
@@ -183,9 +177,6 @@ class Cluster:
     def patch_llmd_status(self, namespace: str, name: str, status: dict[str, Any]) -> None:
         path = f"/apis/{API_VERSION}/namespaces/{namespace}/{PLURAL}/{name}/status"
         self._raw("PATCH", path, {"status": status}, MERGE_PATCH)
-
-    def get_secret(self, namespace: str, name: str) -> dict[str, Any] | None:
-        return self._get(f"/api/v1/namespaces/{namespace}/secrets/{name}")
 
     # ------------------------------------------------------------------------------------ writing
 

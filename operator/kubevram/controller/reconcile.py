@@ -56,7 +56,6 @@ class Settings:
     worker_image: str | None = None
     worker_cluster_role: str = "kubevram-worker"
     retry_delay: float = 30.0
-    ready_interval: float = 15.0
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -65,7 +64,6 @@ class Settings:
             worker_image=env.get("KUBEVRAM_WORKER_IMAGE") or None,
             worker_cluster_role=env.get("KUBEVRAM_WORKER_CLUSTERROLE") or "kubevram-worker",
             retry_delay=float(env.get("KUBEVRAM_RETRY_DELAY") or 30),
-            ready_interval=float(env.get("KUBEVRAM_READY_INTERVAL") or 15),
         )
 
     def image_for(self, deployment: LLMDeployment) -> str:
