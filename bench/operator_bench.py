@@ -15,6 +15,7 @@ Prints a table; the recorded results are in bench/README.md ("## Operator").
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import statistics
@@ -30,11 +31,13 @@ sys.path.insert(0, str(ROOT / "tests" / "operator"))
 os.environ.setdefault("KUBEVRAM_READY_INTERVAL", "30")
 
 
-def snapshot(cluster: Any) -> tuple[set[str], dict[str, int], dict[str, Any]]:
-    """ConfigMap names, workload replicas per owner and LLMDeployment statuses, from memory."""
+def snapshot(cluster: Any) -> tuple[set[str], dict[str, int], dict[str, Any], dict[tuple[str, str], int]]:
+    """ConfigMap names, workload replicas per owner, LLMDeployment statuses and, per (node, GPU), how many
+    exclusive replicas the workloads' reservations put there, from memory."""
     cms: set[str] = set()
     owners: dict[str, int] = {}
     statuses: dict[str, Any] = {}
+    booked: dict[tuple[str, str], int] = {}
     for (resource, _, name), obj in list(cluster.emulator.objects.items()):
         if obj.deleted:
             continue
@@ -43,10 +46,18 @@ def snapshot(cluster: Any) -> tuple[set[str], dict[str, int], dict[str, Any]]:
             cms.add(name)
         elif plural == "deployments":
             owner = (obj.get("metadata", {}).get("labels") or {}).get("llm.kubevram.io/deployment", "")
-            owners[owner] = owners.get(owner, 0) + int(obj.get("spec", {}).get("replicas") or 0)
+            replicas = int(obj.get("spec", {}).get("replicas") or 0)
+            owners[owner] = owners.get(owner, 0) + replicas
+            template = (obj.get("spec", {}).get("template") or {}).get("metadata") or {}
+            raw = (template.get("annotations") or {}).get("llm.kubevram.io/reservation")
+            reservation = json.loads(raw) if raw else {}
+            if reservation.get("sharing") == "exclusive" and reservation.get("node"):
+                for gpu in reservation.get("gpus") or {}:
+                    key = (reservation["node"], gpu)
+                    booked[key] = booked.get(key, 0) + replicas
         elif plural == "llmdeployments":
             statuses[name] = obj.get("status")
-    return cms, owners, statuses
+    return cms, owners, statuses, booked
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -96,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
             now = time.monotonic()
             # Read the emulator's memory in its own loop (no HTTP, no JSON): the probe must not be
             # what slows the API server down.
-            cms, owners, statuses = cluster.call(lambda: snapshot(cluster))
+            cms, owners, statuses, booked = cluster.call(lambda: snapshot(cluster))
             for name in created:
                 if name not in children_at and f"{name}-plan" in cms and owners.get(name, 0) >= args.replicas:
                     children_at[name] = now
@@ -105,7 +116,9 @@ def main(argv: list[str] | None = None) -> int:
                     status_at[name] = now
             time.sleep(0.02)
         total = time.monotonic() - start
+        _, _, _, booked = cluster.call(lambda: snapshot(cluster))
     cluster.stop()
+    twice = {gpu: n for gpu, n in booked.items() if n > 1}
 
     if len(children_at) < args.count or len(status_at) < args.count:
         print(f"incomplete: children for {len(children_at)}, status for {len(status_at)} of {args.count}")
@@ -129,6 +142,10 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"all {args.count} reconciled (children and status) in {total:.2f} s "
         f"({args.count / total:.1f} resources/s); operator exit code {runner.exit_code}"
+    )
+    print(
+        f"exclusive GPUs booked: {len(booked)} for {sum(booked.values())} replica-GPUs; "
+        f"booked more than once: {len(twice)} GPU(s), {sum(twice.values()) - len(twice)} extra booking(s)"
     )
     return 0
 
