@@ -21,6 +21,7 @@ from kubernetes.client.exceptions import ApiException
 from kubevram.api.load import parse_config_json
 from kubevram.api.v1alpha1 import API_VERSION, PLURAL
 from kubevram.controller.render import LABEL_DEPLOYMENT, LABEL_MANAGED_BY, MANAGED_BY, RESERVATION
+from kubevram.planner.inventory import Reservation
 
 MERGE_PATCH = "application/merge-patch+json"
 
@@ -109,40 +110,31 @@ class Cluster:
             and (d["metadata"].get("labels") or {}).get(LABEL_DEPLOYMENT) == name
         ]
 
-    def reservations(self, workloads: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
-        """kubevram's reservations as pod-shaped dicts, one per replica of every worker workload.
+    @staticmethod
+    def reservations(workloads: Iterable[dict[str, Any]]) -> dict[tuple[str, str], list[Reservation]]:
+        """What the API shows kubevram holds: ``{(namespace, LLMDeployment): [reservation per replica]}``.
 
         The pod template carries the reservation annotation; a workload with N replicas reserves N
         times. Reading templates rather than pods counts replicas whose pods do not exist yet (just
-        applied, or pending), so two plans made a second apart never book the same GPU twice.
+        applied, or pending). Workloads without a node (placeholders) hold nothing.
         """
-        pods = []
-        for workload in self.list_workloads() if workloads is None else workloads:
+        out: dict[tuple[str, str], list[Reservation]] = {}
+        for workload in workloads:
             meta = workload["metadata"]
+            owner = str((meta.get("labels") or {}).get(LABEL_DEPLOYMENT))
+            key = (str(meta.get("namespace") or "default"), owner)
+            held = out.setdefault(key, [])
             template_meta = ((workload.get("spec") or {}).get("template") or {}).get("metadata") or {}
-            annotations = template_meta.get("annotations") or {}
-            if RESERVATION not in annotations:
+            raw = (template_meta.get("annotations") or {}).get(RESERVATION)
+            if raw is None:
                 continue
             try:
-                node = json.loads(annotations[RESERVATION]).get("node") or ""
-            except (ValueError, AttributeError):
+                one = Reservation.from_annotation(*key, raw, source=f"workload {key[0]}/{meta.get('name')}")
+            except ValueError:
                 continue
-            for index in range(int((workload.get("spec") or {}).get("replicas") or 0)):
-                pods.append(
-                    {
-                        "apiVersion": "v1",
-                        "kind": "Pod",
-                        "metadata": {
-                            "name": f"{meta['name']}-{index}",
-                            "namespace": meta.get("namespace"),
-                            "labels": dict(template_meta.get("labels") or {}),
-                            "annotations": dict(annotations),
-                        },
-                        "spec": {"nodeName": node} if node else {},
-                        "status": {"phase": "Running" if node else "Pending"},
-                    }
-                )
-        return pods
+            if one.node and one.gpus:
+                held += [one] * int((workload.get("spec") or {}).get("replicas") or 0)
+        return out
 
     def foreign_gpu_pods(self) -> list[dict[str, Any]]:
         """Running or pending pods that are not kubevram's but hold GPUs on a node (the planner

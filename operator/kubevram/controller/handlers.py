@@ -13,6 +13,7 @@ import kopf
 
 from kubevram.api.v1alpha1 import GROUP, PLURAL, VERSION
 from kubevram.controller.adapter import Cluster
+from kubevram.controller.ledger import LEDGER
 from kubevram.controller.reconcile import (
     Reconciler,
     Settings,
@@ -38,7 +39,8 @@ def reconciler(body: kopf.Body) -> Reconciler:
 
 @kopf.on.startup()
 def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
-    """Keep kopf's bookkeeping under kubevram's own annotation prefix and finalizer."""
+    """Keep kopf's bookkeeping under kubevram's own annotation prefix and finalizer; start a fresh ledger."""
+    LEDGER.reset()  # the first plan's read of the workloads rebuilds it from the children
     settings.persistence.finalizer = f"{GROUP}/finalizer"
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix=GROUP)

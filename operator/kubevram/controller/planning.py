@@ -1,7 +1,8 @@
 """The operator's one door into the pure planner: one deployment in, its plan JSON out.
 
 ``kubevram.planner.placement.plan_cluster`` plans many deployments jointly; a reconciliation plans
-one, against the nodes and the reservations of every other kubevram workload. A deployment the
+one, against the nodes, the GPU requests of other pods and the reservations the placement ledger
+(``kubevram.controller.ledger``) holds for every other LLMDeployment. A deployment the
 planner cannot plan at all (its model facts cannot be had) raises the planner's ``SpecError``,
 which names the field and the value.
 """
@@ -16,6 +17,7 @@ from typing import Any
 
 from kubevram.api.errors import SpecError
 from kubevram.api.v1alpha1 import LLMDeployment
+from kubevram.planner.inventory import Reservation
 
 
 @lru_cache(maxsize=4)
@@ -39,12 +41,16 @@ def plan_deployment(
     nodes: list[dict[str, Any]],
     pods: list[dict[str, Any]],
     model_config: dict[str, Any] | None,
+    reservations: Sequence[Reservation] = (),
 ) -> dict[str, Any]:
-    """The plan of ``deployment`` (``kubevram plan -o json`` form) given ``nodes`` and what ``pods`` hold."""
+    """The plan of ``deployment`` (``kubevram plan -o json`` form) given ``nodes`` and what ``pods`` (other
+    pods' GPU requests) and ``reservations`` (kubevram's, from the placement ledger) hold."""
     from kubevram.planner.placement import plan_cluster
 
     configs = {(deployment.namespace, deployment.name): model_config} if model_config is not None else None
-    result = plan_cluster([deployment], nodes, pods, configs=configs, node_classes=node_classes())
+    result = plan_cluster(
+        [deployment], nodes, pods, configs=configs, node_classes=node_classes(), reservations=reservations
+    )
     (plan,) = result.deployments
     if plan.error is not None:
         raise plan.error if isinstance(plan.error, SpecError) else SpecError("spec", str(plan.error))

@@ -37,12 +37,16 @@ from kubevram.api.v1alpha1 import DEFAULT_WORKER_IMAGE, LLMDeployment
 from kubevram.controller import render, status
 from kubevram.controller.adapter import Cluster, ConfigNotReadable
 from kubevram.controller.calibrate import with_calibration
+from kubevram.controller.ledger import LEDGER, Ledger, reservations_of
+from kubevram.planner.inventory import Reservation
 
 log = logging.getLogger(__name__)
 
-#: ``planner(deployment, nodes, pods, model_config) -> plan JSON`` for one deployment.
+#: ``planner(deployment, nodes, pods, model_config, reservations) -> plan JSON`` for one deployment:
+#: ``pods`` are other pods holding GPUs, ``reservations`` what the ledger holds for other deployments.
 Planner = Callable[
-    [LLMDeployment, list[dict[str, Any]], list[dict[str, Any]], dict[str, Any] | None], dict[str, Any]
+    [LLMDeployment, list[dict[str, Any]], list[dict[str, Any]], dict[str, Any] | None, list[Reservation]],
+    dict[str, Any],
 ]
 
 PLAN_INPUT = "llm.kubevram.io/plan-input"
@@ -94,9 +98,11 @@ class Reconciler:
         settings: Settings,
         planner: Planner | None = None,
         report: Callable[[str, str, bool], None] | None = None,
+        ledger: Ledger | None = None,
     ) -> None:
         self.cluster = cluster
         self.settings = settings
+        self.ledger = ledger or LEDGER
         self.planner = planner or default_planner()
         self.report = report or (lambda reason, message, warning: None)
         self._existing_plan_cm: dict[str, Any] | None = None
@@ -147,34 +153,32 @@ class Reconciler:
         self,
         deployment: LLMDeployment,
         model_config: dict[str, Any] | None,
-        input_hash: str,
         nodes: list[dict[str, Any]],
         pods: list[dict[str, Any]],
+        book: list[Reservation],
+        previous: dict[str, Any] | None,
     ) -> tuple[dict[str, Any], str]:
-        """The new plan and how it was made (``full``, ``kept``, ``scaled-down``, ``scaled-up``)."""
+        """The new plan and how it was made (``full``, ``kept``, ``scaled-down``, ``scaled-up``).
+
+        ``book``: what the ledger holds for every other deployment; ``previous``: the deployment's last
+        plan when only ``spec.replicas`` changed since (else None: every replica is planned anew).
+        """
         name, namespace = deployment.name, deployment.namespace
         desired = deployment.spec.replicas
-        own = [
-            p
-            for p in pods
-            if p["metadata"].get("namespace") == namespace
-            and p["metadata"].get("labels", {}).get(render.LABEL_DEPLOYMENT) == name
-        ]
-        others = [p for p in pods if p not in own]
-        previous, previous_hash = self._previous_plan(namespace, name)
-        if previous is None or previous_hash != input_hash:
-            return self.planner(deployment, nodes, others, model_config), "full"
+        if previous is None:
+            return self.planner(deployment, nodes, pods, model_config, book), "full"
         kept = list(previous.get("replicas") or [])
         if desired <= len(kept):
             plan = {**previous, "replicas": kept[:desired], "unscheduled": {"count": 0, "reason": ""}}
             return plan, "kept" if desired == len(kept) and not _pending(previous) else "scaled-down"
-        # Plan only the difference; the kept replicas stay in the inventory as reservations (under
-        # another owner label: the planner ignores the pods of the deployment it is planning).
-        placed_pods = [_as_kept(p) for p in own if (p.get("spec") or {}).get("nodeName")]
+        # Plan only the difference; the kept replicas are reservations under another owner (the planner
+        # leaves out the reservations of the deployment it is planning).
+        sharing = str(deployment.spec.placement.sharing)
+        held = reservations_of((namespace, f"{name}.kept"), {"replicas": kept}, sharing)
         delta = deployment.model_copy(
             update={"spec": deployment.spec.model_copy(update={"replicas": desired - len(kept)})}
         )
-        extra = self.planner(delta, nodes, others + placed_pods, model_config)
+        extra = self.planner(delta, nodes, pods, model_config, book + held)
         plan = {**extra, "replicas": kept + list(extra.get("replicas") or [])}
         return plan, "scaled-up" if desired > len(kept) + _pending(previous) or extra.get(
             "replicas"
@@ -184,15 +188,38 @@ class Reconciler:
         self, deployment: LLMDeployment, model_config: dict[str, Any] | None, nodes: list[dict[str, Any]]
     ) -> bool:
         one = deployment.model_copy(update={"spec": deployment.spec.model_copy(update={"replicas": 1})})
-        return bool(self.planner(one, nodes, [], model_config).get("replicas"))
+        return bool(self.planner(one, nodes, [], model_config, []).get("replicas"))
+
+    def _check_fits(
+        self,
+        deployment: LLMDeployment,
+        model_config: dict[str, Any] | None,
+        nodes: list[dict[str, Any]],
+        plan: Mapping[str, Any],
+    ) -> None:
+        """``SpecError`` when nothing was placed and no node could hold a replica even empty."""
+        nothing_placed = not plan.get("replicas") and _pending(plan)
+        if (
+            nothing_placed
+            and deployment.spec.placement.offload == "none"
+            and not self._fits_empty_cluster(deployment, model_config, nodes)
+        ):
+            total = (plan.get("estimate") or {}).get("totalBytes")
+            need = status.gib(total) if total else "more"
+            raise SpecError(
+                "spec.placement.offload",
+                f"'none', but one replica needs {need} of GPU memory and no node could hold it even "
+                f"empty (largest node: {_largest_node_mib(nodes)} MiB of GPU memory); allow offload: "
+                "cpu, lower spec.precision.weights or add bigger GPU nodes",
+            )
 
     # ------------------------------------------------------------------------------- the whole
 
     def plan_and_apply(self, body: Mapping[str, Any], patch: Any) -> None:
-        """One reconciliation; never two at once for the same deployment (kopf's handlers and the
-        node-change re-plan share a lock per deployment)."""
+        """One reconciliation; never two at once for the same deployment (kopf's handlers, its timer and
+        the node-change re-plans all go through the ledger's per-deployment lock)."""
         meta = body["metadata"]
-        with _lock_for(meta.get("namespace") or "default", meta["name"]):
+        with self.ledger.deployment((meta.get("namespace") or "default", meta["name"])):
             self._plan_and_apply(body, patch)
 
     def replan_pending(self, namespace: str, name: str) -> bool:
@@ -220,6 +247,7 @@ class Reconciler:
     def _plan_and_apply(self, body: Mapping[str, Any], patch: Any) -> None:
         meta = body["metadata"]
         name, namespace = meta["name"], meta.get("namespace") or "default"
+        key = (namespace, name)
         source = f"{namespace}/{name}"
         try:
             deployment = parse_deployment(
@@ -232,31 +260,26 @@ class Reconciler:
             )
             deployment = with_calibration(deployment, body.get("status"))  # spec.estimation.useCalibration
             model_config = self._model_config(deployment)
+            # Read the API outside the ledger's lock; the ledger's own entries win over older reads.
+            read_started = self.ledger.clock()
             nodes = self.cluster.list_nodes()
             workloads = self.cluster.list_workloads()
+            pods = self.cluster.foreign_gpu_pods()
+            previous, previous_hash = self._previous_plan(namespace, name)
             owned = [
                 w
                 for w in workloads
                 if w["metadata"].get("namespace") == namespace
                 and (w["metadata"].get("labels") or {}).get(render.LABEL_DEPLOYMENT) == name
             ]
-            pods = self.cluster.reservations(workloads) + self.cluster.foreign_gpu_pods()
             input_hash = plan_input_hash(deployment, model_config)
-            plan, how = self._plan(deployment, model_config, input_hash, nodes, pods)
-            nothing_placed = not plan.get("replicas") and _pending(plan)
-            if (
-                nothing_placed
-                and deployment.spec.placement.offload == "none"
-                and not self._fits_empty_cluster(deployment, model_config, nodes)
-            ):
-                total = (plan.get("estimate") or {}).get("totalBytes")
-                need = status.gib(total) if total else "more"
-                raise SpecError(
-                    "spec.placement.offload",
-                    f"'none', but one replica needs {need} of GPU memory and no node could hold it even "
-                    f"empty (largest node: {_largest_node_mib(nodes)} MiB of GPU memory); allow offload: "
-                    "cpu, lower spec.precision.weights or add bigger GPU nodes",
-                )
+            with self.ledger.deciding():
+                self.ledger.observe(self.cluster.reservations(workloads), read_started)
+                book = self.ledger.snapshot(exclude=[key])
+                kept = previous if previous_hash == input_hash else None
+                plan, how = self._plan(deployment, model_config, nodes, pods, book, kept)
+                self._check_fits(deployment, model_config, nodes, plan)
+                self.ledger.reserve(key, reservations_of(key, plan, str(deployment.spec.placement.sharing)))
         except SpecError as exc:
             field = exc.field or "spec"
             self._fail(body, patch, status.PLANNED, "InvalidSpec", f"{field}: {exc.message}")
@@ -266,8 +289,12 @@ class Reconciler:
 
         try:
             self._apply(body, deployment, plan, input_hash, owned)
-        except ApiException as exc:
-            raise _transient(exc, self.settings) from None
+        except BaseException as exc:
+            self.ledger.abort(key)
+            if isinstance(exc, ApiException):
+                raise _transient(exc, self.settings) from None
+            raise
+        self.ledger.confirm(key)
 
         ready = sum(int((w.get("status") or {}).get("readyReplicas") or 0) for w in owned)
         new_status = status.planned_status(
@@ -329,12 +356,15 @@ class Reconciler:
         self.cluster.delete_workloads([w for n, w in current.items() if n not in wanted])
 
     def release(self, body: Mapping[str, Any]) -> int:
-        """On deletion: remove the workloads now, so their GPUs are free for the next plan."""
+        """On deletion: remove the workloads now and drop the ledger's entry, so the GPUs are free for
+        the next plan."""
         meta = body["metadata"]
-        namespace = meta.get("namespace") or "default"
-        _mark_waiting((namespace, meta["name"]), False)
-        owned = self.cluster.list_owned_workloads(namespace, meta["name"])
-        self.cluster.delete_workloads(owned)
+        key = (meta.get("namespace") or "default", meta["name"])
+        _mark_waiting(key, False)
+        with self.ledger.deployment(key):
+            owned = self.cluster.list_owned_workloads(*key)
+            self.cluster.delete_workloads(owned)
+            self.ledger.forget(key)
         return len(owned)
 
     def refresh_readiness(self, body: Mapping[str, Any], patch: Any) -> None:
@@ -376,7 +406,6 @@ class _StatusPatch:
         self.status: dict[str, Any] = {}
 
 
-_locks: dict[tuple[str, str], threading.Lock] = {}
 _locks_guard = threading.Lock()
 
 
@@ -395,11 +424,6 @@ def waiting_here() -> set[tuple[str, str]]:
     """(namespace, name) of the deployments this process left with pending replicas."""
     with _locks_guard:
         return set(_waiting_here)
-
-
-def _lock_for(namespace: str, name: str) -> threading.Lock:
-    with _locks_guard:
-        return _locks.setdefault((namespace, name), threading.Lock())
 
 
 def gpu_node_changed(event_type: str | None, node: Mapping[str, Any], seen: dict[str, str]) -> bool:
@@ -442,14 +466,6 @@ def replan_waiting(cluster: Cluster, settings: Settings, waiting: Iterable[tuple
         if Reconciler(cluster, settings).replan_pending(namespace, name):
             placed += 1
     return placed
-
-
-def _as_kept(pod: dict[str, Any]) -> dict[str, Any]:
-    meta = dict(pod["metadata"])
-    labels = dict(meta.get("labels") or {})
-    labels[render.LABEL_DEPLOYMENT] = f"{labels.get(render.LABEL_DEPLOYMENT, '')}.kept"
-    meta["labels"] = labels
-    return {**pod, "metadata": meta}
 
 
 def _pending(plan: Mapping[str, Any]) -> int:

@@ -316,6 +316,84 @@ def _pod_gpu_requests(pod: Mapping[str, Any]) -> dict[str, int]:
     return out
 
 
+@dataclass(frozen=True)
+class Reservation:
+    """What one kubevram replica holds on one node: node GPU index -> bytes.
+
+    ``exclusive`` holds each listed device whole; ``shared`` holds its bytes and one time-slice of a
+    time-sliced GPU (a MIG device is always held whole). The operator writes one per replica in the
+    ``llm.kubevram.io/reservation`` annotation of its workers' pod template, and its placement ledger
+    hands the planner the ones it decided but the API does not show yet.
+    """
+
+    namespace: str
+    deployment: str
+    node: str
+    gpus: tuple[tuple[int, int], ...]  # (node GPU index, bytes), sorted by index
+    sharing: str = "exclusive"
+    source: str = field(default="", compare=False)  # where it was read (a pod), for warnings
+
+    @property
+    def label(self) -> str:
+        return self.source or f"{self.namespace}/{self.deployment}"
+
+    @property
+    def owner(self) -> tuple[str, str]:
+        return (self.namespace, self.deployment)
+
+    @classmethod
+    def of(
+        cls, namespace: str, deployment: str, node: str, gpus: Mapping[Any, Any], sharing: str = "exclusive",
+        source: str = "",
+    ) -> Reservation:
+        """From plain values (``gpus`` keys and values as ints or their strings); ``ValueError`` if not."""
+        return cls(namespace, deployment, node, tuple(sorted((int(k), int(v)) for k, v in gpus.items())),
+                   sharing, source)
+
+    @classmethod
+    def from_annotation(
+        cls, namespace: str, deployment: str, raw: Any, node: str = "", source: str = ""
+    ) -> Reservation:
+        """From the annotation's JSON ``{"node", "gpus": {index: bytes}, "sharing"}``; ``node`` (a pod's
+        ``spec.nodeName``) wins over the annotation's. ``ValueError`` when malformed."""
+        try:
+            value = json.loads(raw) if isinstance(raw, str) else raw
+            return cls.of(namespace, deployment, node or str(value.get("node") or ""),
+                          value.get("gpus") or {}, str(value.get("sharing") or "exclusive"), source)
+        except (TypeError, AttributeError) as exc:
+            raise ValueError(str(exc)) from None
+
+    def to_annotation(self) -> dict[str, Any]:
+        return {"node": self.node, "gpus": {str(k): v for k, v in self.gpus}, "sharing": self.sharing}
+
+
+def apply_reservations(
+    nodes: Iterable[NodeInventory],
+    reservations: Iterable[Reservation],
+    warnings: list[str],
+    *,
+    replanned: Iterable[tuple[str, str]] = (),
+) -> None:
+    """Subtract what ``reservations`` hold from ``nodes`` (in place); those of ``replanned`` (namespace,
+    name) deployments are ignored, since the plan being made replaces them, and so are those on nodes
+    that are not schedulable GPU nodes here (gone, or not bound yet)."""
+    by_name = {n.name: n for n in nodes}
+    skip = set(replanned)
+    for reservation in reservations:
+        node = by_name.get(reservation.node)
+        if reservation.owner in skip or node is None:
+            continue
+        shared = reservation.sharing == "shared"
+        for index, nbytes in reservation.gpus:
+            if not 0 <= index < len(node.devices):
+                warnings.append(f"{reservation.label}: GPU {index} is not on node {node.name}; ignored")
+                continue
+            if shared and node.devices[index].kind == "timeslice":
+                node.add_slice(index, nbytes)
+            else:
+                node.hold_whole(index)
+
+
 def apply_pods(
     nodes: Iterable[NodeInventory],
     pods: Sequence[Mapping[str, Any]],
@@ -323,10 +401,12 @@ def apply_pods(
     *,
     replanned: Iterable[tuple[str, str]] = (),
 ) -> None:
-    """Subtract what ``pods`` hold from ``nodes`` (in place); pods of ``replanned`` (namespace, name)
-    deployments are ignored, since the plan being made replaces them."""
+    """Subtract what ``pods`` hold from ``nodes`` (in place): kubevram workers by their reservation
+    annotation (``apply_reservations``), other pods by their GPU requests; pods of ``replanned``
+    (namespace, name) deployments are ignored, since the plan being made replaces them."""
+    nodes = list(nodes)
     by_name = {n.name: n for n in nodes}
-    skip = set(replanned)
+    reservations: list[Reservation] = []
     for pod in pods:
         if not isinstance(pod, Mapping):
             continue
@@ -345,28 +425,14 @@ def apply_pods(
                     node.foreign[resource] = node.foreign.get(resource, 0) + n
             continue
         labels = _map(meta, "labels")
-        owner = (str(meta.get("namespace") or "default"), str(labels.get(LABEL_DEPLOYMENT, "")))
-        if owner in skip:
-            continue
         try:
-            reservation = json.loads(raw) if isinstance(raw, str) else raw
-            gpus = {int(k): int(v) for k, v in (reservation.get("gpus") or {}).items()}
-        except (ValueError, TypeError, AttributeError):
+            reservations.append(Reservation.from_annotation(
+                str(meta.get("namespace") or "default"), str(labels.get(LABEL_DEPLOYMENT, "")), raw,
+                str(spec.get("nodeName") or ""), f"pod {pod_name}",
+            ))
+        except ValueError:
             warnings.append(f"pod {pod_name}: annotation {ANNOTATION_RESERVATION} is malformed; ignored")
-            continue
-        node_name = str(spec.get("nodeName") or reservation.get("node") or "")
-        node = by_name.get(node_name)
-        if node is None or not gpus:
-            continue  # not bound yet, or on a node that is not a schedulable GPU node
-        shared = reservation.get("sharing") == "shared"
-        for index, nbytes in sorted(gpus.items()):
-            if not 0 <= index < len(node.devices):
-                warnings.append(f"pod {pod_name}: GPU {index} is not on node {node_name}; ignored")
-                continue
-            if shared and node.devices[index].kind == "timeslice":
-                node.add_slice(index, nbytes)
-            else:
-                node.hold_whole(index)
+    apply_reservations(nodes, reservations, warnings, replanned=replanned)
 
 
 def _content(obj: Any) -> str:
@@ -377,10 +443,14 @@ def _content(obj: Any) -> str:
 
 
 def build_inventory(
-    nodes: Sequence[Any], pods: Sequence[Mapping[str, Any]] = (), *, replanned: Iterable[tuple[str, str]] = ()
+    nodes: Sequence[Any],
+    pods: Sequence[Mapping[str, Any]] = (),
+    *,
+    replanned: Iterable[tuple[str, str]] = (),
+    reservations: Iterable[Reservation] = (),
 ) -> Inventory:
     """Inventory of every GPU node in ``nodes`` (sorted by name; duplicates keep the first by name
-    and content, with a warning) minus what ``pods`` hold."""
+    and content, with a warning) minus what ``pods`` and ``reservations`` hold."""
     warnings: list[str] = []
     by_name: dict[str, list[tuple[Any, NodeInventory]]] = {}
     for obj in nodes:
@@ -395,7 +465,9 @@ def build_inventory(
             found.sort(key=lambda item: _content(item[0]))
         seen[name] = found[0][1]
     out = list(seen.values())
+    replanned = set(replanned)
     apply_pods(out, pods, warnings, replanned=replanned)
+    apply_reservations(out, reservations, warnings, replanned=replanned)
     return Inventory(out, sorted(warnings))
 
 
@@ -446,9 +518,11 @@ __all__ = [
     "Device",
     "Inventory",
     "NodeInventory",
+    "Reservation",
     "Taint",
     "admits",
     "apply_pods",
+    "apply_reservations",
     "build_inventory",
     "node_inventory",
     "tolerates",

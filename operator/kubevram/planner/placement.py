@@ -58,6 +58,7 @@ from kubevram.planner.inventory import (
     Device,
     Inventory,
     NodeInventory,
+    Reservation,
     admits,
     build_inventory,
 )
@@ -623,8 +624,10 @@ def plan_cluster(
     model_config: Mapping[str, Any] | None = None,
     node_classes: Sequence[Mapping[str, Any]] | None = None,
     resolve: FactsResolver | None = None,
+    reservations: Sequence[Reservation] = (),
 ) -> ClusterPlan:
-    """Place every replica of ``deployments`` on ``nodes`` (Node objects) given what ``pods`` hold.
+    """Place every replica of ``deployments`` on ``nodes`` (Node objects) given what ``pods`` and
+    ``reservations`` (the operator's ledger: decided, maybe not visible in the API yet) hold.
 
     ``configs`` maps (namespace, name) to the config.json read from the deployment's ConfigMap;
     ``model_config`` (``--model-config``) serves every deployment without its own. A deployment whose
@@ -679,7 +682,9 @@ def plan_cluster(
             )
         )
 
-    inventory = build_inventory(nodes, pods, replanned=[d.plan.key for d in demands])
+    inventory = build_inventory(
+        nodes, pods, replanned=[d.plan.key for d in demands], reservations=reservations
+    )
     warnings = list(inventory.warnings)
     classes = parse_node_classes(node_classes, warnings) or KNOWN_PRODUCTS
     planner = _Planner(inventory)
