@@ -1,26 +1,43 @@
 """GPU inventory from Node objects, as ``kubectl get nodes -o yaml`` prints them, minus what pods hold.
 
-What a node offers is read from NVIDIA GPU Feature Discovery (GFD) labels and the device plugin's
-allocatable resources:
+What a node offers is read from the labels NVIDIA GPU Feature Discovery (GFD, part of the
+k8s-device-plugin project) writes and from the device plugin's allocatable resources:
 
-================================  ==========================================================
-``nvidia.com/gpu.memory``         MiB per GPU (per MIG device with the ``single`` MIG strategy)
-``nvidia.com/gpu.product``        e.g. ``NVIDIA-A100-SXM4-80GB`` (``-SHARED`` with time-slicing)
-``nvidia.com/gpu.count``          physical GPUs (MIG devices with the ``single`` strategy)
-``nvidia.com/gpu.replicas``       time-slicing replicas per GPU; > 1 means the node shares GPUs
-``nvidia.com/mig.strategy``       ``single`` or ``mixed``
-``nvidia.com/mig-<P>.count``      ``mixed``: MIG devices of profile ``P`` (e.g. ``mig-3g.20gb``)
-``nvidia.com/mig-<P>.memory``     ``mixed``: MiB of each such device
-allocatable ``nvidia.com/gpu``    whole GPUs (or time-slices, or ``single`` MIG devices) to request
-allocatable ``nvidia.com/mig-P``  ``mixed``: devices of profile ``P`` to request
-================================  ==========================================================
+=================================  =========================================================================
+``nvidia.com/gpu.memory``          MiB per GPU (per MIG device when the ``single`` strategy serves MIG)
+``nvidia.com/gpu.product``         e.g. ``NVIDIA-A100-SXM4-80GB``; ``-SHARED`` appended when GPUs are shared,
+                                   ``-MIG-<profile>`` when the ``single`` strategy serves MIG devices
+``nvidia.com/gpu.count``           GPUs (MIG devices under ``single`` with MIG on)
+``nvidia.com/gpu.replicas``        pods one GPU is advertised to; ``1`` (or ``0``, MIG) is no sharing
+``nvidia.com/gpu.sharing-strategy`` ``none``, ``time-slicing`` or ``mps``
+``nvidia.com/mig.strategy``        the device plugin's ``--mig-strategy``: ``none``, ``single``, ``mixed``
+``nvidia.com/mig.capable``         whether any GPU of the node can do MIG at all
+``nvidia.com/mig.config.state``    the MIG manager's progress: ``pending``/``rebooting`` while it reconfigures
+``nvidia.com/mig-<P>.count``       ``mixed``: MIG devices of profile ``P`` (e.g. ``mig-3g.20gb``)
+``nvidia.com/mig-<P>.memory``      ``mixed``: MiB of each such device
+allocatable ``nvidia.com/gpu``     whole GPUs (or their replicas, or ``single`` MIG devices) to request
+allocatable ``nvidia.com/mig-P``   ``mixed``: devices of profile ``P`` to request
+=================================  =========================================================================
 
-Three kinds of device come out of it (``Device.kind``):
+GFD labels ``nvidia.com/mig.strategy=single`` on EVERY GPU node when the device plugin runs with the
+``single`` strategy (the GPU Operator's usual setting), MIG or not. So the strategy label alone says
+nothing about MIG: MIG is on only where GFD says a device is a MIG device, that is a product name
+ending in ``-MIG-<profile>`` (``single``) or per-profile ``nvidia.com/mig-<P>.*`` labels and
+resources (``mixed``). ``-MIG-INVALID`` (a geometry the ``single`` strategy cannot serve) and a MIG
+reconfiguration in progress leave the node out with a warning.
+
+Allocatable is the truth about counts: GFD labels are written when GFD last ran, and a GPU the device
+plugin found unhealthy drops from allocatable at once. When both are present and disagree, the node
+is planned with what allocatable says, with a warning.
+
+Four kinds of device come out of it (``Device.kind``):
 
 * ``gpu``: a whole GPU on a node that does not share; taken whole by one ``exclusive`` replica.
-* ``timeslice``: a GPU on a time-sliced node (``gpu.replicas`` > 1); ``shared`` replicas take VRAM
-  slices of it, at most ``gpu.replicas`` of them, and the slices' budgets never exceed its memory.
+* ``timeslice``: a GPU time-sliced ``gpu.replicas`` ways; ``shared`` replicas take VRAM slices of it,
+  at most ``gpu.replicas`` of them, and the slices' budgets never exceed its memory.
 * ``mig``: a MIG device (a hardware partition); one replica takes one device whole, in either mode.
+* ``mps``: one of the ``gpu.replicas`` MPS clients of a GPU, which the device plugin caps at the GPU's
+  memory divided by ``gpu.replicas``; taken whole like a MIG device.
 
 Usable memory of a device for planning = label MiB x 2^20 minus what pods already hold. Pods tell what
 they hold with the annotation ``llm.kubevram.io/reservation`` (``{"node", "gpus": {index: bytes},
@@ -43,7 +60,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from kubevram.api.quantity import MiB, parse_quantity
@@ -55,10 +72,22 @@ LABEL_COUNT = "nvidia.com/gpu.count"
 LABEL_REPLICAS = "nvidia.com/gpu.replicas"
 LABEL_SHARING_STRATEGY = "nvidia.com/gpu.sharing-strategy"
 LABEL_MIG_STRATEGY = "nvidia.com/mig.strategy"
+LABEL_MIG_CAPABLE = "nvidia.com/mig.capable"
+LABEL_MIG_CONFIG_STATE = "nvidia.com/mig.config.state"
 ANNOTATION_RESERVATION = "llm.kubevram.io/reservation"
 LABEL_DEPLOYMENT = "llm.kubevram.io/deployment"
-_MIG_LABEL = re.compile(r"^nvidia\.com/(mig-\d+g\.\d+gb)\.(count|memory)$")
-_MIG_RESOURCE = re.compile(r"^nvidia\.com/mig-\d+g\.\d+gb$")
+# A MIG profile as NVIDIA names it (1g.10gb, 1g.10gb+me, 2g.35gb, ...); the device plugin turns a "+"
+# into "." in resource and label names (nvidia.com/mig-1g.10gb.me).
+_PROFILE = r"\d+g\.\d+gb(?:[.+-][a-z0-9]+)*"
+_MIG_LABEL = re.compile(rf"^nvidia\.com/(mig-{_PROFILE})\.(count|memory)$")
+_MIG_RESOURCE = re.compile(rf"^nvidia\.com/mig-{_PROFILE}$")
+# GFD's product label under the single strategy with MIG on: "<GPU>-MIG-<profile>" (or -MIG-INVALID).
+_MIG_PRODUCT = re.compile(r"-MIG-([^-]+)$")
+SHARED_SUFFIX = "-SHARED"
+# Where the MIG manager is still changing the geometry: the labels and resources are about to change.
+_MIG_RECONFIGURING = ("pending", "rebooting")
+# Kinds of device a replica takes whole, one per replica, whatever its sharing mode.
+PARTITION_KINDS = ("mig", "mps")
 
 
 @dataclass(frozen=True)
@@ -67,7 +96,7 @@ class Device:
 
     index: int  # the node's own numbering, as the plan's ``gpus`` lists it
     memory_bytes: int
-    kind: str  # "gpu" | "timeslice" | "mig"
+    kind: str  # "gpu" | "timeslice" | "mig" | "mps"
     resource: str = GPU_RESOURCE  # what a pod requests to get it
     slots: int = 1  # time-slices it offers (time-sliced GPUs only)
 
@@ -93,7 +122,7 @@ class NodeInventory:
     unschedulable: bool
     devices: tuple[Device, ...]
     allocatable: dict[str, int]  # resource name -> count (nvidia.com/gpu, nvidia.com/mig-*)
-    sharing: str  # "none" | "time-slicing" | "mig-single" | "mig-mixed"
+    sharing: str  # "none" | "time-slicing" | "mps" | "mig-single" | "mig-mixed"
     cpu_memory_bytes: int = 0  # allocatable memory, for CPU offload
     disk_bytes: int = 0  # allocatable ephemeral-storage, for disk offload
     # What pods hold, filled by ``apply_pods``:
@@ -195,6 +224,95 @@ def _looks_like_gpu_node(labels: Mapping[str, str], allocatable: Mapping[str, An
     )
 
 
+def _product_base(product: str) -> str:
+    """The GPU's product name without GFD's ``-SHARED`` suffix."""
+    return product[: -len(SHARED_SUFFIX)] if product.endswith(SHARED_SUFFIX) else product
+
+
+def _mig_profiles(
+    labels: Mapping[str, str], allocatable: Mapping[str, int], name: str, warnings: list[str]
+) -> list[Device] | None:
+    """The ``mixed`` strategy's MIG devices: per profile, the count allocatable gives (the label's when
+    the node lists no allocatable for it) and the label's MiB. None when a label is malformed."""
+    profiles: dict[str, dict[str, str]] = {}
+    for key, value in labels.items():
+        m = _MIG_LABEL.match(key)
+        if m:
+            profiles.setdefault(m.group(1), {})[m.group(2)] = value
+    for key in allocatable:
+        if _MIG_RESOURCE.match(key):
+            profiles.setdefault(key.removeprefix("nvidia.com/"), {})
+    devices: list[Device] = []
+    for profile in sorted(profiles):
+        resource = f"nvidia.com/{profile}"
+        if resource in allocatable:
+            count: int | None = allocatable[resource]
+        else:
+            count = _int_label(labels, f"{resource}.count", name, warnings, minimum=0)
+        if count is None:
+            return None
+        if not count:
+            continue
+        if f"{resource}.memory" not in labels:
+            warnings.append(f"node {name}: {count} {resource} ignored, label {resource}.memory is missing")
+            continue
+        mem = _int_label(labels, f"{resource}.memory", name, warnings)
+        if mem is None:
+            return None
+        devices += [Device(0, mem * MiB, "mig", resource) for _ in range(count)]
+    return devices
+
+
+def _gpu_devices(
+    labels: Mapping[str, str], allocatable: dict[str, int], name: str, warnings: list[str], *,
+    mig_single: bool, mixed: bool,
+) -> tuple[list[Device], str] | None:
+    """The devices served as ``nvidia.com/gpu`` and how the node shares them; None (with a warning)
+    when a label is malformed. ``allocatable`` gains ``nvidia.com/gpu`` when the node lists none."""
+    listed = GPU_RESOURCE in allocatable
+    if mixed and (not listed or not allocatable[GPU_RESOURCE]):
+        return [], "none"  # every GPU is in MIG mode (the gpu.* labels then describe those GPUs)
+    mem_mib = _int_label(labels, LABEL_MEMORY, name, warnings)
+    if mem_mib is None:
+        return None
+    raw_replicas = _int_label(labels, LABEL_REPLICAS, name, warnings, default=1, minimum=0)
+    if raw_replicas is None:
+        return None
+    replicas = max(1, raw_replicas)  # GFD writes 0 where sharing is disabled (MIG-enabled GPUs)
+    strategy = labels.get(LABEL_SHARING_STRATEGY, "")
+    if replicas > 1 and strategy not in ("", "none", "time-slicing", "mps"):
+        warnings.append(f"node {name}: skipped, label {LABEL_SHARING_STRATEGY}={strategy!r} is not "
+                        "none, time-slicing or mps")
+        return None
+    mps = replicas > 1 and strategy == "mps"
+    if listed:
+        # What the device plugin hands out now; labels may be stale (a GPU gone unhealthy, GFD not rerun).
+        count = allocatable[GPU_RESOURCE] // replicas
+        label_count = labels.get(LABEL_COUNT)
+        if not mixed and label_count is not None and label_count.strip() != str(count):
+            warnings.append(
+                f"node {name}: label {LABEL_COUNT}={label_count!r} but allocatable {GPU_RESOURCE}="
+                f"{allocatable[GPU_RESOURCE]} ({replicas} per GPU); planning with {count} GPU(s), "
+                "as allocatable says"
+            )
+    elif LABEL_COUNT in labels:
+        count_ = _int_label(labels, LABEL_COUNT, name, warnings, minimum=0)
+        if count_ is None:
+            return None
+        count = count_
+        allocatable[GPU_RESOURCE] = count * replicas
+    else:
+        warnings.append(f"node {name}: skipped, label {LABEL_COUNT} is missing (no {GPU_RESOURCE})")
+        return None
+    if mps:  # each MPS client is capped at an equal share of the GPU's memory
+        share = mem_mib * MiB // replicas
+        return [Device(0, share, "mps") for _ in range(count * replicas)], "mps"
+    if replicas > 1:
+        return [Device(0, mem_mib * MiB, "timeslice", slots=replicas) for _ in range(count)], "time-slicing"
+    kind = "mig" if mig_single else "gpu"
+    return [Device(0, mem_mib * MiB, kind) for _ in range(count)], "mig-single" if mig_single else "none"
+
+
 def node_inventory(obj: Any, warnings: list[str]) -> NodeInventory | None:
     """One Node object -> its inventory, or None (with a warning when it is a GPU node gone wrong)."""
     if not isinstance(obj, Mapping):
@@ -226,65 +344,43 @@ def node_inventory(obj: Any, warnings: list[str]) -> NodeInventory | None:
     cpu_mem = _count(raw_alloc.get("memory", 0)) or 0
     disk = _count(raw_alloc.get("ephemeral-storage", 0)) or 0
 
-    mig = labels.get(LABEL_MIG_STRATEGY, "")
+    state = labels.get(LABEL_MIG_CONFIG_STATE, "")
+    if state in _MIG_RECONFIGURING:
+        warnings.append(f"node {name}: skipped, the MIG manager is reconfiguring its GPUs "
+                        f"({LABEL_MIG_CONFIG_STATE}={state})")
+        return None
+    strategy = labels.get(LABEL_MIG_STRATEGY, "none")
     product = labels.get(LABEL_PRODUCT, "")
+    profile = _MIG_PRODUCT.search(_product_base(product))
+    mig_capable = labels.get(LABEL_MIG_CAPABLE, "").lower() != "false"
+    if profile and profile.group(1) == "INVALID":
+        warnings.append(f"node {name}: skipped, {LABEL_PRODUCT}={product}: GFD found a MIG geometry the "
+                        f"{strategy!r} MIG strategy cannot serve (mixed profiles or MIG-enabled GPUs without "
+                        "MIG devices)")
+        return None
+    mixed = strategy == "mixed" and mig_capable
     devices: list[Device] = []
-    if mig == "mixed":
-        profiles: dict[str, dict[str, str]] = {}
-        for key, value in labels.items():
-            m = _MIG_LABEL.match(key)
-            if m:
-                profiles.setdefault(m.group(1), {})[m.group(2)] = value
-        for profile in sorted(profiles):
-            count = _int_label(labels, f"nvidia.com/{profile}.count", name, warnings, minimum=0)
-            mem = _int_label(labels, f"nvidia.com/{profile}.memory", name, warnings)
-            if count is None or mem is None:
-                return None
-            resource = f"nvidia.com/{profile}"
-            devices += [Device(len(devices), mem * MiB, "mig", resource) for _ in range(count)]
-        # Full GPUs left out of MIG on a mixed node are plain GPUs.
-        full = allocatable.get(GPU_RESOURCE, 0)
-        full_mem = _int_label(labels, LABEL_MEMORY, name, warnings, default=0, minimum=0) if full else 0
-        if full and not full_mem:
-            warnings.append(f"node {name}: {full} full GPUs ignored, label {LABEL_MEMORY} is missing")
-            full = 0
-        if full_mem is None:
+    if mixed:
+        found = _mig_profiles(labels, allocatable, name, warnings)
+        if found is None:
             return None
-        devices += [Device(len(devices), full_mem * MiB, "gpu") for _ in range(full)]
-        if not devices:
-            warnings.append(f"node {name}: skipped, MIG strategy mixed but no nvidia.com/mig-<P>.count label")
-            return None
-        mem_mib = max(d.memory_bytes for d in devices) // MiB
+        devices += found
+    gpus = _gpu_devices(labels, allocatable, name, warnings, mixed=mixed,
+                        mig_single=strategy == "single" and mig_capable and profile is not None)
+    if gpus is None:
+        return None
+    devices += gpus[0]
+    devices = [replace(d, index=i) for i, d in enumerate(devices)]
+    if mixed and any(d.kind == "mig" for d in devices):
         sharing = "mig-mixed"
     else:
-        mem_mib_ = _int_label(labels, LABEL_MEMORY, name, warnings)
-        if mem_mib_ is None:
-            return None
-        mem_mib = mem_mib_
-        replicas = _int_label(labels, LABEL_REPLICAS, name, warnings, default=1)
-        if replicas is None:
-            return None
-        if LABEL_COUNT in labels:
-            count = _int_label(labels, LABEL_COUNT, name, warnings, minimum=0)
-            if count is None:
-                return None
-        elif GPU_RESOURCE in allocatable:
-            count = allocatable[GPU_RESOURCE] // replicas if mig != "single" else allocatable[GPU_RESOURCE]
-        else:
-            warnings.append(f"node {name}: skipped, label {LABEL_COUNT} is missing (no {GPU_RESOURCE})")
-            return None
-        strategy = labels.get(LABEL_SHARING_STRATEGY, "")
-        if mig == "single":
-            sharing = "mig-single"
-            devices = [Device(i, mem_mib * MiB, "mig") for i in range(count)]
-        elif replicas > 1 and strategy in ("", "time-slicing", "mps"):
-            sharing = "time-slicing"
-            devices = [Device(i, mem_mib * MiB, "timeslice", slots=replicas) for i in range(count)]
-        else:
-            sharing = "none"
-            devices = [Device(i, mem_mib * MiB, "gpu") for i in range(count)]
-        if GPU_RESOURCE not in allocatable:
-            allocatable[GPU_RESOURCE] = count * (replicas if sharing == "time-slicing" else 1)
+        sharing = gpus[1]
+    if state == "failed":
+        warnings.append(f"node {name}: {LABEL_MIG_CONFIG_STATE}=failed; planned with the devices its labels "
+                        "and allocatable show")
+    # Per GPU as the label says (per MIG device under single); mixed: the largest device.
+    label_mib = _int_label(labels, LABEL_MEMORY, name, [], default=0, minimum=0) if not mixed else 0
+    mem_mib = label_mib or max((d.memory_bytes for d in devices), default=0) // MiB
     return NodeInventory(
         name=name,
         product=product or "unknown",
@@ -515,6 +611,7 @@ __all__ = [
     "LABEL_MEMORY",
     "LABEL_PRODUCT",
     "LABEL_REPLICAS",
+    "PARTITION_KINDS",
     "Device",
     "Inventory",
     "NodeInventory",

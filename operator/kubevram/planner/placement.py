@@ -55,6 +55,7 @@ from kubevram.planner.inventory import (
     LABEL_COUNT,
     LABEL_MEMORY,
     LABEL_PRODUCT,
+    PARTITION_KINDS,
     Device,
     Inventory,
     NodeInventory,
@@ -310,7 +311,7 @@ class _Pool:
         self.by_name = {n.name: n for n in self.nodes}
         for node in self.nodes:
             for ck, indices in classes[node.name].items():
-                per_replica = 1 if ck[0] == "mig" else len(indices)
+                per_replica = 1 if ck[0] in PARTITION_KINDS else len(indices)
                 self.max_devices[ck] = max(self.max_devices.get(ck, 0), per_replica)
                 if ck[0] == "timeslice":
                     self.sliced.setdefault(ck, []).append(node)

@@ -194,7 +194,7 @@ def _node_lines(node: NodeInventory, planned: _Planned) -> list[str]:
     uniform = all(d.memory_bytes == mem for d in node.devices)
     size = f"{len(node.devices)} x {_gib(mem)} GiB" if uniform else f"{len(node.devices)} devices"
     sharing = {"none": "", "time-slicing": f", time-sliced x{node.devices[0].slots if node.devices else 1}",
-               "mig-single": ", MIG single", "mig-mixed": ", MIG mixed"}[node.sharing]
+               "mps": ", MPS", "mig-single": ", MIG single", "mig-mixed": ", MIG mixed"}[node.sharing]
     foreign = sum(node.foreign.values())
     others = f"; {foreign} requested by other pods (which, the device plugin knows)" if foreign else ""
     lines = [f"{node.name}  {node.product}  {size}{sharing}{others}"]
