@@ -119,7 +119,6 @@ def test_default_render_objects(default_render: tuple[Rendered, str]) -> None:
     assert names == [
         ("ClusterRole", "kubevram"),
         ("ClusterRole", "kubevram-cluster"),
-        ("ClusterRole", "kubevram-worker"),
         ("ClusterRoleBinding", "kubevram"),
         ("ClusterRoleBinding", "kubevram-cluster"),
         ("ConfigMap", "kubevram-node-classes"),
@@ -261,12 +260,13 @@ OPERATOR_RULES = {
     *((GROUP, PLURAL, v) for v in ("get", "list", "watch", "patch", "update")),
     *((GROUP, f"{PLURAL}/status", v) for v in ("get", "patch", "update")),
     (GROUP, f"{PLURAL}/finalizers", "update"),
-    *(("", r, v) for r in ("configmaps", "secrets", "services", "serviceaccounts")
+    *(("", r, v) for r in ("configmaps", "services", "serviceaccounts")
       for v in ("get", "list", "watch", "create", "patch", "update", "delete")),
+    ("", "secrets", "create"),
     *(("apps", "deployments", v) for v in ("get", "list", "watch", "create", "patch", "update", "delete")),
-    *(("rbac.authorization.k8s.io", "rolebindings", v)
-      for v in ("get", "list", "watch", "create", "patch", "update", "delete")),
-    ("rbac.authorization.k8s.io", "clusterroles", "bind"),
+    *(("rbac.authorization.k8s.io", "roles", v) for v in ("get", "create", "patch")),
+    *(("rbac.authorization.k8s.io", "rolebindings", v) for v in ("get", "create", "patch", "delete")),
+    *(("networking.k8s.io", "networkpolicies", v) for v in ("get", "create", "patch")),
     *(("", "pods", v) for v in ("get", "list", "watch")),
     ("", "events", "create"), ("", "events", "patch"),
     ("events.k8s.io", "events", "create"), ("events.k8s.io", "events", "patch"),
@@ -302,28 +302,25 @@ def test_operator_permissions_are_exactly_the_listed_ones(default_render: tuple[
     assert ("", "secrets", "deletecollection") not in granted
 
 
-def test_operator_may_bind_only_the_workers_role(default_render: tuple[Rendered, str]) -> None:
+def test_operator_may_bind_no_role_and_touch_no_secret_it_did_not_create(
+    default_render: tuple[Rendered, str]
+) -> None:
     docs, _ = default_render
-    bind_rules = [r for r in one(docs, "ClusterRole", "kubevram")["rules"] if "bind" in r["verbs"]]
-    assert bind_rules == [{
-        "apiGroups": ["rbac.authorization.k8s.io"], "resources": ["clusterroles"], "verbs": ["bind"],
-        "resourceNames": ["kubevram-worker"],
-    }]
-    assert env_of(operator_container(docs))["KUBEVRAM_WORKER_CLUSTERROLE"] == "kubevram-worker"
+    granted = rule_triples(one(docs, "ClusterRole", "kubevram")) | rule_triples(
+        one(docs, "ClusterRole", "kubevram-cluster")
+    )
+    # The workers' Roles hold only rights the operator holds itself: no "bind" or "escalate" needed.
+    assert not [t for t in granted if t[2] in ("bind", "escalate")]
+    # The admin-token Secret is created once: no Secret can be read, listed, changed or deleted.
+    assert {t for t in granted if t[1] == "secrets"} == {("", "secrets", "create")}
+    assert "KUBEVRAM_WORKER_CLUSTERROLE" not in env_of(operator_container(docs))
 
 
-def test_workers_role_only_patches_status(variant: Any) -> None:
-    _name, values, docs, _notes = variant
-    if not values.get("rbac", {}).get("create", True):
-        return
-    fullname = one(docs, "Deployment")["metadata"]["name"]
-    worker = one(docs, "ClusterRole", f"{fullname}-worker")
-    assert rule_triples(worker) == {(GROUP, f"{PLURAL}/status", "get"), (GROUP, f"{PLURAL}/status", "patch")}
-    assert worker["metadata"]["labels"]["app.kubernetes.io/component"] == "worker"
-    assert env_of(operator_container(docs))["KUBEVRAM_WORKER_CLUSTERROLE"] == worker["metadata"]["name"]
-    # The chart binds it to nobody: the operator binds each deployment's worker ServiceAccount.
-    bound = {b["roleRef"]["name"] for b in find(docs, "ClusterRoleBinding") + find(docs, "RoleBinding")}
-    assert worker["metadata"]["name"] not in bound
+def test_the_chart_makes_no_role_for_the_workers(variant: Any) -> None:
+    _name, _values, docs, _notes = variant
+    # The operator gives each LLMDeployment's workers their own Role, limited to that resource.
+    names = [r["metadata"]["name"] for r in find(docs, "ClusterRole")]
+    assert [n for n in names if n.endswith("-worker")] == []
 
 
 def test_bindings_name_the_operator_service_account(variant: Any) -> None:
@@ -373,7 +370,6 @@ def test_existing_rbac_and_service_account_are_used() -> None:
     assert {d["kind"] for d in docs} == {"Deployment", "ConfigMap"}
     pod = one(docs, "Deployment")["spec"]["template"]["spec"]
     assert pod["serviceAccountName"] == "kubevram-operator"
-    assert env_of(operator_container(docs))["KUBEVRAM_WORKER_CLUSTERROLE"] == "kubevram-worker-status"
 
 
 # ------------------------------------------------------------------------------ ServiceMonitor
@@ -496,7 +492,6 @@ def test_schema_rejects_bad_values(values: dict[str, Any], message: str) -> None
     ("values", "message"),
     [
         ({"serviceAccount": {"create": False}}, "serviceAccount.name: must name an existing ServiceAccount"),
-        ({"rbac": {"create": False}}, "rbac.workerClusterRoleName: must name an existing ClusterRole"),
         ({"nodeClasses": [{"name": "l4", "gpuProduct": "NVIDIA-L4", "gpuMemoryMiB": 23034,
                            "gpusPerNode": 1}] * 2},
          'nodeClasses: the name "l4" appears more than once'),

@@ -1,5 +1,6 @@
-"""What the chart hands the operator must be what the operator reads, and what the ServiceMonitor
-selects must be what the operator renders. Checked against the real code on both sides."""
+"""What the chart hands the operator must be what the operator reads, what the ServiceMonitor selects
+must be what the operator renders, and the workers' NetworkPolicy must admit the operator's pods.
+Checked against the real code on both sides."""
 
 from __future__ import annotations
 
@@ -7,10 +8,10 @@ import json
 from typing import Any
 
 import yaml
-from conftest import ROOT, one, render_chart
+from conftest import NAMESPACE, ROOT, one, render_chart
 
 from kubevram.controller.reconcile import Settings
-from kubevram.controller.render import API_PORT, render_role_binding, render_service
+from kubevram.controller.render import API_PORT, render_network_policy, render_service
 from kubevram.planner.placement import KNOWN_PRODUCTS, parse_node_classes
 
 
@@ -27,23 +28,21 @@ def an_llm_deployment() -> dict[str, Any]:
 
 def test_operator_settings_come_from_the_chart() -> None:
     docs, _ = render_chart({"workerImage": {"repository": "registry.example.com/w", "tag": "1.2.3"}})
-    settings = Settings.from_env(operator_env(docs))
+    operator = one(docs, "Deployment")
+    settings = Settings.from_env({**operator_env(docs), "KUBEVRAM_OPERATOR_NAMESPACE": NAMESPACE})
     assert settings.worker_image == "registry.example.com/w:1.2.3"
-    roles = [r for r in docs if r["kind"] == "ClusterRole"]
-    (worker_role,) = [r for r in roles if r["metadata"]["name"].endswith("-worker")]
-    assert settings.worker_cluster_role == worker_role["metadata"]["name"]
-    # The operator's fallback names the role a default install creates.
-    default_docs, _ = render_chart({})
-    assert Settings().worker_cluster_role == Settings.from_env(operator_env(default_docs)).worker_cluster_role
-
-
-def test_the_operators_role_binding_names_a_role_the_operator_may_bind() -> None:
-    docs, _ = render_chart({})
-    settings = Settings.from_env(operator_env(docs))
-    binding = render_role_binding(an_llm_deployment(), settings.worker_cluster_role)
-    (bind_rule,) = [r for r in one(docs, "ClusterRole", "kubevram")["rules"] if "bind" in r["verbs"]]
-    assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole",
-                                  "name": bind_rule["resourceNames"][0]}
+    # The chart passes its namespace by the downward API...
+    (container,) = operator["spec"]["template"]["spec"]["containers"]
+    (ns,) = [e for e in container["env"] if e["name"] == "KUBEVRAM_OPERATOR_NAMESPACE"]
+    assert ns["valueFrom"] == {"fieldRef": {"fieldPath": "metadata.namespace"}}
+    # ...and the operator pods' labels, which the workers' NetworkPolicy admits on the admin port.
+    assert settings.operator_labels == operator["spec"]["selector"]["matchLabels"]
+    policy = render_network_policy(an_llm_deployment(), settings.operator_namespace, settings.operator_labels)
+    (admin,) = [rule for rule in policy["spec"]["ingress"] if "from" in rule]
+    (peer,) = admin["from"]
+    pod_labels = operator["spec"]["template"]["metadata"]["labels"]
+    assert all(pod_labels.get(k) == v for k, v in peer["podSelector"]["matchLabels"].items())
+    assert peer["namespaceSelector"]["matchLabels"] == {"kubernetes.io/metadata.name": NAMESPACE}
 
 
 def test_service_monitor_selects_the_worker_service() -> None:

@@ -14,7 +14,9 @@ It runs in its own thread and event loop, so tests stay synchronous and kopf run
 * ``/api/v1/namespaces`` parsed as the Namespace resource (kmock 0.8 fails on it), so kopf can run
   namespaced;
 * the discovery of the resources involved (LLMDeployment with its status and scale subresources);
-* a request log ``(method, path, status)``, and (for the benchmark) forgetting kmock's own request
+* a RoleBinding's ``roleRef`` that cannot change (422, as the API server answers);
+* a log ``(method, path, status)`` of the requests the operator made (the tests' own, sent with
+  the User-Agent ``kubevram-tests``, stay out of it), and (for the benchmark) forgetting kmock's own request
   history, which kmock matches every new request against.
 
 There is no controller-manager: Deployments get no pods and ownerReferences are not
@@ -43,6 +45,7 @@ from kubernetes.client.exceptions import ApiException
 from kubevram.api.v1alpha1 import GROUP, KIND, PLURAL, SHORT_NAMES, SINGULAR, VERSION
 
 LLMD = f"{GROUP}/{VERSION}/{PLURAL}"
+TEST_AGENT = "kubevram-tests"
 LLMD_PATH = f"/apis/{GROUP}/{VERSION}"
 
 
@@ -72,6 +75,8 @@ class MendedEmulator(kmock.KubernetesEmulator):
         super().__attrs_post_init__()
         #: Every request served: (method, path, status), for assertions on what the operator did.
         self.log: list[tuple[str, str, int]] = []
+        #: The paths of the collections watched (``?watch=true``), which the log does not tell from lists.
+        self.watched: set[str] = set()
         #: kmock keeps every request and matches each new one against that history (slices such as
         #: ``[:1]`` count earlier matches), which is quadratic; the benchmark turns this off.
         self.keep_requests = True
@@ -96,6 +101,14 @@ class MendedEmulator(kmock.KubernetesEmulator):
                     meta["namespace"] = request.namespace
             elif request.action == enums.action.UPDATE and meta is not None and request.name is not None:
                 key = (request.resource, request.namespace, request.name)
+                current_obj = self.objects[key] if key in self.objects else None  # noqa: SIM401 (no .get)
+                if (
+                    "roleRef" in data and current_obj is not None and not current_obj.deleted
+                    and current_obj.get("roleRef") != data["roleRef"]
+                ):  # as the API server: a binding's roleRef cannot change
+                    method = str(getattr(request.method, "value", request.method)).upper()
+                    self.log.append((method, request.url.path, 422))
+                    raise kmock.KubernetesError(422, "Invalid", "cannot change roleRef")
                 if "spec" in data and request.subresource is None and key in self.objects:
                     current = self.objects[key]
                     if not current.deleted and current.get("spec") != _merged(
@@ -105,6 +118,14 @@ class MendedEmulator(kmock.KubernetesEmulator):
             if meta is not None:
                 meta["resourceVersion"] = str(next(self._versions))
         method = str(getattr(request.method, "value", request.method)).upper()
+        if request.headers.get("User-Agent") == TEST_AGENT:  # kubectl's part, played by the tests
+            try:
+                return await super()._handle(request)
+            finally:
+                if not self.keep_requests:
+                    self._requests.clear()
+        if request.url.query.get("watch") in ("true", "1"):
+            self.watched.add(request.url.path)
         try:
             response = await super()._handle(request)
         except kmock.KubernetesError as exc:  # 404, 409 raised by the emulator itself
@@ -150,6 +171,8 @@ def declare_resources(emulator: kmock.KubernetesEmulator) -> None:
         ("v1/events", "Event", True),
         ("apps/v1/deployments", "Deployment", True),
         ("rbac.authorization.k8s.io/v1/rolebindings", "RoleBinding", True),
+        ("rbac.authorization.k8s.io/v1/roles", "Role", True),
+        ("networking.k8s.io/v1/networkpolicies", "NetworkPolicy", True),
     ]:
         info = emulator.resources[resource]
         info.kind = kind
@@ -230,7 +253,7 @@ class EmulatedCluster:
         self, method: str, path: str, body: Any = None, content_type: str = "application/json"
     ) -> Any:
         assert self._api is not None
-        headers = {"Accept": "application/json"}
+        headers = {"Accept": "application/json", "User-Agent": TEST_AGENT}
         if body is not None:
             headers["Content-Type"] = content_type
         response = self._api.call_api(method, self.url + path, header_params=headers, body=body)

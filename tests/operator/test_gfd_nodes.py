@@ -29,8 +29,12 @@ def llmd(name: str, model: str, **placement: Any) -> dict[str, Any]:
         "apiVersion": "llm.kubevram.io/v1alpha1",
         "kind": "LLMDeployment",
         "metadata": {"name": name, "namespace": "default"},
-        "spec": {"replicas": 1, "model": {"id": model},
-                 "serving": {"maxSequenceLength": 4096, "maxBatchSize": 1}, "placement": placement},
+        "spec": {
+            "replicas": 1,
+            "model": {"id": model},
+            "serving": {"maxSequenceLength": 4096, "maxBatchSize": 1},
+            "placement": placement,
+        },
     }
 
 
@@ -49,8 +53,9 @@ def test_mig_strategy_single_nodes_take_big_models_whole_and_refuse_slices(
     mixtral = cluster.wait_for("mixtral Planned", lambda: status("mixtral", "Planned"))
     (placement,) = mixtral["status"]["placements"]
     assert placement["node"] == H100 and len(placement["gpus"]) >= 2  # 94 GB of weights: two H100s or more
-    (workload,) = [d for d in cluster.deployments()
-                   if d["metadata"]["labels"].get(render.LABEL_DEPLOYMENT) == "mixtral"]
+    (workload,) = [
+        d for d in cluster.deployments() if d["metadata"]["labels"].get(render.LABEL_DEPLOYMENT) == "mixtral"
+    ]
     container = workload["spec"]["template"]["spec"]["containers"][0]
     assert container["resources"]["limits"]["nvidia.com/gpu"] == str(len(placement["gpus"]))
 

@@ -58,9 +58,14 @@ def test_waiting_key_only_for_pending_replicas() -> None:
 
 def test_settings_from_the_environment_and_the_worker_image() -> None:
     settings = Settings.from_env(
-        {"KUBEVRAM_WORKER_IMAGE": "registry.local/worker:2", "KUBEVRAM_RETRY_DELAY": "5"}
+        {"KUBEVRAM_WORKER_IMAGE": "registry.local/worker:2", "KUBEVRAM_RETRY_DELAY": "5",
+         "KUBEVRAM_OPERATOR_NAMESPACE": "ops",
+         "KUBEVRAM_OPERATOR_POD_LABELS": "app.kubernetes.io/name=kubevram, app.kubernetes.io/instance=k,junk"}
     )
-    assert (settings.retry_delay, settings.worker_cluster_role) == (5.0, "kubevram-worker")
+    assert settings.retry_delay == 5.0 and settings.operator_namespace == "ops"
+    assert settings.operator_labels == {
+        "app.kubernetes.io/name": "kubevram", "app.kubernetes.io/instance": "k"
+    }
     assert settings.image_for(deployment()) == "registry.local/worker:2"
     assert settings.image_for(deployment(worker={"image": "mine:1"})) == "mine:1"
     assert Settings.from_env({}).image_for(deployment()) == DEFAULT_WORKER_IMAGE

@@ -69,11 +69,16 @@ PLAN = {
 }
 
 
+OPERATOR_NAMESPACE = "kubevram-system"
+OPERATOR_LABELS = {"app.kubernetes.io/name": "kubevram", "app.kubernetes.io/instance": "kubevram"}
+
+
 def children(plan: dict[str, Any] = PLAN, **spec: Any) -> list[dict[str, Any]]:
     b = body(**spec)
     dep = parse_deployment(b)
     return render.render_children(
-        b, dep.spec, plan, image="registry.local/worker:1", cluster_role="kubevram-worker"
+        b, dep.spec, plan, image="registry.local/worker:1", operator_namespace=OPERATOR_NAMESPACE,
+        operator_labels=OPERATOR_LABELS,
     )
 
 
@@ -89,6 +94,8 @@ def test_every_child_is_owned_namespaced_and_labelled() -> None:
         "Deployment",
         "Deployment",
         "Deployment",
+        "NetworkPolicy",
+        "Role",
         "RoleBinding",
         "Service",
         "ServiceAccount",
@@ -110,7 +117,7 @@ def test_every_child_is_owned_namespaced_and_labelled() -> None:
         assert meta["labels"]["llm.kubevram.io/deployment"] == "qwen"
 
 
-@pytest.mark.parametrize("index", range(8))
+@pytest.mark.parametrize("index", range(len(children())))
 def test_children_validate_against_the_kubernetes_schemas(index: int) -> None:
     kubernetes_validate.validate(children()[index], "1.37.0", strict=True)
 
@@ -215,7 +222,9 @@ def test_worker_container_runs_the_plan_with_probes_token_and_admin_port_off_the
     assert [p["port"] for p in service["spec"]["ports"]] == [8000]
     assert service["spec"]["selector"] == render.selector_labels("qwen")
     (binding,) = by_kind(objs, "RoleBinding")
-    assert binding["roleRef"]["name"] == "kubevram-worker"
+    assert binding["roleRef"] == {
+        "apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "qwen-worker"
+    }
     assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "qwen-worker", "namespace": "ai"}]
 
 
@@ -239,7 +248,8 @@ def test_model_volume_offload_and_user_settings_reach_the_pod() -> None:
     container = pod["containers"][0]
     assert container["args"][2] == "/models/qwen2-7b"
     assert {"name": "model", "persistentVolumeClaim": {"claimName": "models"}} in pod["volumes"]
-    assert {"name": "offload", "emptyDir": {}} in pod["volumes"]
+    # The disk budget (none here) plus 2 GiB of headroom.
+    assert {"name": "offload", "emptyDir": {"sizeLimit": "2048Mi"}} in pod["volumes"]
     assert pod["nodeSelector"] == {"pool": "gpu"}
     assert {"key": "dedicated", "operator": "Equal", "value": "llm", "effect": "NoSchedule"} in pod[
         "tolerations"
@@ -247,7 +257,11 @@ def test_model_volume_offload_and_user_settings_reach_the_pod() -> None:
     assert [e for e in container["env"] if e["name"] == "HF_HUB_OFFLINE"] == [
         {"name": "HF_HUB_OFFLINE", "value": "0"}
     ]
-    assert container["resources"]["requests"] == {"cpu": "4", "nvidia.com/gpu": "1", "memory": str(30 * GiB)}
+    # Host memory: the CPU budget (30 GiB) and 4 GiB for the worker itself; scratch: /tmp 2 GiB, the
+    # home 2 GiB (weights are on the volume), /offload 2 GiB.
+    assert container["resources"]["requests"] == {
+        "cpu": "4", "nvidia.com/gpu": "1", "memory": f"{34 * 1024}Mi", "ephemeral-storage": f"{6 * 1024}Mi",
+    }
     (cm,) = by_kind(objs, "ConfigMap")
     worker_plan = next(WorkerPlan.parse(json.loads(v)) for k, v in cm["data"].items() if k != "plan.json")
     assert worker_plan.offloadFolder == "/offload"
@@ -261,7 +275,7 @@ def test_mig_replicas_request_the_mig_resource() -> None:
     }
     (workload,) = by_kind(children(plan), "Deployment")
     assert workload["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"] == {
-        "nvidia.com/mig-3g.40gb": "1"
+        "nvidia.com/mig-3g.40gb": "1", "memory": f"{4 * 1024}Mi"
     }
 
 

@@ -195,7 +195,9 @@ def node(name: str, labels: dict[str, str], allocatable: dict[str, str]) -> dict
     }
 
 
-def devices(labels: dict[str, str], allocatable: dict[str, str]) -> tuple[str, list[tuple[str, str, int]], list[str]]:
+def devices(
+    labels: dict[str, str], allocatable: dict[str, str]
+) -> tuple[str, list[tuple[str, str, int]], list[str]]:
     """(sharing, [(kind, resource, MiB)], warnings) of one node."""
     inv = build_inventory([node("n", labels, allocatable)])
     if not inv.nodes:
@@ -223,8 +225,12 @@ def test_mig_on_under_single_is_one_device_per_mig_instance() -> None:
 
 
 def test_mig_on_under_mixed_is_per_profile_resources() -> None:
-    alloc = {"nvidia.com/gpu": "0", "nvidia.com/mig-1g.10gb": "16", "nvidia.com/mig-2g.20gb": "8",
-             "nvidia.com/mig-3g.40gb": "8"}
+    alloc = {
+        "nvidia.com/gpu": "0",
+        "nvidia.com/mig-1g.10gb": "16",
+        "nvidia.com/mig-2g.20gb": "8",
+        "nvidia.com/mig-3g.40gb": "8",
+    }
     sharing, found, warnings = devices(A100_MIXED_ALL_MIG, alloc)
     assert warnings == []
     assert sharing == "mig-mixed"
@@ -290,14 +296,29 @@ def test_stale_count_labels_yield_to_allocatable(
 @pytest.mark.parametrize(
     ("labels", "expected"),
     [
-        ({**A100_SINGLE_MIG_ON, "nvidia.com/gpu.product": "NVIDIA-A100-SXM4-40GB-MIG-INVALID",
-          "nvidia.com/gpu.count": "0", "nvidia.com/gpu.memory": "0", "nvidia.com/gpu.replicas": "0"},
-         "NVIDIA-A100-SXM4-40GB-MIG-INVALID"),
-        ({**A100_SINGLE_MIG_OFF, "nvidia.com/mig.config": "all-1g.10gb", "nvidia.com/mig.config.state": "pending"},
-         "nvidia.com/mig.config.state=pending"),
+        (
+            {
+                **A100_SINGLE_MIG_ON,
+                "nvidia.com/gpu.product": "NVIDIA-A100-SXM4-40GB-MIG-INVALID",
+                "nvidia.com/gpu.count": "0",
+                "nvidia.com/gpu.memory": "0",
+                "nvidia.com/gpu.replicas": "0",
+            },
+            "NVIDIA-A100-SXM4-40GB-MIG-INVALID",
+        ),
+        (
+            {
+                **A100_SINGLE_MIG_OFF,
+                "nvidia.com/mig.config": "all-1g.10gb",
+                "nvidia.com/mig.config.state": "pending",
+            },
+            "nvidia.com/mig.config.state=pending",
+        ),
     ],
 )
-def test_mig_in_flux_or_invalid_leaves_the_node_out_with_a_warning(labels: dict[str, str], expected: str) -> None:
+def test_mig_in_flux_or_invalid_leaves_the_node_out_with_a_warning(
+    labels: dict[str, str], expected: str
+) -> None:
     _, found, warnings = devices(labels, {"nvidia.com/gpu": "0"})
     assert found == []
     (warning,) = warnings
@@ -307,26 +328,53 @@ def test_mig_in_flux_or_invalid_leaves_the_node_out_with_a_warning(labels: dict[
 # ------------------------------------------------------------------------ an EKS cluster, by the CLI
 
 QWEN25_72B_CONFIG = {  # Qwen/Qwen2.5-72B-Instruct's published config.json (the planning facts)
-    "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "hidden_size": 8192,
-    "intermediate_size": 29568, "num_hidden_layers": 80, "num_attention_heads": 64,
-    "num_key_value_heads": 8, "vocab_size": 152064, "max_position_embeddings": 32768,
-    "rms_norm_eps": 1e-06, "rope_theta": 1000000.0, "tie_word_embeddings": False, "torch_dtype": "bfloat16",
+    "architectures": ["Qwen2ForCausalLM"],
+    "model_type": "qwen2",
+    "hidden_size": 8192,
+    "intermediate_size": 29568,
+    "num_hidden_layers": 80,
+    "num_attention_heads": 64,
+    "num_key_value_heads": 8,
+    "vocab_size": 152064,
+    "max_position_embeddings": 32768,
+    "rms_norm_eps": 1e-06,
+    "rope_theta": 1000000.0,
+    "tie_word_embeddings": False,
+    "torch_dtype": "bfloat16",
 }
 
 EKS_DEPLOYMENTS = [
-    {"apiVersion": "llm.kubevram.io/v1alpha1", "kind": "LLMDeployment",
-     "metadata": {"name": "qwen25-72b", "namespace": "ai"},
-     "spec": {"replicas": 2, "model": {"id": "Qwen/Qwen2.5-72B-Instruct", "config": QWEN25_72B_CONFIG},
-              "serving": {"maxSequenceLength": 8192, "maxBatchSize": 4}}},
-    {"apiVersion": "llm.kubevram.io/v1alpha1", "kind": "LLMDeployment",
-     "metadata": {"name": "mixtral", "namespace": "ai"},
-     "spec": {"replicas": 2, "model": {"id": "mistralai/Mixtral-8x7B-Instruct-v0.1"},
-              "serving": {"maxSequenceLength": 8192, "maxBatchSize": 4}}},
-    {"apiVersion": "llm.kubevram.io/v1alpha1", "kind": "LLMDeployment",
-     "metadata": {"name": "qwen-small", "namespace": "ai"},
-     "spec": {"replicas": 1, "model": {"id": "Qwen/Qwen2-7B-Instruct"},
-              "serving": {"maxSequenceLength": 4096, "maxBatchSize": 1},
-              "placement": {"sharing": "shared"}}},
+    {
+        "apiVersion": "llm.kubevram.io/v1alpha1",
+        "kind": "LLMDeployment",
+        "metadata": {"name": "qwen25-72b", "namespace": "ai"},
+        "spec": {
+            "replicas": 2,
+            "model": {"id": "Qwen/Qwen2.5-72B-Instruct", "config": QWEN25_72B_CONFIG},
+            "serving": {"maxSequenceLength": 8192, "maxBatchSize": 4},
+        },
+    },
+    {
+        "apiVersion": "llm.kubevram.io/v1alpha1",
+        "kind": "LLMDeployment",
+        "metadata": {"name": "mixtral", "namespace": "ai"},
+        "spec": {
+            "replicas": 2,
+            "model": {"id": "mistralai/Mixtral-8x7B-Instruct-v0.1"},
+            "serving": {"maxSequenceLength": 8192, "maxBatchSize": 4},
+        },
+    },
+    {
+        "apiVersion": "llm.kubevram.io/v1alpha1",
+        "kind": "LLMDeployment",
+        "metadata": {"name": "qwen-small", "namespace": "ai"},
+        "spec": {
+            "replicas": 1,
+            "model": {"id": "Qwen/Qwen2-7B-Instruct"},
+            "serving": {"maxSequenceLength": 4096, "maxBatchSize": 1},
+            "placement": {"sharing": "shared"},
+        },
+    },
 ]
 
 

@@ -74,15 +74,6 @@ app.kubernetes.io/component: operator
 {{- end -}}
 {{- end -}}
 
-{{/* The workers' ClusterRole: the operator binds each deployment's worker ServiceAccount to it. */}}
-{{- define "kubevram.workerClusterRoleName" -}}
-{{- if .Values.rbac.create -}}
-{{- printf "%s-worker" (include "kubevram.fullname" .) -}}
-{{- else -}}
-{{- .Values.rbac.workerClusterRoleName -}}
-{{- end -}}
-{{- end -}}
-
 {{/* ConfigMap holding the node classes as JSON. */}}
 {{- define "kubevram.nodeClassesConfigMapName" -}}
 {{- printf "%s-node-classes" (include "kubevram.fullname" .) -}}
@@ -113,9 +104,6 @@ Cross-field checks the schema cannot express; `fail` stops install and template 
 {{- define "kubevram.validateValues" -}}
 {{- if and (not .Values.serviceAccount.create) (not .Values.serviceAccount.name) -}}
 {{- fail "serviceAccount.name: must name an existing ServiceAccount when serviceAccount.create is false" -}}
-{{- end -}}
-{{- if and (not .Values.rbac.create) (not .Values.rbac.workerClusterRoleName) -}}
-{{- fail "rbac.workerClusterRoleName: must name an existing ClusterRole for the workers when rbac.create is false" -}}
 {{- end -}}
 {{- $seen := dict -}}
 {{- range .Values.nodeClasses -}}

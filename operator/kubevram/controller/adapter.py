@@ -181,7 +181,8 @@ class Cluster:
         return f"{prefix}/namespaces/{namespace}/{plural}" if namespace else f"{prefix}/{plural}"
 
     def apply(self, manifest: dict[str, Any], existing: Any = ...) -> str:
-        """Create the object, or merge-patch it when it exists. Returns ``created`` or ``patched``.
+        """Create the object, or merge-patch it when it exists. Returns ``created``, ``patched`` or
+        ``replaced`` (deleted and created anew, when a field the API server keeps immutable must change).
 
         ``existing``: the object as last read (a dict), ``None`` when known to be absent, or left out
         (the patch is tried first and a 404 turns into a create). A 409 on create (someone created it
@@ -189,11 +190,16 @@ class Cluster:
         """
         collection = self._collection(manifest)
         path = f"{collection}/{manifest['metadata']['name']}"
+        immutable = _IMMUTABLE.get(manifest["kind"])
+        if immutable and isinstance(existing, dict) and existing.get(immutable) != manifest.get(immutable):
+            return self._replace(manifest)
         if existing is ...:
             try:
                 self._raw("PATCH", path, manifest, MERGE_PATCH)
                 return "patched"
             except ApiException as exc:
+                if exc.status == 422 and immutable:
+                    return self._replace(manifest)
                 if exc.status != 404:
                     raise
             existing = None
@@ -205,8 +211,16 @@ class Cluster:
                 if exc.status != 409:
                     raise
                 existing = self._get(path) or {}
+                if immutable and existing.get(immutable) != manifest.get(immutable):
+                    return self._replace(manifest)
         self._raw("PATCH", path, _with_removals(existing, manifest), MERGE_PATCH)
         return "patched"
+
+    def _replace(self, manifest: dict[str, Any]) -> str:
+        """Delete and create anew an object whose immutable field must change. Returns ``replaced``."""
+        self.delete(manifest)
+        self._raw("POST", self._collection(manifest), manifest)
+        return "replaced"
 
     def create_if_absent(self, manifest: dict[str, Any]) -> bool:
         """Create the object unless it exists (never touch an existing one). True when created."""
@@ -255,6 +269,9 @@ def _with_removals(existing: dict[str, Any], manifest: dict[str, Any]) -> dict[s
 
 
 _OPTIONAL_POD_FIELDS = ("nodeSelector", "affinity", "tolerations")
+# Fields the API server never lets change (422): such an object is deleted and created anew. A
+# RoleBinding's roleRef changed when kubevram moved the workers from a shared ClusterRole to a Role each.
+_IMMUTABLE = {"RoleBinding": "roleRef"}
 
 _PLURALS = {
     "ConfigMap": "configmaps",
@@ -262,7 +279,9 @@ _PLURALS = {
     "Service": "services",
     "ServiceAccount": "serviceaccounts",
     "Deployment": "deployments",
+    "Role": "roles",
     "RoleBinding": "rolebindings",
+    "NetworkPolicy": "networkpolicies",
     "Node": "nodes",
     "Namespace": "namespaces",
     "Pod": "pods",

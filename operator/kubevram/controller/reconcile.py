@@ -25,7 +25,7 @@ import os
 import secrets
 import threading
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import kopf
@@ -58,22 +58,31 @@ class Settings:
     """The operator's knobs, from its environment (the Helm chart sets them)."""
 
     worker_image: str | None = None
-    worker_cluster_role: str = "kubevram-worker"
     retry_delay: float = 30.0
+    # Where the operator's pods run and their labels: the only peers the workers' admin port admits.
+    operator_namespace: str = ""
+    operator_labels: Mapping[str, str] = field(default_factory=dict)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
         env = os.environ if env is None else env
         return cls(
             worker_image=env.get("KUBEVRAM_WORKER_IMAGE") or None,
-            worker_cluster_role=env.get("KUBEVRAM_WORKER_CLUSTERROLE") or "kubevram-worker",
             retry_delay=float(env.get("KUBEVRAM_RETRY_DELAY") or 30),
+            operator_namespace=env.get("KUBEVRAM_OPERATOR_NAMESPACE") or "",
+            operator_labels=_labels(env.get("KUBEVRAM_OPERATOR_POD_LABELS") or ""),
         )
 
     def image_for(self, deployment: LLMDeployment) -> str:
         if self.worker_image and deployment.spec.worker.image == DEFAULT_WORKER_IMAGE:
             return self.worker_image
         return deployment.spec.worker.image
+
+
+def _labels(text: str) -> dict[str, str]:
+    """``k=v,k=v`` (a label selector of equalities) as a dict; malformed parts are left out."""
+    pairs = (part.split("=", 1) for part in text.split(",") if "=" in part)
+    return {k.strip(): v.strip() for k, v in pairs if k.strip()}
 
 
 def default_planner() -> Planner:
@@ -339,7 +348,8 @@ class Reconciler:
             deployment.spec,
             plan,
             image=self.settings.image_for(deployment),
-            cluster_role=self.settings.worker_cluster_role,
+            operator_namespace=self.settings.operator_namespace,
+            operator_labels=self.settings.operator_labels,
         )
         for child in children:
             if child["kind"] == "ConfigMap":

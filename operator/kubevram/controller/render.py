@@ -11,11 +11,20 @@ Children, all in the resource's namespace and owned by it (garbage-collected wit
 
 * ConfigMap ``<name>-plan``: one ``plan-<shape>.json`` (a ``WorkerPlan``) per distinct device map;
 * Secret ``<name>-admin``: the admin token (rendered once; never rotated by a reconcile);
-* ServiceAccount ``<name>-worker`` and RoleBinding ``<name>-worker`` to the workers' ClusterRole;
+* ServiceAccount ``<name>-worker``, Role ``<name>-worker`` (get and patch on this LLMDeployment's
+  status only, by ``resourceNames``) and the RoleBinding between them;
 * Service ``<name>``: port 8000 (the OpenAI API); the admin port 8001 stays out of it;
+* NetworkPolicy ``<name>-worker``: clients reach port 8000, only the operator's pods port 8001;
 * one Deployment ``<name>-<shape>`` per placement shape (node, node GPUs and budgets), pinned to its
   node, and ``<name>-pending`` for replicas that fit nowhere yet, whose node affinity on
   ``nvidia.com/gpu.memory`` tells the cluster autoscaler which node group to grow.
+
+Worker pods pass the PodSecurity ``restricted`` profile: non-root (the image's user 65532), no
+privilege escalation, every capability dropped, the RuntimeDefault seccomp profile and a read-only
+root filesystem. What the worker writes goes to volumes: ``/tmp``, its home (the Hugging Face cache,
+where downloaded weights land, and CUDA's and Triton's caches) and, with disk offload, ``/offload``;
+each an emptyDir with a size limit (the home's from the model's parameters, unless the weights come
+from ``spec.model.volume``), whose sum the pod requests as ephemeral storage.
 """
 
 from __future__ import annotations
@@ -25,7 +34,8 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
-from kubevram.api.v1alpha1 import API_VERSION, KIND, LLMDeploymentSpec
+from kubevram.api.quantity import GiB, MiB
+from kubevram.api.v1alpha1 import API_VERSION, GROUP, KIND, PLURAL, LLMDeploymentSpec
 from kubevram.api.workerplan import WorkerPlan
 
 MANAGED_BY = "kubevram"
@@ -45,6 +55,22 @@ TOKEN_KEY = "token"
 GPU_RESOURCE = "nvidia.com/gpu"
 GPU_MEMORY_LABEL = "nvidia.com/gpu.memory"
 HOSTNAME_LABEL = "kubernetes.io/hostname"
+NAMESPACE_NAME_LABEL = "kubernetes.io/metadata.name"
+
+# The worker image's user (Dockerfile: useradd --uid 65532), its home and what it writes there.
+WORKER_UID = 65532
+HOME_DIR = "/home/kubevram"
+HF_HOME = f"{HOME_DIR}/.cache/huggingface"
+TMP_DIR = "/tmp"
+TMP_SIZE = 2 * GiB  # tokenizer and torch temporary files
+CACHE_HEADROOM = 2 * GiB  # config, tokenizer, CUDA's and Triton's kernel caches beside the weights
+CHECKPOINT_SLACK = 1.05  # a checkpoint's files hold a little more than its tensors
+# Host memory of a worker besides CPU-offloaded layers: Python, torch, the CUDA context's host side and
+# the safetensors shard being read. spec.worker.resources overrides it.
+WORKER_MEMORY = 4 * GiB
+WORKER_CPU = "1"
+# Bytes per parameter of the checkpoint the worker downloads, by the config's dtype (bf16 when unsaid).
+_CHECKPOINT_DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 
 
 def _digest(value: Any, length: int = 8) -> str:
@@ -247,8 +273,10 @@ def _affinity(replica: Mapping[str, Any] | None, plan: Mapping[str, Any]) -> dic
 
 
 def _resources(
-    spec: LLMDeploymentSpec, replica: Mapping[str, Any] | None, plan: Mapping[str, Any]
+    spec: LLMDeploymentSpec, replica: Mapping[str, Any] | None, plan: Mapping[str, Any],
+    volumes: list[dict[str, Any]],
 ) -> dict[str, Any]:
+    """GPUs from the plan; memory (limit = request), CPU and ephemeral storage unless the spec sets them."""
     user = spec.worker.resources or {}
     requests = {k: str(v) for k, v in (user.get("requests") or {}).items()}
     limits = {k: str(v) for k, v in (user.get("limits") or {}).items()}
@@ -257,11 +285,94 @@ def _resources(
     resource = str((replica or {}).get("resource") or GPU_RESOURCE)
     requests[resource] = gpus
     limits[resource] = gpus
-    cpu_budget = ((replica or {}).get("maxMemory") or {}).get("cpu")
-    if cpu_budget and "memory" not in requests:
-        # CPU-offloaded layers live in the pod's memory: ask the scheduler for it.
-        requests["memory"] = str(int(cpu_budget))
+    # CPU-offloaded layers live in the pod's memory: ask the scheduler for it, and no more.
+    cpu_budget = int(((replica or {}).get("maxMemory") or {}).get("cpu") or 0)
+    if "memory" in limits and "memory" not in requests:
+        requests["memory"] = limits["memory"]
+    requests.setdefault("memory", _mebibytes(WORKER_MEMORY + cpu_budget))
+    limits.setdefault("memory", requests["memory"])
+    requests.setdefault("cpu", WORKER_CPU)
+    # The emptyDirs' size limits: what the kubelet must find free on the node's disk.
+    scratch = sum(_parse_mebibytes(v["emptyDir"]["sizeLimit"]) for v in volumes if "emptyDir" in v)
+    requests.setdefault("ephemeral-storage", _mebibytes(scratch))
     return {"requests": requests, "limits": limits}
+
+
+def _mebibytes(nbytes: int | float) -> str:
+    """A Kubernetes quantity in whole MiB, rounded up."""
+    return f"{max(1, -(-int(nbytes) // MiB))}Mi"
+
+
+def _parse_mebibytes(quantity: str) -> int:
+    return int(quantity.removesuffix("Mi")) * MiB
+
+
+def checkpoint_bytes(spec: LLMDeploymentSpec, plan: Mapping[str, Any]) -> int:
+    """Disk the Hugging Face cache needs for the model's checkpoint: its parameters at the config's
+    dtype (bfloat16 when the config does not say), whatever precision the worker loads it in."""
+    estimate = plan.get("estimate") or {}
+    config = spec.model.config or {}
+    dtype = str(config.get("torch_dtype") or config.get("dtype") or "bfloat16")
+    parameters = int(estimate.get("parameters") or 0)
+    return int(parameters * _CHECKPOINT_DTYPE_BYTES.get(dtype, 2) * CHECKPOINT_SLACK)
+
+
+def _volumes(
+    body: Mapping[str, Any],
+    spec: LLMDeploymentSpec,
+    plan: Mapping[str, Any],
+    replica: Mapping[str, Any] | None,
+    key: str,
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The pod's volumes and the worker's mounts: the root filesystem is read-only, so every path the
+    worker writes is an emptyDir with a size limit; weights never land in the container's layer."""
+    cache = CACHE_HEADROOM + (0 if spec.model.volume else checkpoint_bytes(spec, plan))
+    volumes: list[dict[str, Any]] = [
+        {
+            "name": "plan",
+            "configMap": {
+                "name": config_map_name(body["metadata"]["name"]),
+                "items": [{"key": key, "path": key}],
+            },
+        },
+        {"name": "tmp", "emptyDir": {"sizeLimit": _mebibytes(TMP_SIZE)}},
+        {"name": "model-cache", "emptyDir": {"sizeLimit": _mebibytes(cache)}},
+    ]
+    mounts: list[dict[str, Any]] = [
+        {"name": "plan", "mountPath": PLAN_DIR, "readOnly": True},
+        {"name": "tmp", "mountPath": TMP_DIR},
+        {"name": "model-cache", "mountPath": HOME_DIR},
+    ]
+    if spec.model.volume:
+        volumes.append({"name": "model", **spec.model.volume})
+        mounts.append({"name": "model", "mountPath": MODEL_DIR, "readOnly": True})
+    if worker_plan(body, spec, replica).offloadFolder:
+        disk = int(((replica or {}).get("maxMemory") or {}).get("disk") or 0)
+        volumes.append({"name": "offload", "emptyDir": {"sizeLimit": _mebibytes(disk + CACHE_HEADROOM)}})
+        mounts.append({"name": "offload", "mountPath": OFFLOAD_DIR})
+    return volumes, mounts
+
+
+def pod_security_context() -> dict[str, Any]:
+    """The pod's: what PodSecurity ``restricted`` requires, as the image's own non-root user."""
+    return {
+        "runAsNonRoot": True,
+        "runAsUser": WORKER_UID,
+        "runAsGroup": WORKER_UID,
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
+
+
+def container_security_context() -> dict[str, Any]:
+    """The worker container's: no privilege escalation, no capability, read-only root filesystem."""
+    return {
+        "allowPrivilegeEscalation": False,
+        "privileged": False,
+        "readOnlyRootFilesystem": True,
+        "runAsNonRoot": True,
+        "capabilities": {"drop": ["ALL"]},
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
 
 
 def _env(body: Mapping[str, Any], spec: LLMDeploymentSpec) -> list[dict[str, Any]]:
@@ -275,6 +386,9 @@ def _env(body: Mapping[str, Any], spec: LLMDeploymentSpec) -> list[dict[str, Any
         {"name": "KUBEVRAM_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
         {"name": "KUBEVRAM_POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
         {"name": "KUBEVRAM_NODE_NAME", "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}},
+        # The writable home (the model-cache volume), whatever user or HOME a custom image has.
+        {"name": "HOME", "value": HOME_DIR},
+        {"name": "HF_HOME", "value": HF_HOME},
     ]
     if spec.model.volume:
         env.append({"name": "HF_HUB_OFFLINE", "value": "1"})
@@ -300,16 +414,7 @@ def render_workload(
         RESERVATION: json.dumps(reservation(replica, spec.placement.sharing), sort_keys=True),
         PLAN_HASH: _digest(worker_plan(body, spec, replica).model_dump(mode="json")),
     }
-    volumes: list[dict[str, Any]] = [
-        {"name": "plan", "configMap": {"name": config_map_name(name), "items": [{"key": key, "path": key}]}}
-    ]
-    mounts: list[dict[str, Any]] = [{"name": "plan", "mountPath": PLAN_DIR, "readOnly": True}]
-    if spec.model.volume:
-        volumes.append({"name": "model", **spec.model.volume})
-        mounts.append({"name": "model", "mountPath": MODEL_DIR, "readOnly": True})
-    if worker_plan(body, spec, replica).offloadFolder:
-        volumes.append({"name": "offload", "emptyDir": {}})
-        mounts.append({"name": "offload", "mountPath": OFFLOAD_DIR})
+    volumes, mounts = _volumes(body, spec, plan, replica, key)
     tolerations = [{"key": GPU_RESOURCE, "operator": "Exists", "effect": "NoSchedule"}]
     tolerations += [t.model_dump(exclude_none=True) for t in spec.placement.tolerations]
     container = {
@@ -332,8 +437,9 @@ def render_workload(
             {"name": "admin", "containerPort": ADMIN_PORT, "protocol": "TCP"},
         ],
         "env": _env(body, spec),
-        "resources": _resources(spec, replica, plan),
+        "resources": _resources(spec, replica, plan, volumes),
         "volumeMounts": mounts,
+        "securityContext": container_security_context(),
         "startupProbe": {
             "httpGet": {"path": "/healthz", "port": "http"},
             "periodSeconds": 5,
@@ -352,6 +458,7 @@ def render_workload(
     }
     pod_spec: dict[str, Any] = {
         "serviceAccountName": service_account_name(name),
+        "securityContext": pod_security_context(),
         "affinity": _affinity(replica, plan),
         "tolerations": tolerations,
         "containers": [container],
@@ -419,14 +526,32 @@ def render_service_account(body: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
-def render_role_binding(body: Mapping[str, Any], cluster_role: str) -> dict[str, Any]:
-    """Lets the workers patch their LLMDeployment's status (the ClusterRole ships with the chart)."""
+def render_role(body: Mapping[str, Any]) -> dict[str, Any]:
+    """What the workers may do: read and patch this LLMDeployment's status, and nothing else."""
+    name = body["metadata"]["name"]
+    return {
+        "apiVersion": "rbac.authorization.k8s.io/v1",
+        "kind": "Role",
+        "metadata": _metadata(body, service_account_name(name)),
+        "rules": [
+            {
+                "apiGroups": [GROUP],
+                "resources": [f"{PLURAL}/status"],
+                "resourceNames": [name],
+                "verbs": ["get", "patch"],
+            }
+        ],
+    }
+
+
+def render_role_binding(body: Mapping[str, Any]) -> dict[str, Any]:
+    """Binds the workers' ServiceAccount to their Role (both named ``<name>-worker``)."""
     name = service_account_name(body["metadata"]["name"])
     return {
         "apiVersion": "rbac.authorization.k8s.io/v1",
         "kind": "RoleBinding",
         "metadata": _metadata(body, name),
-        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": cluster_role},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": name},
         "subjects": [
             {
                 "kind": "ServiceAccount",
@@ -434,6 +559,40 @@ def render_role_binding(body: Mapping[str, Any], cluster_role: str) -> dict[str,
                 "namespace": body["metadata"].get("namespace") or "default",
             }
         ],
+    }
+
+
+def render_network_policy(
+    body: Mapping[str, Any], operator_namespace: str = "", operator_labels: Mapping[str, str] | None = None
+) -> dict[str, Any]:
+    """Ingress to the workers: anyone may reach the API port, only the operator's pods the admin port.
+
+    Without the operator's namespace and pod labels (an operator run outside the cluster) no rule opens
+    the admin port. Egress stays open: workers download weights and patch their status.
+    """
+    name = body["metadata"]["name"]
+    ingress: list[dict[str, Any]] = [{"ports": [{"protocol": "TCP", "port": API_PORT}]}]
+    if operator_namespace and operator_labels:
+        ingress.append(
+            {
+                "from": [
+                    {
+                        "namespaceSelector": {"matchLabels": {NAMESPACE_NAME_LABEL: operator_namespace}},
+                        "podSelector": {"matchLabels": dict(operator_labels)},
+                    }
+                ],
+                "ports": [{"protocol": "TCP", "port": ADMIN_PORT}],
+            }
+        )
+    return {
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "NetworkPolicy",
+        "metadata": _metadata(body, service_account_name(name)),
+        "spec": {
+            "podSelector": {"matchLabels": selector_labels(name)},
+            "policyTypes": ["Ingress"],
+            "ingress": ingress,
+        },
     }
 
 
@@ -453,13 +612,16 @@ def render_children(
     plan: Mapping[str, Any],
     *,
     image: str,
-    cluster_role: str,
+    operator_namespace: str = "",
+    operator_labels: Mapping[str, str] | None = None,
 ) -> list[dict[str, Any]]:
     """Every child but the Secret (which is created once, with a random token, by the caller)."""
     return [
         render_service_account(body),
-        render_role_binding(body, cluster_role),
+        render_role(body),
+        render_role_binding(body),
         render_config_map(body, spec, plan),
         render_service(body),
+        render_network_policy(body, operator_namespace, operator_labels),
         *render_workloads(body, spec, plan, image=image),
     ]

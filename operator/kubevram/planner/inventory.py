@@ -371,10 +371,7 @@ def node_inventory(obj: Any, warnings: list[str]) -> NodeInventory | None:
         return None
     devices += gpus[0]
     devices = [replace(d, index=i) for i, d in enumerate(devices)]
-    if mixed and any(d.kind == "mig" for d in devices):
-        sharing = "mig-mixed"
-    else:
-        sharing = gpus[1]
+    sharing = "mig-mixed" if mixed and any(d.kind == "mig" for d in devices) else gpus[1]
     if state == "failed":
         warnings.append(f"node {name}: {LABEL_MIG_CONFIG_STATE}=failed; planned with the devices its labels "
                         "and allocatable show")
