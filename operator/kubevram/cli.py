@@ -1,17 +1,21 @@
 """The ``kubevram`` command: ``estimate``, ``plan``, ``crd``, ``operator`` and ``worker``.
 
 Each sub-command imports what it needs only when it runs, so ``kubevram estimate`` never loads kopf
-or torch. Bad input ends with one line on stderr naming the field and the value, and exit status 2.
+or torch. Bad input ends with one line on stderr naming the field and the value, and exit status 2;
+a reader that stops early (``kubevram plan | head``) ends it quietly with status 141, as SIGPIPE would.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 EXIT_BAD_INPUT = 2
+# What a shell reports for a command that SIGPIPE ended (128 + 13): the reader of stdout went away.
+EXIT_BROKEN_PIPE = 141
 
 
 class CliError(Exception):
@@ -149,10 +153,18 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     args = build_parser().parse_args(argv)
     try:
-        return int(args.func(args))
+        code = int(args.func(args))
+        sys.stdout.flush()  # here, where a closed pipe can still be caught, not at interpreter exit
+        return code
     except (CliError, SpecError) as exc:
         print(f"kubevram {args.command}: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except BrokenPipeError:
+        # `kubevram plan | head`: the reader has what it wanted. Send what is left in the buffer to
+        # /dev/null, so the flush at exit does not fail again (Python's documented recipe).
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return EXIT_BROKEN_PIPE
     except KeyboardInterrupt:
         return 130
 

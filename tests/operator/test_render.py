@@ -264,7 +264,7 @@ def test_model_volume_offload_and_user_settings_reach_the_pod() -> None:
     }
     (cm,) = by_kind(objs, "ConfigMap")
     worker_plan = next(WorkerPlan.parse(json.loads(v)) for k, v in cm["data"].items() if k != "plan.json")
-    assert worker_plan.offloadFolder == "/offload"
+    assert worker_plan.offloadFolder == "/tmp/kubevram-offload"
 
 
 def test_mig_replicas_request_the_mig_resource() -> None:

@@ -11,9 +11,8 @@ from pod_security import pod_template_violations, restricted
 from test_render import ESTIMATE, PLAN, by_kind, children, replica
 
 from kubevram.api.load import parse_deployment
-from kubevram.api.workerplan import WorkerPlan
+from kubevram.api.workerplan import DEFAULT_OFFLOAD_FOLDER, WorkerPlan
 from kubevram.controller import render
-from kubevram.worker.loader import DEFAULT_OFFLOAD_FOLDER
 
 GiB = 2**30
 MiB = 2**20
@@ -97,10 +96,9 @@ def writable_paths(pod: dict[str, Any]) -> dict[str, dict[str, Any]]:
 
 
 def under(path: str, mounts: dict[str, Any]) -> dict[str, Any] | None:
-    for root, volume in mounts.items():
-        if path == root or path.startswith(root.rstrip("/") + "/"):
-            return volume  # type: ignore[no-any-return]
-    return None
+    """The volume a path lands on: the deepest mount above it, as the kernel resolves it."""
+    roots = [root for root in mounts if path == root or path.startswith(root.rstrip("/") + "/")]
+    return mounts[max(roots, key=len)] if roots else None
 
 
 def quantity(text: str) -> int:

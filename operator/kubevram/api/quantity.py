@@ -27,6 +27,11 @@ _PATTERN = re.compile(r"^([+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?)(Ki|Mi|Gi|Ti
 
 GiB = 2**30
 MiB = 2**20
+# A quantity of memory, as the CRD's schema checks it: Kubernetes' quantity pattern without a sign
+# other than "+" in front (an exponent may still be negative: 1e-3 is a small positive number).
+NON_NEGATIVE_QUANTITY_PATTERN = (
+    r"^\+?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))(([KMGTPE]i)|[numkMGTPE]|([eE](\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))))?$"
+)
 
 
 def parse_quantity(value: str | int | float) -> int:
@@ -48,6 +53,14 @@ def parse_quantity(value: str | int | float) -> int:
     except InvalidOperation as exc:  # pragma: no cover - the pattern admits only numbers
         raise ValueError(f"{value!r} is not a quantity such as 40Gi") from exc
     return int(number.to_integral_value(rounding="ROUND_CEILING"))
+
+
+def parse_memory(value: str | int | float) -> int:
+    """``parse_quantity`` for an amount of memory: also refuses a negative one, naming the value."""
+    n = parse_quantity(value)
+    if n < 0:
+        raise ValueError(f"{value!r} is negative; an amount of memory is a quantity >= 0 such as 1280Mi")
+    return n
 
 
 def format_bytes(n: int | float) -> str:

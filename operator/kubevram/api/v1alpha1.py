@@ -11,9 +11,9 @@ from __future__ import annotations
 from enum import StrEnum
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 
-from kubevram.api.quantity import parse_quantity
+from kubevram.api.quantity import NON_NEGATIVE_QUANTITY_PATTERN, parse_memory
 
 GROUP = "llm.kubevram.io"
 VERSION = "v1alpha1"
@@ -24,6 +24,12 @@ SINGULAR = "llmdeployment"
 SHORT_NAMES = ["llmd"]
 
 DEFAULT_WORKER_IMAGE = "ghcr.io/kubevram/worker:0.1.0"
+#: What the planner budgets per GPU for the CUDA context, kernels and library workspaces when
+#: spec.estimation.overheadPerGPU is unset: accelerate's "Big Model Inference" guide says the CUDA
+#: kernels take 1-2 GB, transformers' "Model training anatomy" guide measures 1.3 GB.
+DEFAULT_OVERHEAD_PER_GPU = "1280Mi"
+#: Allocator headroom, as a share of the dynamic memory (KV cache and activations).
+DEFAULT_FRAGMENTATION = 0.05
 
 
 class Precision(StrEnum):
@@ -82,11 +88,23 @@ class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", populate_by_name=True, use_enum_values=True)
 
 
+def _memory(value: str | int) -> str | int:
+    parse_memory(value)  # a ValueError names the value; pydantic adds the field
+    return value
+
+
+# An amount of memory: a Kubernetes quantity >= 0. The schema checks strings by pattern and integers by
+# minimum (each applies to its own type only), the parser both.
 Quantity = Annotated[
     str | int,
+    AfterValidator(_memory),
     Field(
         description="A Kubernetes quantity such as 40Gi, 512Mi or a plain number of bytes.",
-        json_schema_extra={"x-kubernetes-int-or-string": True},
+        json_schema_extra={
+            "x-kubernetes-int-or-string": True,
+            "pattern": NON_NEGATIVE_QUANTITY_PATTERN,
+            "minimum": 0,
+        },
     ),
 ]
 
@@ -223,11 +241,11 @@ class MemoryReleaseSpec(_Model):
 class EstimationSpec(_Model):
     overheadPerGPU: Quantity | None = Field(
         default=None,
-        description="CUDA context and library workspaces per GPU (default 1Gi, the measured range is "
-        "0.5-1.3 GiB).",
+        description="CUDA context, kernels and library workspaces per GPU; unset means "
+        f"{DEFAULT_OVERHEAD_PER_GPU} (1.25 GiB).",
     )
     fragmentation: float = Field(
-        default=0.05,
+        default=DEFAULT_FRAGMENTATION,
         ge=0,
         le=1,
         description="Headroom for allocator rounding, as a share of the dynamic memory.",
@@ -235,13 +253,6 @@ class EstimationSpec(_Model):
     useCalibration: bool = Field(
         default=False, description="Use the activation coefficient refitted from the workers' measurements."
     )
-
-    @field_validator("overheadPerGPU")
-    @classmethod
-    def _quantity(cls, value: str | int | None) -> str | int | None:
-        if value is not None:
-            parse_quantity(value)
-        return value
 
 
 class WorkerSpec(_Model):

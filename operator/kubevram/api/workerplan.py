@@ -34,6 +34,10 @@ from kubevram.api.v1alpha1 import (
     ServingSpec,
 )
 
+#: Where disk-offloaded weights go, everywhere: the planner's plans, the operator's worker pods (an
+#: emptyDir sized for the disk budget is mounted there) and a worker started by hand.
+DEFAULT_OFFLOAD_FOLDER = "/tmp/kubevram-offload"
+
 #: Where one module goes: a pod GPU index, the CPU or the disk (accelerate's device_map values).
 Device = int | Literal["cpu", "disk"]
 

@@ -22,7 +22,7 @@ Children, all in the resource's namespace and owned by it (garbage-collected wit
 Worker pods pass the PodSecurity ``restricted`` profile: non-root (the image's user 65532), no
 privilege escalation, every capability dropped, the RuntimeDefault seccomp profile and a read-only
 root filesystem. What the worker writes goes to volumes: ``/tmp``, its home (the Hugging Face cache,
-where downloaded weights land, and CUDA's and Triton's caches) and, with disk offload, ``/offload``;
+where downloaded weights land, and CUDA's and Triton's caches) and, with disk offload, the offload folder;
 each an emptyDir with a size limit (the home's from the model's parameters, unless the weights come
 from ``spec.model.volume``), whose sum the pod requests as ephemeral storage.
 """
@@ -36,7 +36,7 @@ from typing import Any
 
 from kubevram.api.quantity import GiB, MiB
 from kubevram.api.v1alpha1 import API_VERSION, GROUP, KIND, PLURAL, LLMDeploymentSpec
-from kubevram.api.workerplan import WorkerPlan
+from kubevram.api.workerplan import DEFAULT_OFFLOAD_FOLDER, WorkerPlan
 
 MANAGED_BY = "kubevram"
 LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
@@ -48,7 +48,7 @@ PENDING = "pending"
 
 PLAN_DIR = "/etc/kubevram"
 MODEL_DIR = "/models"
-OFFLOAD_DIR = "/offload"
+OFFLOAD_DIR = DEFAULT_OFFLOAD_FOLDER
 API_PORT = 8000
 ADMIN_PORT = 8001
 TOKEN_KEY = "token"

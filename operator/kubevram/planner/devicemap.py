@@ -52,13 +52,13 @@ from typing import Any
 
 from kubevram.api.errors import SpecError
 from kubevram.api.quantity import format_bytes
+from kubevram.api.workerplan import DEFAULT_OFFLOAD_FOLDER
 from kubevram.planner.estimate import Workload, gpu_breakdown, gpu_bytes_for, layer_kv_bytes
 from kubevram.planner.facts import ModelFacts
 from kubevram.planner.modules import Kind, Module, model_modules
 
 STRATEGIES = ("balanced", "balanced_low_0", "sequential")
 OFFLOADS = ("none", "cpu", "disk")
-DEFAULT_OFFLOAD_FOLDER = "/var/lib/kubevram/offload"
 NEEDED_UP_TO = 8  # NoFit.needed_per_gpu covers 1..8 GPUs
 _BISECT_STEPS = 60
 _BISECT_TOLERANCE = 1e-5  # of the load fraction: about 0.8 MiB on an 80 GiB GPU

@@ -32,13 +32,12 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from kubevram.api.quantity import GiB, MiB, parse_quantity
-from kubevram.api.v1alpha1 import LLMDeploymentSpec
+from kubevram.api.quantity import GiB, parse_quantity
+from kubevram.api.v1alpha1 import DEFAULT_FRAGMENTATION, DEFAULT_OVERHEAD_PER_GPU, LLMDeploymentSpec
 from kubevram.planner.facts import ModelFacts
 from kubevram.planner.modules import COMPUTE_DTYPE, FLOAT_BYTES, Kind, Module, model_modules
 
-DEFAULT_OVERHEAD_BYTES = 1280 * MiB  # 1.25 GiB
-DEFAULT_FRAGMENTATION = 0.05
+DEFAULT_OVERHEAD_BYTES = parse_quantity(DEFAULT_OVERHEAD_PER_GPU)  # the CRD documents the same value
 KV_BYTES: dict[str, int] = {"float32": 4, "float16": 2, "bfloat16": 2, "float8": 1}
 SAMPLER_BYTES_PER_LOGIT = 4 + 4 + 4 + 8  # float32 logits, probabilities, sorted values, int64 indices
 

@@ -16,12 +16,11 @@ from typing import Any
 import torch
 
 from kubevram.api.v1alpha1 import ChineseSpec
-from kubevram.api.workerplan import WorkerPlan
+from kubevram.api.workerplan import DEFAULT_OFFLOAD_FOLDER, WorkerPlan
 from kubevram.worker.logits import TokenClasses, parse_ranges, token_classes
 
 log = logging.getLogger(__name__)
 
-DEFAULT_OFFLOAD_FOLDER = "/tmp/kubevram-offload"
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
