@@ -129,8 +129,8 @@ class ModelSpec(_Model):
     )
     volume: dict[str, Any] | None = Field(
         default=None,
-        description="A Kubernetes volume source (persistentVolumeClaim, hostPath, ...) holding the weights; "
-        "mounted read-only at /models.",
+        description="A Kubernetes volume source holding the weights, mounted read-only at /models: a "
+        "persistentVolumeClaim, csi or ephemeral volume (what a PodSecurity restricted namespace admits).",
         json_schema_extra={"x-kubernetes-preserve-unknown-fields": True},
     )
     trustRemoteCode: bool = Field(default=False, description="Allow the model's own Python code to run.")
@@ -140,7 +140,8 @@ class PrecisionSpec(_Model):
     weights: Precision = Field(
         default=Precision.bfloat16,
         description="Weight precision. int8 and int4 use bitsandbytes (LLM.int8 and NF4) and keep "
-        "embeddings, norms and the output head in float16.",
+        "embeddings, norms and the output head in float16; they need a worker image with bitsandbytes "
+        "(the default image has none) and CUDA GPUs.",
     )
     kvCache: KVCachePrecision = Field(
         default=KVCachePrecision.auto, description="KV cache precision; auto follows the compute dtype."
