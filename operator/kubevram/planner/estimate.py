@@ -84,6 +84,11 @@ class Workload:
     def prefill_tokens(self) -> int:
         return self.max_sequence_length * self.max_batch_size
 
+    @property
+    def longest_prompt(self) -> int:
+        """The longest prompt prefilled in one forward: the worker leaves room for one new token."""
+        return max(1, self.max_sequence_length - 1)
+
 
 def kv_bytes_per_token(facts: ModelFacts, workload: Workload) -> int:
     """KV cache bytes one token adds across all layers (before any sliding-window cap)."""
@@ -91,9 +96,12 @@ def kv_bytes_per_token(facts: ModelFacts, workload: Workload) -> int:
 
 
 def layer_kv_bytes(facts: ModelFacts, layer: int, workload: Workload) -> int:
-    """KV cache of one decoder layer at ``maxSequenceLength x maxBatchSize``, sliding window applied."""
-    tokens = facts.tokens_kept(layer, workload.max_sequence_length)
-    return 2 * facts.cache_heads * facts.head_dim * workload.kv_bytes * tokens * workload.max_batch_size
+    """KV cache one decoder layer holds at its peak serving ``maxBatchSize`` sequences of
+    ``maxSequenceLength`` tokens (``LayerSpec.tokens_held``: a sliding layer holds its window, or the
+    whole prompt right after a prefill longer than the window)."""
+    spec = facts.layers[layer]
+    tokens = spec.tokens_held(workload.max_sequence_length, workload.longest_prompt)
+    return spec.kv_elements * workload.kv_bytes * tokens * workload.max_batch_size
 
 
 def kv_cache_bytes(facts: ModelFacts, workload: Workload) -> int:

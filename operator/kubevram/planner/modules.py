@@ -2,7 +2,8 @@
 
 ``model_modules(facts)`` lists, in forward order, the modules a device map assigns, under the names
 transformers gives them (``model.embed_tokens``, ``model.layers.N``, ``model.norm``, ``lm_head``;
-gpt2 ``transformer.h.N``; gpt_neox ``gpt_neox.layers.N``; ChatGLM ``transformer.layers.N``...).
+gpt2 ``transformer.h.N``; gpt_neox ``gpt_neox.layers.N``; ChatGLM ``transformer.layers.N``...): one
+builder for every family, reading the family's data (``kubevram.planner.families``).
 Decoder blocks are the unit that is never split (transformers' ``_no_split_modules``). Each module
 knows its Linear weights (the ones bitsandbytes quantizes), its other parameters (embeddings, norms)
 and its buffers (rotary ``inv_freq``), so its size at any precision is exact.
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import StrEnum
+from functools import lru_cache
 
 from kubevram.planner.facts import ModelFacts
 
@@ -50,6 +52,7 @@ class Linear:
     bias: bool = False
     count: int = 1
     quantizable: bool = True  # nn.Linear/Conv1D that bitsandbytes replaces; fused 3-D expert weights are not
+    fp32: bool = False  # kept in float32 whatever the model dtype (``_keep_in_fp32_modules_strict``)
 
     @property
     def params(self) -> int:
@@ -59,6 +62,8 @@ class Linear:
         """Bytes at a storage precision (bitsandbytes LLM.int8 / NF4 for int8 / int4)."""
         weights = self.count * self.out_features * self.in_features
         bias = self.count * self.out_features if self.bias else 0
+        if self.fp32:
+            return (weights + bias) * 4
         if precision in FLOAT_BYTES:
             return (weights + bias) * FLOAT_BYTES[precision]
         half = FLOAT_BYTES["float16"]
@@ -84,6 +89,7 @@ class Module:
     linears: tuple[Linear, ...] = ()
     other_params: int = 0  # never quantized: embeddings, norms, position tables
     buffer_bytes: int = 0  # rotary inv_freq and friends (their own dtype)
+    dtype_buffers: int = 0  # buffer elements created in the model dtype (Gemma's embed_scale)
     layer: int | None = None
     tied_to: str | None = None  # a tied head: the module that holds the shared weight
 
@@ -94,15 +100,15 @@ class Module:
     def weight_bytes(self, precision: str) -> int:
         """Bytes of parameters and buffers at ``precision`` (a tied head: 0, its weight lives elsewhere)."""
         linear = sum(lin.bytes(precision) for lin in self.linears)
-        other_dtype = precision if precision in FLOAT_BYTES else "float16"
-        return linear + self.other_params * FLOAT_BYTES[other_dtype] + self.buffer_bytes
+        other = FLOAT_BYTES[COMPUTE_DTYPE[precision]]
+        return linear + (self.other_params + self.dtype_buffers) * other + self.buffer_bytes
 
 
 def model_modules(facts: ModelFacts) -> list[Module]:
     """The top-level modules of ``facts``' model, in the order transformers' ``named_children`` gives."""
     if facts.modules:
         return list(facts.modules)
-    return _BUILDERS[facts.family](facts)
+    return list(_modules(facts))
 
 
 def parameter_count(facts: ModelFacts) -> int:
@@ -110,175 +116,138 @@ def parameter_count(facts: ModelFacts) -> int:
     return sum(m.params for m in model_modules(facts))
 
 
-def _rotary_buffers(facts: ModelFacts, element_bytes: int = 4, copies: int = 2) -> int:
-    # transformers 5 keeps inv_freq and original_inv_freq (float32, rotary_dim / 2 each)
-    return copies * (facts.rotary_dim // 2) * element_bytes
-
-
-def _head(facts: ModelFacts, name: str, embedding: str) -> Module:
-    if facts.tie_word_embeddings:
-        return Module(name, Kind.head, tied_to=embedding)
-    return Module(name, Kind.head, other_params=facts.vocab_size * facts.hidden_size)
-
-
-def _llama(f: ModelFacts) -> list[Module]:
-    h, hd = f.hidden_size, f.head_dim
-    if f.family == "phi3":
-        attention: tuple[Linear, ...] = (
-            Linear((f.num_attention_heads + 2 * f.num_kv_heads) * hd, h),
-            Linear(h, f.num_attention_heads * hd),
+@lru_cache(maxsize=256)
+def _modules(f: ModelFacts) -> tuple[Module, ...]:
+    fam = f.spec
+    names = fam.names
+    h = f.hidden_size
+    rotary = _rotary(f)
+    out = [Module(names.embed, Kind.embedding, other_params=f.vocab_size * h, dtype_buffers=int(fam.embed_scale))]
+    if names.positions:
+        out.append(Module(names.positions, Kind.embedding, other_params=(f.max_position_embeddings or 1024) * h))
+    if names.rotary and names.rotary_first:
+        out.append(rotary)
+    per_layer_buffers = _layer_buffers(f)
+    for i, spec in enumerate(f.layers):
+        linears = _attention(f) + (_moe(f) if spec.moe else _mlp(f, f.intermediate_size))
+        other = f.layer_norms * _norm(f, h) + _qk_norm(f) + (_mla_norms(f) if f.mla else 0)
+        buffers = (f.num_experts * 4 if spec.moe and fam.moe and fam.moe.score_bias else 0) + per_layer_buffers[0]
+        out.append(
+            Module(
+                f"{names.layers}.{i}",
+                Kind.layer,
+                linears,
+                other_params=other,
+                buffer_bytes=buffers,
+                dtype_buffers=per_layer_buffers[1],
+                layer=i,
+            )
         )
-        mlp: tuple[Linear, ...] = (Linear(2 * f.intermediate_size, h), Linear(h, f.intermediate_size))
+    final_norm = _norm(f, h)
+    if final_norm:
+        out.append(Module(names.norm, Kind.norm, other_params=final_norm))
+    if names.buffer:  # GPTBigCode's (positions x positions) boolean causal mask
+        out.append(Module(names.buffer, Kind.rotary, buffer_bytes=(f.max_position_embeddings or 1024) ** 2))
+    if names.rotary and not names.rotary_first and (rotary.buffer_bytes or rotary.dtype_buffers):
+        out.append(rotary)
+    if f.tie_word_embeddings:
+        out.append(Module(names.head, Kind.head, tied_to=names.embed))
     else:
-        attention = (
-            Linear(f.num_attention_heads * hd, h, f.attention_bias),
-            Linear(f.num_kv_heads * hd, h, f.attention_bias),
-            Linear(f.num_kv_heads * hd, h, f.attention_bias),
-            Linear(h, f.num_attention_heads * hd, f.o_proj_bias),
-        )
-        if f.num_experts:
-            mlp = (
-                Linear(f.num_experts, h, quantizable=False),  # router
-                Linear(2 * f.intermediate_size, h, count=f.num_experts, quantizable=False),  # fused gate_up
-                Linear(h, f.intermediate_size, count=f.num_experts, quantizable=False),
+        out.append(Module(names.head, Kind.head, other_params=f.vocab_size * (h + int(f.lm_head_bias))))
+    return tuple(out)
+
+
+def _norm(f: ModelFacts, size: int) -> int:
+    """Parameters of one norm over ``size`` features."""
+    kind = f.spec.norm
+    if kind == "none":
+        return 0
+    return 2 * size if f.norm_bias else size
+
+
+def _qk_norm(f: ModelFacts) -> int:
+    if not f.qk_norm:
+        return 0
+    fam = f.spec
+    per = 2 if fam.qk_norm_bias else 1
+    if fam.qk_norm == "head":  # one norm over head_dim for q, one for k
+        return 2 * f.head_dim * per
+    return (f.num_attention_heads + f.num_kv_heads) * f.head_dim * per  # one per head
+
+
+def _mla_norms(f: ModelFacts) -> int:
+    return f.kv_lora_rank + f.q_lora_rank
+
+
+def _attention(f: ModelFacts) -> tuple[Linear, ...]:
+    h, hd, heads = f.hidden_size, f.head_dim, f.num_attention_heads
+    if f.mla:
+        qk = heads * (f.qk_nope_head_dim + f.qk_rope_head_dim)
+        if f.q_lora_rank:
+            query: tuple[Linear, ...] = (
+                Linear(f.q_lora_rank, h, f.qkv_bias),
+                Linear(qk, f.q_lora_rank),
             )
         else:
-            mlp = (
-                Linear(f.intermediate_size, h, f.mlp_bias),
-                Linear(f.intermediate_size, h, f.mlp_bias),
-                Linear(h, f.intermediate_size, f.mlp_bias),
-            )
-    layers = [
-        Module(f"model.layers.{i}", Kind.layer, attention + mlp, other_params=2 * h, layer=i)
-        for i in range(f.num_layers)
-    ]
-    embed_scale = 4 if f.model_type == "gemma" else 0  # Gemma's scalar embed_scale buffer
-    return [
-        Module("model.embed_tokens", Kind.embedding, other_params=f.vocab_size * h, buffer_bytes=embed_scale),
-        *layers,
-        Module("model.norm", Kind.norm, other_params=h),
-        Module("model.rotary_emb", Kind.rotary, buffer_bytes=_rotary_buffers(f)),
-        _head(f, "lm_head", "model.embed_tokens"),
-    ]
-
-
-def _gpt2(f: ModelFacts) -> list[Module]:
-    h, inner = f.hidden_size, f.intermediate_size
-    block = (Linear(3 * h, h, True), Linear(h, h, True), Linear(inner, h, True), Linear(h, inner, True))
-    return [
-        Module("transformer.wte", Kind.embedding, other_params=f.vocab_size * h),
-        Module("transformer.wpe", Kind.embedding, other_params=(f.max_position_embeddings or 1024) * h),
-        *(
-            Module(f"transformer.h.{i}", Kind.layer, block, other_params=4 * h, layer=i)
-            for i in range(f.num_layers)
-        ),
-        Module("transformer.ln_f", Kind.norm, other_params=2 * h),
-        _head(f, "lm_head", "transformer.wte"),
-    ]
-
-
-def _gpt_neox(f: ModelFacts) -> list[Module]:
-    h, inner = f.hidden_size, f.intermediate_size
-    block = (
-        Linear(3 * h, h, f.attention_bias),
-        Linear(h, h, f.o_proj_bias),
-        Linear(inner, h, True),
-        Linear(h, inner, True),
-    )
-    return [
-        Module("gpt_neox.embed_in", Kind.embedding, other_params=f.vocab_size * h),
-        *(
-            Module(f"gpt_neox.layers.{i}", Kind.layer, block, other_params=4 * h, layer=i)
-            for i in range(f.num_layers)
-        ),
-        Module("gpt_neox.final_layer_norm", Kind.norm, other_params=2 * h),
-        Module("gpt_neox.rotary_emb", Kind.rotary, buffer_bytes=_rotary_buffers(f)),
-        _head(f, "lm_head", "gpt_neox.embed_in"),
-    ]
-
-
-def _falcon(f: ModelFacts) -> list[Module]:
-    h, hd = f.hidden_size, f.head_dim
-    if f.falcon_new_arch:
-        qkv = (f.num_attention_heads + 2 * f.num_kv_heads) * hd
-        norms = 2 if f.falcon_ln_count == 2 else 1
-    else:
-        qkv = h + 2 * hd if f.num_kv_heads == 1 else 3 * h
-        norms = 1 if f.parallel_attn else 2
-    block = (
-        Linear(qkv, h, f.attention_bias),
-        Linear(h, h, f.attention_bias),
-        Linear(f.intermediate_size, h, f.mlp_bias),
-        Linear(h, f.intermediate_size, f.mlp_bias),
-    )
-    rotary = (
-        [Module("transformer.rotary_emb", Kind.rotary, buffer_bytes=_rotary_buffers(f))]
-        if f.rotary_dim
-        else []
-    )
-    return [
-        Module("transformer.word_embeddings", Kind.embedding, other_params=f.vocab_size * h),
-        *(
-            Module(f"transformer.h.{i}", Kind.layer, block, other_params=norms * 2 * h, layer=i)
-            for i in range(f.num_layers)
-        ),
-        Module("transformer.ln_f", Kind.norm, other_params=2 * h),
-        *rotary,
-        _head(f, "lm_head", "transformer.word_embeddings"),
-    ]
-
-
-def _chatglm(f: ModelFacts) -> list[Module]:
-    h, hd = f.hidden_size, f.head_dim
-    inv_freq = _rotary_buffers(f, element_bytes=2, copies=1)  # one float16 inv_freq
-    if f.chatglm_version == 1:
-        block = (
-            Linear(3 * h, h, True),
-            Linear(h, h, True),
-            Linear(f.intermediate_size, h, True),
-            Linear(h, f.intermediate_size, True),
+            query = (Linear(qk, h),)
+        return (
+            *query,
+            Linear(f.kv_lora_rank + f.qk_rope_head_dim, h, f.qkv_bias),
+            Linear(heads * (f.qk_nope_head_dim + f.v_head_dim), f.kv_lora_rank),
+            Linear(h, heads * f.v_head_dim, f.o_bias),
         )
-        return [
-            Module("transformer.word_embeddings", Kind.embedding, other_params=f.vocab_size * h),
-            *(
-                Module(
-                    f"transformer.layers.{i}",
-                    Kind.layer,
-                    block,
-                    other_params=4 * h,
-                    buffer_bytes=inv_freq,
-                    layer=i,
-                )
-                for i in range(f.num_layers)
-            ),
-            Module("transformer.final_layernorm", Kind.norm, other_params=2 * h),
-            _head(f, "lm_head", "transformer.word_embeddings"),
-        ]
-    projection = f.num_attention_heads * hd
-    norm = 2 * h if f.ln_bias else h
-    block = (
-        Linear(projection + 2 * f.num_kv_heads * hd, h, f.attention_bias),
-        Linear(h, projection, f.o_proj_bias),
-        Linear(2 * f.intermediate_size, h, f.mlp_bias),
-        Linear(h, f.intermediate_size, f.mlp_bias),
-    )
-    return [
-        Module("transformer.embedding", Kind.embedding, other_params=f.vocab_size * h),
-        Module("transformer.rotary_pos_emb", Kind.rotary, buffer_bytes=inv_freq),
-        *(
-            Module(f"transformer.encoder.layers.{i}", Kind.layer, block, other_params=2 * norm, layer=i)
-            for i in range(f.num_layers)
-        ),
-        Module("transformer.encoder.final_layernorm", Kind.norm, other_params=norm),
-        _head(f, "transformer.output_layer", "transformer.embedding"),
+    q, kv = heads * hd, f.num_kv_heads * hd
+    out = Linear(h, q, f.o_bias)
+    if f.spec.qkv == "fused":
+        return Linear(q + 2 * kv, h, f.qkv_bias), out
+    return Linear(q, h, f.qkv_bias), Linear(kv, h, f.qkv_bias), Linear(kv, h, f.qkv_bias), out
+
+
+def _mlp(f: ModelFacts, inner: int) -> tuple[Linear, ...]:
+    h, bias, kind = f.hidden_size, f.mlp_bias, f.spec.mlp
+    if kind == "plain":
+        return Linear(inner, h, bias), Linear(h, inner, bias)
+    if kind == "fused_gated":
+        return Linear(2 * inner, h, bias), Linear(h, inner, bias)
+    return Linear(inner, h, bias), Linear(inner, h, bias), Linear(h, inner, bias)
+
+
+def _moe(f: ModelFacts) -> tuple[Linear, ...]:
+    moe = f.spec.moe
+    assert moe is not None
+    h, n, inner = f.hidden_size, f.num_experts, f.expert_intermediate_size
+    linears = [
+        Linear(n, h, quantizable=moe.router_linear, fp32=moe.router_fp32),  # router
+        Linear(2 * inner, h, count=n, quantizable=False),  # experts' fused gate_up (a 3-D parameter)
+        Linear(h, inner, count=n, quantizable=False),  # experts' down
     ]
+    if f.shared_intermediate_size:
+        linears += _mlp(f, f.shared_intermediate_size)
+    if moe.shared_gate:
+        linears.append(Linear(1, h))
+    return tuple(linears)
 
 
-_BUILDERS = {
-    "llama": _llama,
-    "phi3": _llama,
-    "gpt2": _gpt2,
-    "gpt_neox": _gpt_neox,
-    "falcon": _falcon,
-    "chatglm": _chatglm,
-}
+def _rotary(f: ModelFacts) -> Module:
+    """The shared rotary module: transformers 5 keeps inv_freq and original_inv_freq (float32,
+    rotary_dim / 2 each) per attention kind; ChatGLM one float16 inv_freq; GPT-J a float32 sin/cos table
+    of max_position_embeddings x rotary_dim."""
+    kind = f.spec.rotary_buffers
+    name = f.spec.names.rotary or ""
+    if kind == "chatglm":
+        return Module(name, Kind.rotary, buffer_bytes=(f.rotary_dim // 2) * 2)
+    if kind == "embed_positions":
+        return Module(name, Kind.rotary, buffer_bytes=f.max_position_embeddings * f.rotary_dim * 4)
+    return Module(name, Kind.rotary, buffer_bytes=f.rotary_tables * 2 * (f.rotary_dim // 2) * 4)
+
+
+def _layer_buffers(f: ModelFacts) -> tuple[int, int]:
+    """(bytes, model-dtype elements) of buffers each decoder layer holds itself: InternLM2's rotary
+    (float32 inv_freq, cos/sin caches of max_position_embeddings x head_dim in the model dtype) and
+    ChatGLM-6B's float16 inv_freq."""
+    kind = f.spec.rotary_buffers
+    if kind == "cos_sin_cached":
+        return (f.head_dim // 2) * 4, 2 * f.max_position_embeddings * f.head_dim
+    if kind == "chatglm" and not f.spec.names.rotary:
+        return (f.rotary_dim // 2) * 2, 0
+    return 0, 0

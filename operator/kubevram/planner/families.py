@@ -1,0 +1,416 @@
+"""Each covered architecture as a few lines of data on the one decoder description.
+
+A ``Family`` says how a transformers model class lays out the general decoder of
+``kubevram.planner.facts``: the names of its top-level modules (what a device map assigns), which
+projections are fused, which biases and norms exist (constants, or ``(config key, default)`` as the
+model class reads them), its MLP and mixture of experts, how its layers slide, and the defaults of its
+config class for keys a ``config.json`` may leave out. Sources: each model's ``configuration_*.py``
+and ``modeling_*.py`` in transformers 5 (``src/transformers/models/<model_type>/``), and for
+remote-code models (ChatGLM, InternLM2) the modeling file published with the checkpoint.
+
+Adding an architecture is adding an entry here, checked by ``tests/unit/test_exactness.py`` against
+transformers' own modules and KV cache.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+Flag = bool | tuple[str, bool]  # a constant, or (config key, default when the key is absent)
+
+
+@dataclass(frozen=True)
+class Names:
+    """Top-level module names, as ``named_modules`` and accelerate's device maps give them."""
+
+    embed: str = "model.embed_tokens"
+    layers: str = "model.layers"
+    norm: str = "model.norm"
+    rotary: str | None = "model.rotary_emb"  # None: no shared rotary module
+    head: str = "lm_head"
+    positions: str | None = None  # a learned position table (GPT-2's wpe)
+    buffer: str | None = None  # a buffer the model itself owns (GPTBigCode's causal mask)
+    rotary_first: bool = False  # ChatGLM2/3: the rotary module comes before the layers
+
+
+@dataclass(frozen=True)
+class MoE:
+    """A mixture-of-experts MLP: experts fused in 3-D tensors (transformers 5), a router, shared experts."""
+
+    experts: str  # config key of the routed experts per layer
+    intermediate: str = "moe_intermediate_size"
+    shared: str | None = None  # shared_expert_intermediate_size, or n_shared_experts x intermediate
+    shared_gate: bool = False  # Qwen2-MoE's sigmoid gate on the shared expert (a 1 x hidden Linear)
+    router_linear: bool = False  # the router is an nn.Linear (bitsandbytes quantizes it)
+    router_fp32: bool = False  # ``_keep_in_fp32_modules_strict``: the router weight stays float32
+    score_bias: bool = False  # DeepSeek-V3's float32 e_score_correction_bias buffer
+
+
+@dataclass(frozen=True)
+class Family:
+    label: str  # the name the README's table shows
+    names: Names = field(default_factory=Names)
+    qkv: str = "separate"  # separate q/k/v projections | fused (one Linear)
+    qkv_bias: Flag = ("attention_bias", False)
+    o_bias: Flag | None = None  # None: the same as qkv_bias
+    qk_norm: str = "none"  # none | head (one norm over head_dim each) | full (over every head)
+    qk_norm_enabled: Flag = True
+    qk_norm_bias: bool = False
+    mla: bool = False  # DeepSeek's multi-head latent attention
+    mlp: str = "gated"  # gated (gate, up, down) | fused_gated (gate_up, down) | plain (up, down)
+    mlp_bias: Flag = False
+    moe: MoE | None = None
+    norm: str = "rms"  # rms (a weight) | ln (weight and bias) | weight (LayerNorm without bias) | none
+    rms_key: str | None = None  # ChatGLM2/3 ``rmsnorm``: RMSNorm when true, else LayerNorm
+    layer_norms: int = 2  # hidden-size norms per block
+    parallel_key: str | None = None  # config key that, when true, leaves one norm per block
+    tie: bool = False  # tie_word_embeddings' default in the config class
+    lm_head_bias: Flag = False
+    embed_scale: bool = False  # Gemma: a scalar buffer in the model dtype
+    rotary: str = "partial_rotary_factor"  # key of the rotated fraction | rotary_dim | half | none
+    rotary_buffers: str = "inv_freq"  # inv_freq | chatglm | embed_positions | cos_sin_cached
+    rotary_per_kind: bool = False  # Gemma-3: one inv_freq pair per attention kind present
+    sliding: str = "none"  # none | all | qwen | qwen_moe | pattern
+    sliding_pattern: int = 0
+    kv_heads: str = "num_key_value_heads"  # | heads | multi_query | chatglm2
+    head_dim_key: str | None = "head_dim"  # None: always hidden_size / heads
+    intermediate_keys: tuple[str, ...] = ("intermediate_size",)
+    intermediate_factor: int = 0  # default intermediate = factor x hidden (0: required)
+    vocab_keys: tuple[str, ...] = ("vocab_size",)
+    falcon: bool = False
+    remote_code: bool = False  # transformers cannot build it: trust_remote_code
+    defaults: tuple[tuple[str, Any], ...] = ()
+
+
+LLAMA = Family("Llama", qkv_bias=("attention_bias", False), mlp_bias=("mlp_bias", False))
+MISTRAL = Family("Mistral", qkv_bias=False, sliding="all")
+QWEN2 = Family("Qwen2", qkv_bias=True, o_bias=False, sliding="qwen")
+QWEN3 = replace(
+    LLAMA, label="Qwen3", mlp_bias=False, qk_norm="head", sliding="qwen", defaults=(("head_dim", 128),)
+)
+GEMMA = Family("Gemma", mlp_bias=False, tie=True, embed_scale=True, defaults=(("head_dim", 256),))
+GEMMA2 = replace(
+    GEMMA,
+    label="Gemma 2",
+    layer_norms=4,
+    sliding="pattern",
+    sliding_pattern=2,
+    defaults=(("head_dim", 256), ("sliding_window", 4096)),
+)
+COHERE = Family("Command R (Cohere)", norm="weight", layer_norms=1, tie=True, qk_norm="full",
+                qk_norm_enabled=("use_qk_norm", False))
+STARCODER2 = Family(
+    "StarCoder2",
+    qkv_bias=("use_bias", True),
+    mlp="plain",
+    mlp_bias=("use_bias", True),
+    norm="ln",
+    tie=True,
+    sliding="all",
+)
+GPT2_NAMES = Names("transformer.wte", "transformer.h", "transformer.ln_f", None, positions="transformer.wpe")
+DEEPSEEK_V2 = Family(
+    "DeepSeek-V2",
+    mla=True,
+    mlp_bias=("mlp_bias", False),
+    moe=MoE("n_routed_experts", shared="n_shared_experts", router_fp32=True),
+    defaults=(
+        ("kv_lora_rank", 512),
+        ("q_lora_rank", 1536),
+        ("qk_nope_head_dim", 128),
+        ("qk_rope_head_dim", 64),
+        ("v_head_dim", 128),
+        ("n_routed_experts", 64),
+        ("n_shared_experts", 2),
+        ("moe_intermediate_size", 1407),
+    ),
+)
+
+FAMILIES: dict[str, Family] = {
+    "llama": LLAMA,
+    "mistral": MISTRAL,
+    "mixtral": replace(
+        MISTRAL,
+        label="Mixtral",
+        moe=MoE("num_local_experts", intermediate="intermediate_size"),
+        defaults=(("num_local_experts", 8),),
+    ),
+    "qwen2": QWEN2,
+    "qwen2_moe": replace(
+        QWEN2,
+        label="Qwen2-MoE",
+        qkv_bias=("qkv_bias", True),
+        sliding="qwen_moe",
+        moe=MoE("num_experts", shared="shared_expert_intermediate_size", shared_gate=True),
+        defaults=(
+            ("num_experts", 60),
+            ("moe_intermediate_size", 1408),
+            ("shared_expert_intermediate_size", 5632),
+        ),
+    ),
+    "qwen3": QWEN3,
+    "qwen3_moe": replace(
+        QWEN3,
+        label="Qwen3-MoE",
+        moe=MoE("num_experts"),
+        defaults=(("num_experts", 128), ("moe_intermediate_size", 768)),
+    ),
+    "gemma": GEMMA,
+    "gemma2": GEMMA2,
+    "gemma3_text": replace(
+        GEMMA2,
+        label="Gemma 3 (text)",
+        qk_norm="head",
+        sliding_pattern=6,
+        rotary_per_kind=True,
+        defaults=(("head_dim", 256), ("sliding_window", 4096)),
+    ),
+    "cohere": COHERE,
+    "cohere2": replace(
+        COHERE,
+        label="Command R7B (Cohere2)",
+        qk_norm="none",
+        sliding="pattern",
+        sliding_pattern=4,
+        defaults=(("sliding_window", 4096),),
+    ),
+    "olmo": Family("OLMo", norm="none"),
+    "olmo2": Family("OLMo 2", qk_norm="full"),
+    "granite": replace(LLAMA, label="Granite"),
+    "granitemoe": replace(
+        LLAMA,
+        label="Granite MoE",
+        mlp_bias=False,
+        moe=MoE("num_local_experts", intermediate="intermediate_size"),
+        defaults=(("num_local_experts", 8),),
+    ),
+    "starcoder2": STARCODER2,
+    "gpt_bigcode": Family(
+        "GPTBigCode (SantaCoder, StarCoder)",
+        names=replace(GPT2_NAMES, buffer="transformer.bias"),
+        qkv="fused",
+        qkv_bias=True,
+        mlp="plain",
+        mlp_bias=True,
+        norm="ln",
+        tie=True,
+        rotary="none",
+        kv_heads="multi_query",
+        head_dim_key=None,
+        intermediate_keys=("n_inner",),
+        intermediate_factor=4,
+    ),
+    "stablelm": Family(
+        "StableLM",
+        qkv_bias=("use_qkv_bias", False),
+        o_bias=False,
+        qk_norm="full",
+        qk_norm_enabled=("qk_layernorm", False),
+        norm="ln",
+        parallel_key="use_parallel_residual",
+        defaults=(("partial_rotary_factor", 0.25),),
+    ),
+    "phi": Family(
+        "Phi-1/Phi-2",
+        names=Names(norm="model.final_layernorm"),
+        qkv_bias=True,
+        qk_norm="head",
+        qk_norm_enabled=("qk_layernorm", False),
+        qk_norm_bias=True,
+        mlp="plain",
+        mlp_bias=True,
+        norm="ln",
+        layer_norms=1,
+        lm_head_bias=True,
+        defaults=(("partial_rotary_factor", 0.5),),
+    ),
+    "phi3": Family("Phi-3", qkv="fused", qkv_bias=False, mlp="fused_gated", sliding="all"),
+    "phimoe": Family(
+        "Phi-3.5-MoE",
+        norm="ln",
+        lm_head_bias=("lm_head_bias", False),
+        sliding="all",
+        moe=MoE("num_local_experts", intermediate="intermediate_size", router_linear=True),
+        defaults=(("num_local_experts", 16),),
+    ),
+    "deepseek_v2": DEEPSEEK_V2,
+    "deepseek_v3": replace(
+        DEEPSEEK_V2,
+        label="DeepSeek-V3/R1",
+        mlp_bias=False,
+        moe=replace(DEEPSEEK_V2.moe, score_bias=True),  # type: ignore[arg-type]
+        defaults=(
+            ("kv_lora_rank", 512),
+            ("q_lora_rank", 1536),
+            ("qk_nope_head_dim", 128),
+            ("qk_rope_head_dim", 64),
+            ("v_head_dim", 128),
+            ("n_routed_experts", 256),
+            ("n_shared_experts", 1),
+            ("moe_intermediate_size", 2048),
+            ("first_k_dense_replace", 3),
+        ),
+    ),
+    "falcon": Family(
+        "Falcon (7B multi-query, 40B/180B new architecture, sequential)",
+        names=Names("transformer.word_embeddings", "transformer.h", "transformer.ln_f", "transformer.rotary_emb"),
+        qkv="fused",
+        qkv_bias=("bias", False),
+        mlp="plain",
+        mlp_bias=("bias", False),
+        norm="ln",
+        tie=True,
+        head_dim_key=None,
+        intermediate_keys=("ffn_hidden_size",),
+        intermediate_factor=4,
+        falcon=True,
+    ),
+    "gpt2": Family(
+        "GPT-2",
+        names=GPT2_NAMES,
+        qkv="fused",
+        qkv_bias=True,
+        mlp="plain",
+        mlp_bias=True,
+        norm="ln",
+        tie=True,
+        rotary="none",
+        kv_heads="heads",
+        head_dim_key=None,
+        intermediate_keys=("n_inner",),
+        intermediate_factor=4,
+    ),
+    "gpt_neox": Family(
+        "GPT-NeoX (Pythia)",
+        names=Names("gpt_neox.embed_in", "gpt_neox.layers", "gpt_neox.final_layer_norm", "gpt_neox.rotary_emb"),
+        qkv="fused",
+        qkv_bias=("attention_bias", True),
+        mlp="plain",
+        mlp_bias=True,
+        norm="ln",
+        rotary="rotary_pct",
+        kv_heads="heads",
+        head_dim_key=None,
+        defaults=(("rotary_pct", 0.25),),
+    ),
+    "gptj": Family(
+        "GPT-J",
+        names=Names("transformer.wte", "transformer.h", "transformer.ln_f", "transformer.rotary_emb"),
+        qkv_bias=False,
+        mlp="plain",
+        mlp_bias=True,
+        norm="ln",
+        layer_norms=1,
+        lm_head_bias=True,
+        rotary="rotary_dim",
+        rotary_buffers="embed_positions",
+        kv_heads="heads",
+        head_dim_key=None,
+        intermediate_keys=("n_inner",),
+        intermediate_factor=4,
+        defaults=(("rotary_dim", 64), ("n_positions", 2048)),
+    ),
+    "glm": Family(
+        "GLM-4 (glm)",
+        qkv_bias=("attention_bias", True),
+        o_bias=False,
+        mlp="fused_gated",
+        defaults=(("head_dim", 128), ("partial_rotary_factor", 0.5)),
+    ),
+    "glm4": Family(
+        "GLM-4-0414 (glm4)",
+        qkv_bias=("attention_bias", True),
+        o_bias=False,
+        mlp="fused_gated",
+        layer_norms=4,
+        defaults=(("head_dim", 128), ("partial_rotary_factor", 0.5)),
+    ),
+    "chatglm": Family(
+        "ChatGLM-6B (remote code)",
+        names=Names("transformer.word_embeddings", "transformer.layers", "transformer.final_layernorm", None),
+        qkv="fused",
+        qkv_bias=True,
+        mlp="plain",
+        mlp_bias=True,
+        norm="ln",
+        tie=True,
+        rotary="half",
+        rotary_buffers="chatglm",
+        kv_heads="heads",
+        head_dim_key=None,
+        intermediate_keys=("inner_hidden_size",),
+        intermediate_factor=4,
+        remote_code=True,
+    ),
+    "chatglm2": Family(
+        "ChatGLM2/ChatGLM3 (remote code)",
+        names=Names(
+            "transformer.embedding",
+            "transformer.encoder.layers",
+            "transformer.encoder.final_layernorm",
+            "transformer.rotary_pos_emb",
+            head="transformer.output_layer",
+            rotary_first=True,
+        ),
+        qkv="fused",
+        qkv_bias=("add_qkv_bias", False),
+        o_bias=("add_bias_linear", False),
+        mlp="fused_gated",
+        mlp_bias=("add_bias_linear", False),
+        norm="ln",
+        rms_key="rmsnorm",
+        tie=True,
+        rotary="half",
+        rotary_buffers="chatglm",
+        kv_heads="chatglm2",
+        head_dim_key="kv_channels",
+        intermediate_keys=("ffn_hidden_size",),
+        vocab_keys=("padded_vocab_size", "vocab_size"),
+        remote_code=True,
+    ),
+    "internlm2": Family(
+        "InternLM2 (remote code)",
+        names=Names("model.tok_embeddings", "model.layers", "model.norm", None, head="output"),
+        qkv="fused",
+        qkv_bias=("bias", True),
+        mlp_bias=False,
+        rotary_buffers="cos_sin_cached",
+        head_dim_key=None,
+        remote_code=True,
+    ),
+}
+
+# Spellings of model_type that older checkpoints carry.
+ALIASES: dict[str, str] = {"RefinedWeb": "falcon", "RefinedWebModel": "falcon"}
+
+
+def canonical_config(config: Mapping[str, Any]) -> dict[str, Any]:
+    """The config with legacy spellings turned into the keys the family reads.
+
+    Falcon's first hub files (``model_type: RefinedWeb`` for 40B, ``RefinedWebModel`` for 7B) say
+    ``n_head``, ``n_head_kv`` and ``n_layer``; RefinedWeb is the new decoder architecture (grouped KV
+    heads, two layer norms) even without ``new_decoder_architecture``. ChatGLM's remote code covers two
+    layouts under one ``model_type``: ChatGLM2/3 configs carry ``ffn_hidden_size``/``padded_vocab_size``.
+    """
+    out = dict(config)
+    model_type = str(out.get("model_type"))
+    if model_type in ALIASES:
+        out["model_type"] = ALIASES[model_type]
+        renames = {"n_head": "num_attention_heads", "n_layer": "num_hidden_layers", "n_head_kv": "num_kv_heads"}
+        for old, new in renames.items():
+            if old in out and out.get(new) is None:
+                out[new] = out.pop(old)
+        if model_type == "RefinedWeb":
+            out.setdefault("new_decoder_architecture", True)
+    elif model_type == "chatglm" and ("ffn_hidden_size" in out or "padded_vocab_size" in out):
+        out["model_type"] = "chatglm2"
+    elif model_type == "falcon" and out.get("n_head_kv") is not None and out.get("num_kv_heads") is None:
+        out["num_kv_heads"] = out["n_head_kv"]
+    return out
+
+
+def covered_model_types() -> list[str]:
+    """Every ``model_type`` the analytic path sizes (legacy spellings included)."""
+    return sorted({*FAMILIES, *ALIASES} - {"chatglm2"}, key=str.lower)
