@@ -60,12 +60,15 @@ def test_explicit_head_dim_wins() -> None:
 
 def test_sliding_window_layers() -> None:
     mistral = facts_from_config(CONFIGS["mistralai/mistral-7b-v0.1"])
-    assert mistral.sliding_window == 4096 and all(mistral.sliding_layers)
-    assert mistral.tokens_kept(0, 10_000) == 4095 and mistral.tokens_kept(0, 100) == 100
+    assert mistral.sliding_window == 4096 and all(layer.window == 4096 for layer in mistral.layers)
+    layer = mistral.layers[0]
+    # decoding: the window; right after a prefill longer than the window: the whole prompt
+    assert layer.tokens_held(10_000, prefill=100) == 4096 and layer.tokens_held(100, prefill=99) == 100
+    assert layer.tokens_held(10_000, prefill=9_999) == 9_999
     qwen = facts_from_config(
         {**CONFIGS["qwen/qwen2-7b"], "use_sliding_window": True, "max_window_layers": 20}
     )
-    assert qwen.sliding_layers == tuple(i >= 20 for i in range(28))
+    assert [layer.window is not None for layer in qwen.layers] == [i >= 20 for i in range(28)]
     assert facts_from_config(CONFIGS["qwen/qwen2-7b"]).sliding_window is None  # use_sliding_window: false
 
 

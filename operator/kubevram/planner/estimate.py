@@ -34,7 +34,7 @@ from typing import Any
 
 from kubevram.api.quantity import GiB, parse_quantity
 from kubevram.api.v1alpha1 import DEFAULT_FRAGMENTATION, DEFAULT_OVERHEAD_PER_GPU, LLMDeploymentSpec
-from kubevram.planner.facts import ModelFacts
+from kubevram.planner.facts import Attention, ModelFacts
 from kubevram.planner.modules import COMPUTE_DTYPE, FLOAT_BYTES, Kind, Module, model_modules
 
 DEFAULT_OVERHEAD_BYTES = parse_quantity(DEFAULT_OVERHEAD_PER_GPU)  # the CRD documents the same value
@@ -105,7 +105,18 @@ def layer_kv_bytes(facts: ModelFacts, layer: int, workload: Workload) -> int:
 
 
 def kv_cache_bytes(facts: ModelFacts, workload: Workload) -> int:
-    return sum(layer_kv_bytes(facts, i, workload) for i in range(facts.num_layers))
+    """The KV cache of the whole replica at its peak: right after the prefill of the longest prompt
+    (every layer holds the prompt) or at the last token (full layers hold every token, sliding ones
+    their window), whichever is larger. Each layer's own peak (``layer_kv_bytes``, what a GPU holding a
+    subset of the layers budgets) can fall at either moment, so their sum may exceed this by one token
+    per full-attention layer in models that mix full and sliding layers."""
+    rows = workload.kv_bytes * workload.max_batch_size
+    prompt = min(workload.longest_prompt, workload.max_sequence_length)
+    at_prefill = sum(layer.kv_elements for layer in facts.layers if layer.attention is not Attention.none)
+    at_end = sum(
+        layer.kv_elements * layer.tokens_held(workload.max_sequence_length, 1) for layer in facts.layers
+    )
+    return rows * max(at_prefill * prompt, at_end)
 
 
 def layer_activation_bytes(facts: ModelFacts, workload: Workload, tokens: int | None = None) -> int:

@@ -254,7 +254,7 @@ def facts_from_config(config: Mapping[str, Any], where: str = "spec.model.config
     family_name = str(config["model_type"])
     fam = FAMILIES[family_name]
     # keys the config class fills in when config.json leaves them out
-    config = {**dict(fam.defaults), **{k: v for k, v in config.items() if v is not None}}
+    config = {**dict(fam.defaults), **config}
     chatglm_version = {"chatglm": 1, "chatglm2": 2}.get(family_name, 0)
 
     layers = _positive_int(config, ("num_hidden_layers", "n_layer", "num_layers"), where)
@@ -316,6 +316,7 @@ def facts_from_config(config: Mapping[str, Any], where: str = "spec.model.config
         vocab_size=vocab,
         tie_word_embeddings=tie,
         layers=specs,
+        **mla,
         qkv_bias=flag(config, fam.qkv_bias, where),
         o_bias=flag(config, fam.qkv_bias if fam.o_bias is None else fam.o_bias, where),
         qk_norm=fam.qk_norm != "none" and flag(config, fam.qk_norm_enabled, where),
@@ -379,7 +380,7 @@ def _layer_norms(config: Mapping[str, Any], fam: Family, falcon_new: bool, where
 
 
 def _rotary_dim(config: Mapping[str, Any], fam: Family, head_dim: int, where: str) -> int:
-    if fam.rotary == "none" or (fam.falcon and config.get("alibi")):
+    if fam.rotary == "none":  # (Falcon builds its rotary module even with alibi)
         return 0
     if fam.rotary == "rotary_dim":
         return _positive_int(config, ("rotary_dim",), where, head_dim)

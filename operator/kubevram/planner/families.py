@@ -32,7 +32,8 @@ class Names:
     head: str = "lm_head"
     positions: str | None = None  # a learned position table (GPT-2's wpe)
     buffer: str | None = None  # a buffer the model itself owns (GPTBigCode's causal mask)
-    rotary_first: bool = False  # ChatGLM2/3: the rotary module comes before the layers
+    rotary_at: str = "end"  # where the rotary module sits: end | first (ChatGLM2/3, before the layers) |
+    # before_norm (Phi: between the layers and the final norm)
 
 
 @dataclass(frozen=True)
@@ -214,7 +215,7 @@ FAMILIES: dict[str, Family] = {
     ),
     "phi": Family(
         "Phi-1/Phi-2",
-        names=Names(norm="model.final_layernorm"),
+        names=Names(norm="model.final_layernorm", rotary_at="before_norm"),
         qkv_bias=True,
         qk_norm="head",
         qk_norm_enabled=("qk_layernorm", False),
@@ -352,7 +353,7 @@ FAMILIES: dict[str, Family] = {
             "transformer.encoder.final_layernorm",
             "transformer.rotary_pos_emb",
             head="transformer.output_layer",
-            rotary_first=True,
+            rotary_at="first",
         ),
         qkv="fused",
         qkv_bias=("add_qkv_bias", False),

@@ -125,7 +125,8 @@ def _modules(f: ModelFacts) -> tuple[Module, ...]:
     out = [Module(names.embed, Kind.embedding, other_params=f.vocab_size * h, dtype_buffers=int(fam.embed_scale))]
     if names.positions:
         out.append(Module(names.positions, Kind.embedding, other_params=(f.max_position_embeddings or 1024) * h))
-    if names.rotary and names.rotary_first:
+    has_rotary = bool(names.rotary) and bool(rotary.buffer_bytes or rotary.dtype_buffers)
+    if has_rotary and names.rotary_at == "first":
         out.append(rotary)
     per_layer_buffers = _layer_buffers(f)
     for i, spec in enumerate(f.layers):
@@ -143,12 +144,14 @@ def _modules(f: ModelFacts) -> tuple[Module, ...]:
                 layer=i,
             )
         )
+    if has_rotary and names.rotary_at == "before_norm":
+        out.append(rotary)
     final_norm = _norm(f, h)
     if final_norm:
         out.append(Module(names.norm, Kind.norm, other_params=final_norm))
     if names.buffer:  # GPTBigCode's (positions x positions) boolean causal mask
         out.append(Module(names.buffer, Kind.rotary, buffer_bytes=(f.max_position_embeddings or 1024) ** 2))
-    if names.rotary and not names.rotary_first and (rotary.buffer_bytes or rotary.dtype_buffers):
+    if has_rotary and names.rotary_at == "end":
         out.append(rotary)
     if f.tie_word_embeddings:
         out.append(Module(names.head, Kind.head, tied_to=names.embed))
