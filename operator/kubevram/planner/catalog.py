@@ -244,7 +244,8 @@ _QWEN15_MOE = {
     "model_type": "qwen2_moe", "hidden_size": 2048, "intermediate_size": 5632, "moe_intermediate_size": 1408,
     "shared_expert_intermediate_size": 5632, "num_hidden_layers": 24, "num_attention_heads": 16,
     "num_key_value_heads": 16, "num_experts": 60, "num_experts_per_tok": 4, "decoder_sparse_step": 1,
-    "vocab_size": 151936, "max_position_embeddings": 8192, "sliding_window": 32768, "use_sliding_window": False,
+    "vocab_size": 151936, "max_position_embeddings": 8192, "sliding_window": 32768,
+    "use_sliding_window": False,
     "max_window_layers": 21, "tie_word_embeddings": False, "torch_dtype": "bfloat16",
 }
 _QWEN3_8B = {
@@ -344,7 +345,8 @@ _PHI35_MOE = {
     "attention_bias": True, "lm_head_bias": True, "tie_word_embeddings": False, "torch_dtype": "bfloat16",
 }
 _DEEPSEEK_V2_LITE = {
-    "model_type": "deepseek_v2", "hidden_size": 2048, "intermediate_size": 10944, "moe_intermediate_size": 1408,
+    "model_type": "deepseek_v2", "hidden_size": 2048, "intermediate_size": 10944,
+    "moe_intermediate_size": 1408,
     "num_hidden_layers": 27, "num_attention_heads": 16, "num_key_value_heads": 16, "n_routed_experts": 64,
     "n_shared_experts": 2, "num_experts_per_tok": 6, "first_k_dense_replace": 1, "moe_layer_freq": 1,
     "kv_lora_rank": 512, "q_lora_rank": None, "qk_nope_head_dim": 128, "qk_rope_head_dim": 64,
@@ -354,7 +356,8 @@ _DEEPSEEK_V2_LITE = {
     "tie_word_embeddings": False, "torch_dtype": "bfloat16",
 }
 _DEEPSEEK_V3 = {
-    "model_type": "deepseek_v3", "hidden_size": 7168, "intermediate_size": 18432, "moe_intermediate_size": 2048,
+    "model_type": "deepseek_v3", "hidden_size": 7168, "intermediate_size": 18432,
+    "moe_intermediate_size": 2048,
     "num_hidden_layers": 61, "num_attention_heads": 128, "num_key_value_heads": 128, "n_routed_experts": 256,
     "n_shared_experts": 1, "num_experts_per_tok": 8, "first_k_dense_replace": 3, "moe_layer_freq": 1,
     "n_group": 8, "topk_group": 4, "kv_lora_rank": 512, "q_lora_rank": 1536, "qk_nope_head_dim": 128,

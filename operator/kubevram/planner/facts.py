@@ -125,6 +125,7 @@ class ModelFacts:
     rotary_tables: int = 1  # inv_freq pairs (Gemma-3: one per attention kind present)
     max_position_embeddings: int = 0
     rope_scaling_factor: float = 1.0  # rope_scaling / rope_parameters "factor" (1: none)
+    original_max_position_embeddings: int = 0  # what the rope scaling extends (0: not given)
     falcon_new_arch: bool = False
     chatglm_version: int = 0  # 1: ChatGLM-6B, 2: ChatGLM2/3
     config_dtype: str | None = None
@@ -135,6 +136,16 @@ class ModelFacts:
     @property
     def spec(self) -> Family:
         return FAMILIES[self.family]
+
+    @property
+    def position_limit(self) -> int:
+        """The longest sequence the model's positions reach (0: the config does not say): its
+        ``max_position_embeddings``, or what its rope scaling extends that to (``factor`` times the
+        original length, or times ``max_position_embeddings`` when the original is not given)."""
+        if self.rope_scaling_factor <= 1:
+            return self.max_position_embeddings
+        base = self.original_max_position_embeddings or self.max_position_embeddings
+        return max(self.max_position_embeddings, int(base * self.rope_scaling_factor))
 
     @property
     def mla(self) -> bool:
@@ -284,7 +295,7 @@ def facts_from_config(config: Mapping[str, Any], where: str = "spec.model.config
     # MLA: DeepSeek-V2/V3 cache the compressed latent and the rotary key
     kv_lora = _count(config, "kv_lora_rank", where) if fam.mla else 0
     rope_dim = _count(config, "qk_rope_head_dim", where) if kv_lora else 0
-    mla = {
+    mla: dict[str, Any] = {
         "q_lora_rank": _count(config, "q_lora_rank", where) if kv_lora else 0,
         "kv_lora_rank": kv_lora,
         "qk_nope_head_dim": _count(config, "qk_nope_head_dim", where) if kv_lora else 0,
@@ -321,7 +332,8 @@ def facts_from_config(config: Mapping[str, Any], where: str = "spec.model.config
         o_bias=flag(config, fam.qkv_bias if fam.o_bias is None else fam.o_bias, where),
         qk_norm=fam.qk_norm != "none" and flag(config, fam.qk_norm_enabled, where),
         mlp_bias=flag(config, fam.mlp_bias, where),
-        norm_bias=fam.norm == "ln" and not (fam.rms_key is not None and _bool(config, fam.rms_key, True, where)),
+        norm_bias=fam.norm == "ln"
+        and not (fam.rms_key is not None and _bool(config, fam.rms_key, True, where)),
         num_experts=experts,
         num_experts_per_tok=_count(config, "num_experts_per_tok", where) if experts else 0,
         expert_intermediate_size=(
@@ -339,6 +351,7 @@ def facts_from_config(config: Mapping[str, Any], where: str = "spec.model.config
             or 0
         ),
         rope_scaling_factor=float(factor) if isinstance(factor, int | float) and factor > 1 else 1.0,
+        original_max_position_embeddings=int(rope.get("original_max_position_embeddings") or 0),
         falcon_new_arch=falcon_new,
         chatglm_version=chatglm_version,
         layer_norms=_layer_norms(config, fam, falcon_new, where),
@@ -421,7 +434,9 @@ def _attention_kinds(
     elif fam.sliding == "qwen_moe":
         first = _count(config, "max_window_layers", where, layers)
         use = _bool(config, "use_sliding_window", False, where)
-        kinds = [Attention.sliding if use and (i + 1) % 2 and i < first else Attention.full for i in range(layers)]
+        kinds = [
+            Attention.sliding if use and (i + 1) % 2 and i < first else Attention.full for i in range(layers)
+        ]
     elif fam.sliding == "pattern":
         pattern = _positive_int(config, ("sliding_window_pattern",), where, fam.sliding_pattern)
         kinds = [Attention.sliding if (i + 1) % pattern else Attention.full for i in range(layers)]
@@ -465,9 +480,7 @@ def _experts(config: Mapping[str, Any], fam: Family, layers: int, where: str) ->
     if not isinstance(only, list) or not all(isinstance(i, int) for i in only):
         raise SpecError(f"{where}.mlp_only_layers", f"{only!r} is not a list of layer indices")
     moe = frozenset(
-        i
-        for i in range(layers)
-        if i >= first and i % freq == 0 and (i + 1) % step == 0 and i not in only
+        i for i in range(layers) if i >= first and i % freq == 0 and (i + 1) % step == 0 and i not in only
     )
     return experts, moe
 

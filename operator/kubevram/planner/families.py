@@ -100,8 +100,14 @@ GEMMA2 = replace(
     sliding_pattern=2,
     defaults=(("head_dim", 256), ("sliding_window", 4096)),
 )
-COHERE = Family("Command R (Cohere)", norm="weight", layer_norms=1, tie=True, qk_norm="full",
-                qk_norm_enabled=("use_qk_norm", False))
+COHERE = Family(
+    "Command R (Cohere)",
+    norm="weight",
+    layer_norms=1,
+    tie=True,
+    qk_norm="full",
+    qk_norm_enabled=("use_qk_norm", False),
+)
 STARCODER2 = Family(
     "StarCoder2",
     qkv_bias=("use_bias", True),
@@ -112,11 +118,12 @@ STARCODER2 = Family(
     sliding="all",
 )
 GPT2_NAMES = Names("transformer.wte", "transformer.h", "transformer.ln_f", None, positions="transformer.wpe")
+DEEPSEEK_V2_MOE = MoE("n_routed_experts", shared="n_shared_experts", router_fp32=True)
 DEEPSEEK_V2 = Family(
     "DeepSeek-V2",
     mla=True,
     mlp_bias=("mlp_bias", False),
-    moe=MoE("n_routed_experts", shared="n_shared_experts", router_fp32=True),
+    moe=DEEPSEEK_V2_MOE,
     defaults=(
         ("kv_lora_rank", 512),
         ("q_lora_rank", 1536),
@@ -241,7 +248,7 @@ FAMILIES: dict[str, Family] = {
         DEEPSEEK_V2,
         label="DeepSeek-V3/R1",
         mlp_bias=False,
-        moe=replace(DEEPSEEK_V2.moe, score_bias=True),  # type: ignore[arg-type]
+        moe=replace(DEEPSEEK_V2_MOE, score_bias=True),
         defaults=(
             ("kv_lora_rank", 512),
             ("q_lora_rank", 1536),
@@ -256,7 +263,9 @@ FAMILIES: dict[str, Family] = {
     ),
     "falcon": Family(
         "Falcon (7B multi-query, 40B/180B new architecture, sequential)",
-        names=Names("transformer.word_embeddings", "transformer.h", "transformer.ln_f", "transformer.rotary_emb"),
+        names=Names(
+            "transformer.word_embeddings", "transformer.h", "transformer.ln_f", "transformer.rotary_emb"
+        ),
         qkv="fused",
         qkv_bias=("bias", False),
         mlp="plain",
@@ -285,7 +294,9 @@ FAMILIES: dict[str, Family] = {
     ),
     "gpt_neox": Family(
         "GPT-NeoX (Pythia)",
-        names=Names("gpt_neox.embed_in", "gpt_neox.layers", "gpt_neox.final_layer_norm", "gpt_neox.rotary_emb"),
+        names=Names(
+            "gpt_neox.embed_in", "gpt_neox.layers", "gpt_neox.final_layer_norm", "gpt_neox.rotary_emb"
+        ),
         qkv="fused",
         qkv_bias=("attention_bias", True),
         mlp="plain",
@@ -399,7 +410,11 @@ def canonical_config(config: Mapping[str, Any]) -> dict[str, Any]:
     model_type = str(out.get("model_type"))
     if model_type in ALIASES:
         out["model_type"] = ALIASES[model_type]
-        renames = {"n_head": "num_attention_heads", "n_layer": "num_hidden_layers", "n_head_kv": "num_kv_heads"}
+        renames = {
+            "n_head": "num_attention_heads",
+            "n_layer": "num_hidden_layers",
+            "n_head_kv": "num_kv_heads",
+        }
         for old, new in renames.items():
             if old in out and out.get(new) is None:
                 out[new] = out.pop(old)

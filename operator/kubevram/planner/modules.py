@@ -122,9 +122,13 @@ def _modules(f: ModelFacts) -> tuple[Module, ...]:
     names = fam.names
     h = f.hidden_size
     rotary = _rotary(f)
-    out = [Module(names.embed, Kind.embedding, other_params=f.vocab_size * h, dtype_buffers=int(fam.embed_scale))]
+    out = [
+        Module(names.embed, Kind.embedding, other_params=f.vocab_size * h, dtype_buffers=int(fam.embed_scale))
+    ]
     if names.positions:
-        out.append(Module(names.positions, Kind.embedding, other_params=(f.max_position_embeddings or 1024) * h))
+        out.append(
+            Module(names.positions, Kind.embedding, other_params=(f.max_position_embeddings or 1024) * h)
+        )
     has_rotary = bool(names.rotary) and bool(rotary.buffer_bytes or rotary.dtype_buffers)
     if has_rotary and names.rotary_at == "first":
         out.append(rotary)
@@ -132,7 +136,9 @@ def _modules(f: ModelFacts) -> tuple[Module, ...]:
     for i, spec in enumerate(f.layers):
         linears = _attention(f) + (_moe(f) if spec.moe else _mlp(f, f.intermediate_size))
         other = f.layer_norms * _norm(f, h) + _qk_norm(f) + (_mla_norms(f) if f.mla else 0)
-        buffers = (f.num_experts * 4 if spec.moe and fam.moe and fam.moe.score_bias else 0) + per_layer_buffers[0]
+        buffers = (
+            f.num_experts * 4 if spec.moe and fam.moe and fam.moe.score_bias else 0
+        ) + per_layer_buffers[0]
         out.append(
             Module(
                 f"{names.layers}.{i}",

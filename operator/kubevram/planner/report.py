@@ -55,11 +55,28 @@ def resolve_facts(
     """Model facts of ``deployment``; ``SpecError`` names the field when they cannot be had."""
     config, where = model_config_for(deployment, model_config)
     try:
-        return facts_from_config(config, where)
+        facts = facts_from_config(config, where)
     except UnknownArchitecture:
         if fallback is None:
             raise
-        return fallback(config, where)
+        facts = fallback(config, where)
+    check_positions(facts, deployment.spec.serving.maxSequenceLength, where)
+    return facts
+
+
+def check_positions(facts: ModelFacts, max_sequence_length: int, where: str) -> None:
+    """``SpecError`` when ``maxSequenceLength`` passes the positions the model reaches (its
+    ``max_position_embeddings``, extended by rope scaling where the config has it)."""
+    limit = facts.position_limit
+    if limit and max_sequence_length > limit:
+        if facts.rope_scaling_factor > 1:
+            reach = f"the {limit} positions its rope scaling reaches ({where}.rope_scaling)"
+        else:
+            reach = f"its max_position_embeddings {limit} ({where}.max_position_embeddings; no rope scaling)"
+        raise SpecError(
+            "spec.serving.maxSequenceLength",
+            f"{max_sequence_length} is past what the model serves: {reach}",
+        )
 
 
 def estimate_deployment(
