@@ -13,6 +13,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+
 import pytest
 
 from kubevram.api.errors import SpecError
@@ -116,8 +117,16 @@ def test_unknown_model_type_with_transformers_is_one_line(
 @pytest.mark.parametrize(
     ("model_id", "length", "words"),
     [
-        ("qwen/qwen2-7b", 1_000_000, "1000000 is past what the model serves: its max_position_embeddings 32768"),
-        ("openai-community/gpt2", 2048, "2048 is past what the model serves: its max_position_embeddings 1024"),
+        (
+            "qwen/qwen2-7b",
+            1_000_000,
+            "1000000 is past what the model serves: its max_position_embeddings 32768",
+        ),
+        (
+            "openai-community/gpt2",
+            2048,
+            "2048 is past what the model serves: its max_position_embeddings 1024",
+        ),
         (
             "internlm/internlm2-chat-7b",
             70_000,
@@ -152,7 +161,8 @@ def test_rope_scaling_extends_the_positions() -> None:
 
 # ---------------------------------------------------------------- the CLI's meta-device fallback
 
-TINY_FALLBACK = ["deepseek_v3", "gemma3_text", "gpt_bigcode", "mixtral", "qwen2", "gemma", "gpt2", "falcon-40b"]
+TINY_FALLBACK = ["deepseek_v3", "gemma3_text", "gpt_bigcode", "mixtral", "qwen2", "gemma", "gpt2",
+                 "falcon-40b"]
 
 
 @pytest.mark.parametrize("name", TINY_FALLBACK)
@@ -182,7 +192,7 @@ def test_meta_fallback_says_when_it_cannot_know_the_kv_cache() -> None:
         "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 128, "head_dim": 16,
         "num_experts": 4, "moe_intermediate_size": 32, "shared_expert_intermediate_size": 32,
     }
-    with pytest.raises(SpecError, match="layer 0 caches LinearAttentionLayer state, which kubevram cannot size"):
+    with pytest.raises(SpecError, match="layer 0 caches LinearAttentionLayer state, which kubevram cannot"):
         meta_facts(hybrid, "cfg")
 
 
