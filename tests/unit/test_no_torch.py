@@ -24,7 +24,7 @@ from kubevram.planner.facts import facts_from_config
 from kubevram.planner.families import FAMILIES, canonical_config
 from kubevram.planner.modules import model_modules
 
-BLOCKER = '''
+BLOCKER = """
 import importlib.abc, sys
 
 class _NoTorch(importlib.abc.MetaPathFinder):
@@ -34,7 +34,7 @@ class _NoTorch(importlib.abc.MetaPathFinder):
         return None
 
 sys.meta_path.insert(0, _NoTorch())
-'''
+"""
 
 # One deployment per published config in the catalogue, by id: every covered architecture.
 MODEL_IDS = sorted(CONFIGS)
@@ -161,8 +161,16 @@ def test_rope_scaling_extends_the_positions() -> None:
 
 # ---------------------------------------------------------------- the CLI's meta-device fallback
 
-TINY_FALLBACK = ["deepseek_v3", "gemma3_text", "gpt_bigcode", "mixtral", "qwen2", "gemma", "gpt2",
-                 "falcon-40b"]
+TINY_FALLBACK = [
+    "deepseek_v3",
+    "gemma3_text",
+    "gpt_bigcode",
+    "mixtral",
+    "qwen2",
+    "gemma",
+    "gpt2",
+    "falcon-40b",
+]
 
 
 @pytest.mark.parametrize("name", TINY_FALLBACK)
@@ -188,9 +196,17 @@ def test_meta_fallback_says_when_it_cannot_know_the_kv_cache() -> None:
     from kubevram.introspect import meta_facts
 
     hybrid = {
-        "model_type": "qwen3_next", "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 4,
-        "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 128, "head_dim": 16,
-        "num_experts": 4, "moe_intermediate_size": 32, "shared_expert_intermediate_size": 32,
+        "model_type": "qwen3_next",
+        "hidden_size": 64,
+        "intermediate_size": 96,
+        "num_hidden_layers": 4,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "vocab_size": 128,
+        "head_dim": 16,
+        "num_experts": 4,
+        "moe_intermediate_size": 32,
+        "shared_expert_intermediate_size": 32,
     }
     with pytest.raises(SpecError, match="layer 0 caches LinearAttentionLayer state, which kubevram cannot"):
         meta_facts(hybrid, "cfg")
