@@ -101,6 +101,15 @@ def test_inline_config_wins(tmp_path: Path, capsys: pytest.CaptureFixture[str]) 
             "spec.precision.weights: 'fp7' is not one of float32, float16, bfloat16, int8, int4",
         ),
         (
+            QWEN.replace("serving:", "precision: {kvCache: float8}\n  serving:"),
+            "spec.precision.kvCache: 'float8' is not one of auto, float32, float16, bfloat16",
+        ),
+        (
+            QWEN.replace("serving:", "precision: {weights: bfloat16, kvCache: float32}\n  serving:"),
+            "spec.precision.kvCache: 'float32' is not served: the worker keeps the KV cache in the compute "
+            "dtype, bfloat16 for weights bfloat16; use auto or bfloat16",
+        ),
+        (
             QWEN.replace("maxSequenceLength: 4096", "maxSequenceLength: 0"),
             "spec.serving.maxSequenceLength: 0 must be >= 1",
         ),

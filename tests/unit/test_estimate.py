@@ -64,7 +64,6 @@ def test_int8_and_int4_of_one_linear() -> None:
     [
         (LLAMA2_7B, "auto", 4096, 1, 2 * 32 * 32 * 128 * 2 * 4096),  # 2 GiB, the well-known Llama-2-7B figure
         (QWEN2_7B, "auto", 4096, 4, 2 * 28 * 4 * 128 * 2 * 4096 * 4),  # GQA: 4 KV heads
-        (QWEN2_7B, "float8", 1000, 2, 2 * 28 * 4 * 128 * 1 * 1000 * 2),
         (QWEN2_7B, "float32", 10, 1, 2 * 28 * 4 * 128 * 4 * 10),
         # sliding window 4096: right after the prefill of the longest prompt (32,767 tokens: one is left
         # for the answer) every layer still holds the whole prompt; past that step, 4096 tokens
@@ -114,12 +113,12 @@ kind: LLMDeployment
 metadata: {name: q}
 spec:
   model: {id: Qwen/Qwen2-7B}
-  precision: {weights: int4, kvCache: float8}
+  precision: {weights: int4, kvCache: float16}
   serving: {maxSequenceLength: 1024, maxBatchSize: 8}
   estimation: {overheadPerGPU: 900Mi, fragmentation: 0.1, useCalibration: true}
 """
     )
     workload = Workload.from_spec(dep.spec, activation_bytes_per_token=123.0)
-    assert (workload.weights, workload.kv_bytes, workload.compute_dtype) == ("int4", 1, "float16")
+    assert (workload.weights, workload.kv_bytes, workload.compute_dtype) == ("int4", 2, "float16")
     assert (workload.overhead_per_gpu, workload.fragmentation) == (900 * MiB, 0.1)
     assert workload.prefill_tokens == 8192 and workload.activation_bytes_per_token == 123.0

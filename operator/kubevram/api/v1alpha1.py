@@ -11,7 +11,7 @@ from __future__ import annotations
 from enum import StrEnum
 from typing import Annotated, Any
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from kubevram.api.quantity import NON_NEGATIVE_QUANTITY_PATTERN, parse_memory
 
@@ -43,13 +43,24 @@ class Precision(StrEnum):
 
 
 class KVCachePrecision(StrEnum):
-    """Storage precision of the KV cache; ``auto`` follows the weights' compute dtype."""
+    """Storage precision of the KV cache: the worker keeps it in the compute dtype (``auto``); naming that
+    dtype is allowed, any other is refused (the worker would not honour it)."""
 
     auto = "auto"
     float32 = "float32"
     float16 = "float16"
     bfloat16 = "bfloat16"
-    float8 = "float8"
+
+
+# The dtype the worker computes (and keeps the KV cache) in, per weight precision: bitsandbytes
+# dequantizes int8/int4 weights to float16.
+COMPUTE_DTYPES: dict[str, str] = {
+    "float32": "float32",
+    "float16": "float16",
+    "bfloat16": "bfloat16",
+    "int8": "float16",
+    "int4": "float16",
+}
 
 
 class Strategy(StrEnum):
@@ -140,12 +151,25 @@ class PrecisionSpec(_Model):
     weights: Precision = Field(
         default=Precision.bfloat16,
         description="Weight precision. int8 and int4 use bitsandbytes (LLM.int8 and NF4) and keep "
-        "embeddings, norms and the output head in float16; they need a worker image with bitsandbytes "
-        "(the default image has none) and CUDA GPUs.",
+        "embeddings, norms and the output head in float16; the worker image carries bitsandbytes.",
     )
     kvCache: KVCachePrecision = Field(
-        default=KVCachePrecision.auto, description="KV cache precision; auto follows the compute dtype."
+        default=KVCachePrecision.auto,
+        description="KV cache precision. The worker keeps the cache in the compute dtype (the weights' "
+        "dtype; float16 for int8/int4): auto, or that dtype by name.",
     )
+
+    @field_validator("kvCache")
+    @classmethod
+    def _served(cls, value: str, info: ValidationInfo) -> str:
+        weights = str(info.data.get("weights", Precision.bfloat16))
+        compute = COMPUTE_DTYPES.get(weights)
+        if value != KVCachePrecision.auto and compute is not None and value != compute:
+            raise ValueError(
+                f"{str(value)!r} is not served: the worker keeps the KV cache in the compute dtype, "
+                f"{compute} for weights {weights}; use auto or {compute}"
+            )
+        return value
 
 
 class ServingSpec(_Model):

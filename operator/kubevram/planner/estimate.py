@@ -38,7 +38,7 @@ from kubevram.planner.facts import Attention, ModelFacts
 from kubevram.planner.modules import COMPUTE_DTYPE, FLOAT_BYTES, Kind, Module, model_modules
 
 DEFAULT_OVERHEAD_BYTES = parse_quantity(DEFAULT_OVERHEAD_PER_GPU)  # the CRD documents the same value
-KV_BYTES: dict[str, int] = {"float32": 4, "float16": 2, "bfloat16": 2, "float8": 1}
+KV_BYTES: dict[str, int] = {"float32": 4, "float16": 2, "bfloat16": 2}
 SAMPLER_BYTES_PER_LOGIT = 4 + 4 + 4 + 8  # float32 logits, probabilities, sorted values, int64 indices
 
 

@@ -18,18 +18,13 @@ from dataclasses import dataclass
 from enum import StrEnum
 from functools import lru_cache
 
+from kubevram.api.v1alpha1 import COMPUTE_DTYPES
 from kubevram.planner.facts import ModelFacts
 
 FLOAT_BYTES: dict[str, int] = {"float32": 4, "float16": 2, "bfloat16": 2}
 
 # Compute dtype of each storage precision: bitsandbytes dequantizes int8/int4 to float16.
-COMPUTE_DTYPE: dict[str, str] = {
-    "float32": "float32",
-    "float16": "float16",
-    "bfloat16": "bfloat16",
-    "int8": "float16",
-    "int4": "float16",
-}
+COMPUTE_DTYPE = COMPUTE_DTYPES
 
 # bitsandbytes NF4 (Linear4bit): two weights a byte, plus one float32 absmax per block of 64 weights.
 NF4_BLOCK = 64
