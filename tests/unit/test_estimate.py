@@ -38,11 +38,13 @@ CHATGLM_6B = facts_from_config(CONFIGS["thudm/chatglm-6b"])
             + 32 * 4 * (4 * 4096 + 2 * 11008 + 4096)
             + 2 * (2 * 32000 * 4096 + 65 * 4096),
         ),
-        # int4 (NF4): half a byte per weight + one float32 absmax per 64 weights
+        # int4 (NF4): half a byte per weight + one float32 absmax per 64 weights + each Linear's
+        # 16-entry float32 lookup table
         (
             "int4",
             32 * (4 * 4096 * 4096 + 3 * 4096 * 11008) // 2
             + 32 * (4 * 4096 * 4096 + 3 * 4096 * 11008) // 64 * 4
+            + 32 * 7 * 64
             + 2 * (2 * 32000 * 4096 + 65 * 4096),
         ),
     ],
@@ -55,7 +57,7 @@ def test_weights_by_precision(precision: str, expected: int) -> None:
 def test_int8_and_int4_of_one_linear() -> None:
     lin = Linear(out_features=10, in_features=128, bias=True)
     assert lin.bytes("int8") == 10 * 128 + 10 * 4 + 10 * 2
-    assert lin.bytes("int4") == 10 * 128 // 2 + (10 * 128 // 64) * 4 + 10 * 2
+    assert lin.bytes("int4") == 10 * 128 // 2 + (10 * 128 // 64) * 4 + 64 + 10 * 2
     assert Linear(10, 128, quantizable=False).bytes("int4") == 10 * 128 * 2
 
 

@@ -46,6 +46,7 @@ from typing import Any
 
 from kubevram.api.errors import SpecError
 from kubevram.planner.families import ALIASES, FAMILIES, Family, Flag, canonical_config
+from kubevram.planner.quantization import Quantization, quantization_from_config
 
 
 class Attention(StrEnum):
@@ -129,7 +130,7 @@ class ModelFacts:
     falcon_new_arch: bool = False
     chatglm_version: int = 0  # 1: ChatGLM-6B, 2: ChatGLM2/3
     config_dtype: str | None = None
-    quantization: Any = None  # planner.quantization.Quantization of a pre-quantized checkpoint
+    quantization: Quantization | None = None  # a pre-quantized checkpoint's quantization_config
     # Only for architectures sized by introspection (family "meta"): their top-level modules.
     modules: tuple[Any, ...] = ()
 
@@ -360,9 +361,7 @@ def facts_from_config(config: Mapping[str, Any], where: str = "spec.model.config
     )
 
 
-def _quantization(config: Mapping[str, Any], where: str) -> Any:
-    from kubevram.planner.quantization import quantization_from_config
-
+def _quantization(config: Mapping[str, Any], where: str) -> Quantization | None:
     return quantization_from_config(config, where)
 
 

@@ -14,20 +14,24 @@ A tied output head (``lm_head`` sharing the input embedding's weight) owns no pa
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from enum import StrEnum
 from functools import lru_cache
 
 from kubevram.api.v1alpha1 import COMPUTE_DTYPES
 from kubevram.planner.facts import ModelFacts
+from kubevram.planner.quantization import Quantization
 
 FLOAT_BYTES: dict[str, int] = {"float32": 4, "float16": 2, "bfloat16": 2}
 
 # Compute dtype of each storage precision: bitsandbytes dequantizes int8/int4 to float16.
 COMPUTE_DTYPE = COMPUTE_DTYPES
 
-# bitsandbytes NF4 (Linear4bit): two weights a byte, plus one float32 absmax per block of 64 weights.
+# bitsandbytes NF4 (Linear4bit): two weights a byte, one float32 absmax per block of 64 weights, and
+# each layer's quant_state keeps its own copy of the 16-entry float32 lookup table (``code``).
 NF4_BLOCK = 64
+NF4_CODE_BYTES = 16 * 4
+NESTED_CODE_BYTES = 256 * 4  # double quantization: the 8-bit code of the nested absmax
 
 
 class Kind(StrEnum):
@@ -48,6 +52,8 @@ class Linear:
     count: int = 1
     quantizable: bool = True  # nn.Linear/Conv1D that bitsandbytes replaces; fused 3-D expert weights are not
     fp32: bool = False  # kept in float32 whatever the model dtype (``_keep_in_fp32_modules_strict``)
+    router: bool = False  # an MoE router: no quantization method touches it
+    quant: Quantization | None = None  # stored pre-quantized (the checkpoint's quantization_config)
 
     @property
     def params(self) -> int:
@@ -59,6 +65,9 @@ class Linear:
         bias = self.count * self.out_features if self.bias else 0
         if self.fp32:
             return (weights + bias) * 4
+        if self.quant is not None and self.quant.method != "bitsandbytes":
+            dtype = FLOAT_BYTES[COMPUTE_DTYPE[precision]]
+            return self.quant.linear_bytes(self.out_features, self.in_features, self.count, self.bias, dtype)
         if precision in FLOAT_BYTES:
             return (weights + bias) * FLOAT_BYTES[precision]
         half = FLOAT_BYTES["float16"]
@@ -70,8 +79,13 @@ class Linear:
         if precision == "int4":
             per_matrix = self.out_features * self.in_features
             packed = -(-per_matrix // 2)
-            absmax = -(-per_matrix // NF4_BLOCK) * 4
-            return self.count * (packed + absmax) + bias * half
+            blocks = -(-per_matrix // NF4_BLOCK)
+            if self.quant is not None and self.quant.double_quant:
+                # absmax in 8 bits, float32 absmax per 256 blocks, a 256-entry code and an offset
+                stats = blocks + -(-blocks // 256) * 4 + NESTED_CODE_BYTES + 4
+            else:
+                stats = blocks * 4  # one float32 absmax per block of 64
+            return self.count * (packed + stats + NF4_CODE_BYTES) + bias * half
         raise ValueError(f"{precision!r} is not one of float32, float16, bfloat16, int8, int4")
 
 
@@ -129,7 +143,7 @@ def _modules(f: ModelFacts) -> tuple[Module, ...]:
         out.append(rotary)
     per_layer_buffers = _layer_buffers(f)
     for i, spec in enumerate(f.layers):
-        linears = _attention(f) + (_moe(f) if spec.moe else _mlp(f, f.intermediate_size))
+        linears = _quantized(f, _attention(f) + (_moe(f) if spec.moe else _mlp(f, f.intermediate_size)))
         other = f.layer_norms * _norm(f, h) + _qk_norm(f) + (_mla_norms(f) if f.mla else 0)
         buffers = (
             f.num_experts * 4 if spec.moe and fam.moe and fam.moe.score_bias else 0
@@ -221,7 +235,7 @@ def _moe(f: ModelFacts) -> tuple[Linear, ...]:
     assert moe is not None
     h, n, inner = f.hidden_size, f.num_experts, f.expert_intermediate_size
     linears = [
-        Linear(n, h, quantizable=moe.router_linear, fp32=moe.router_fp32),  # router
+        Linear(n, h, quantizable=moe.router_linear, fp32=moe.router_fp32, router=True),
         Linear(2 * inner, h, count=n, quantizable=False),  # experts' fused gate_up (a 3-D parameter)
         Linear(h, inner, count=n, quantizable=False),  # experts' down
     ]
@@ -230,6 +244,20 @@ def _moe(f: ModelFacts) -> tuple[Linear, ...]:
     if moe.shared_gate:
         linears.append(Linear(1, h))
     return tuple(linears)
+
+
+def _quantized(f: ModelFacts, linears: tuple[Linear, ...]) -> tuple[Linear, ...]:
+    """Mark the Linears a pre-quantized checkpoint stores quantized (routers never; fused experts unless
+    the method cannot quantize them)."""
+    quant = f.quantization
+    if quant is None:
+        return linears
+    return tuple(
+        replace(lin, quant=quant)
+        if not lin.router and (lin.quantizable or (lin.count > 1 and quant.experts))
+        else lin
+        for lin in linears
+    )
 
 
 def _rotary(f: ModelFacts) -> Module:

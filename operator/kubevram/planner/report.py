@@ -18,6 +18,7 @@ from kubevram.api.v1alpha1 import LLMDeployment
 from kubevram.planner.catalog import known_config
 from kubevram.planner.estimate import Estimate, Workload, estimate
 from kubevram.planner.facts import ModelFacts, UnknownArchitecture, facts_from_config
+from kubevram.planner.quantization import check_precision
 
 # Called with (config, where) when the analytic path does not know the architecture; the CLI installs
 # the transformers meta-device introspection here when transformers is importable.
@@ -61,6 +62,7 @@ def resolve_facts(
             raise
         facts = fallback(config, where)
     check_positions(facts, deployment.spec.serving.maxSequenceLength, where)
+    check_precision(facts.quantization, str(deployment.spec.precision.weights), where)
     return facts
 
 
