@@ -81,15 +81,16 @@ def test_kv_cache(facts, kv_cache: str, seq: int, batch: int, expected: int) -> 
 def test_activations_at_the_serving_limits() -> None:
     workload = Workload(weights="bfloat16", max_sequence_length=2048, max_batch_size=2)
     tokens = 4096
+    mask = 2 * 2048 * 2048  # the padded batch's (2, 1, 2048, 2048) boolean attention mask
     # Qwen2-7B: the MLP dominates: residual + normed + 3 x intermediate, bf16
-    assert layer_activation_bytes(QWEN2_7B, workload) == tokens * 2 * (2 * 3584 + 3 * 18944)
+    assert layer_activation_bytes(QWEN2_7B, workload) == tokens * 2 * (2 * 3584 + 3 * 18944) + mask
     # the head: final norm over every position, then the last position's logits per row (+ sampler)
-    assert head_activation_bytes(QWEN2_7B, workload) == tokens * 3584 * 2 + 2 * 152064 * (2 + 20)
+    assert head_activation_bytes(QWEN2_7B, workload) == tokens * 3584 * 2 + 2 * 152064 * (2 + 20) + mask
 
 
 def test_calibrated_coefficient_replaces_the_layer_formula() -> None:
     workload = Workload(max_sequence_length=100, max_batch_size=2, activation_bytes_per_token=1000.0)
-    assert layer_activation_bytes(QWEN2_7B, workload) == 200_000
+    assert layer_activation_bytes(QWEN2_7B, workload) == 200_000 + 2 * 100 * 100  # + the attention mask
 
 
 def test_chatglm_seed_reference_slope() -> None:

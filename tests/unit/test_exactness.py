@@ -49,21 +49,52 @@ TINY: dict[str, dict[str, Any]] = {
     "llama": {"model_type": "llama", **_BASE, "attention_bias": True, "mlp_bias": True},
     "llama-tied-head-dim": {"model_type": "llama", **_BASE, "head_dim": 24, "tie_word_embeddings": True},
     "mistral": {"model_type": "mistral", **_BASE, "sliding_window": WINDOW},
-    "mixtral": {"model_type": "mixtral", **_BASE, "num_local_experts": 4, "num_experts_per_tok": 2,
-                "sliding_window": None},
-    "qwen2": {"model_type": "qwen2", **_BASE, "sliding_window": WINDOW, "use_sliding_window": True,
-              "max_window_layers": 1},
-    "qwen2_moe": {"model_type": "qwen2_moe", **_BASE, **MOE, "num_experts": 4,
-                  "shared_expert_intermediate_size": 48, "decoder_sparse_step": 2, "mlp_only_layers": [2],
-                  "num_hidden_layers": 4, "sliding_window": WINDOW, "use_sliding_window": True,
-                  "max_window_layers": 3},
+    "mixtral": {
+        "model_type": "mixtral",
+        **_BASE,
+        "num_local_experts": 4,
+        "num_experts_per_tok": 2,
+        "sliding_window": None,
+    },
+    "qwen2": {
+        "model_type": "qwen2",
+        **_BASE,
+        "sliding_window": WINDOW,
+        "use_sliding_window": True,
+        "max_window_layers": 1,
+    },
+    "qwen2_moe": {
+        "model_type": "qwen2_moe",
+        **_BASE,
+        **MOE,
+        "num_experts": 4,
+        "shared_expert_intermediate_size": 48,
+        "decoder_sparse_step": 2,
+        "mlp_only_layers": [2],
+        "num_hidden_layers": 4,
+        "sliding_window": WINDOW,
+        "use_sliding_window": True,
+        "max_window_layers": 3,
+    },
     "qwen3": {"model_type": "qwen3", **_BASE, "head_dim": 32, "sliding_window": None},
-    "qwen3_moe": {"model_type": "qwen3_moe", **_BASE, **MOE, "num_experts": 4, "head_dim": 16,
-                  "mlp_only_layers": [0]},
+    "qwen3_moe": {
+        "model_type": "qwen3_moe",
+        **_BASE,
+        **MOE,
+        "num_experts": 4,
+        "head_dim": 16,
+        "mlp_only_layers": [0],
+    },
     "gemma": {"model_type": "gemma", **_BASE, "head_dim": 16},
     "gemma2": {"model_type": "gemma2", **_BASE, "head_dim": 16, "sliding_window": WINDOW},
-    "gemma3_text": {"model_type": "gemma3_text", **_BASE, "head_dim": 16, "sliding_window": WINDOW,
-                    "sliding_window_pattern": 2, "num_hidden_layers": 4},
+    "gemma3_text": {
+        "model_type": "gemma3_text",
+        **_BASE,
+        "head_dim": 16,
+        "sliding_window": WINDOW,
+        "sliding_window_pattern": 2,
+        "num_hidden_layers": 4,
+    },
     "cohere": {"model_type": "cohere", **_BASE, "use_qk_norm": True, "attention_bias": True, **_IDS},
     "cohere2": {"model_type": "cohere2", **_BASE, "sliding_window": WINDOW, "num_hidden_layers": 4, **_IDS},
     "olmo": {"model_type": "olmo", **_BASE, **_IDS},
@@ -73,29 +104,88 @@ TINY: dict[str, dict[str, Any]] = {
     "starcoder2": {"model_type": "starcoder2", **_BASE, "sliding_window": WINDOW, **_IDS},
     "gpt_bigcode": {"model_type": "gpt_bigcode", **_GPT, "n_inner": 96, "multi_query": True},
     "gpt_bigcode-mha": {"model_type": "gpt_bigcode", **_GPT, "multi_query": False},
-    "stablelm": {"model_type": "stablelm", **_BASE, "use_qkv_bias": True, "qk_layernorm": True,
-                 "partial_rotary_factor": 0.25},
+    "stablelm": {
+        "model_type": "stablelm",
+        **_BASE,
+        "use_qkv_bias": True,
+        "qk_layernorm": True,
+        "partial_rotary_factor": 0.25,
+    },
     "stablelm-parallel": {"model_type": "stablelm", **_BASE, "use_parallel_residual": True},
     "phi": {"model_type": "phi", **_BASE, "qk_layernorm": True, "partial_rotary_factor": 0.5},
     "phi3": {"model_type": "phi3", **_BASE, "sliding_window": WINDOW, **_IDS},
-    "phimoe": {"model_type": "phimoe", **_BASE, "num_local_experts": 4, "num_experts_per_tok": 2,
-               "sliding_window": WINDOW, "attention_bias": True, "lm_head_bias": True},
-    "deepseek_v2": {"model_type": "deepseek_v2", **_BASE, **MOE, "num_key_value_heads": 4,
-                    "n_routed_experts": 4, "n_shared_experts": 2, "first_k_dense_replace": 1,
-                    "kv_lora_rank": 16, "q_lora_rank": None, "qk_nope_head_dim": 16, "qk_rope_head_dim": 8,
-                    "v_head_dim": 12, "mlp_bias": True},
-    "deepseek_v3": {"model_type": "deepseek_v3", **_BASE, **MOE, "num_key_value_heads": 4,
-                    "n_routed_experts": 4, "n_shared_experts": 1, "first_k_dense_replace": 1, "n_group": 2,
-                    "topk_group": 1, "kv_lora_rank": 16, "q_lora_rank": 24, "qk_nope_head_dim": 16,
-                    "qk_rope_head_dim": 8, "v_head_dim": 12, "attention_bias": True},
-    "falcon-7b": {"model_type": "falcon", "hidden_size": 64, "num_hidden_layers": 3, "num_attention_heads": 4,
-                  "vocab_size": 128, "multi_query": True, "parallel_attn": True, "bias": False},
-    "falcon-40b": {"model_type": "falcon", "hidden_size": 64, "num_hidden_layers": 3,
-                   "num_attention_heads": 4,
-                   "num_kv_heads": 2, "vocab_size": 128, "new_decoder_architecture": True, "bias": True},
-    "falcon-sequential-alibi": {"model_type": "falcon", "hidden_size": 64, "num_hidden_layers": 3,
-                                "num_attention_heads": 4, "vocab_size": 128, "multi_query": False,
-                                "parallel_attn": False, "bias": True, "alibi": True},
+    "phimoe": {
+        "model_type": "phimoe",
+        **_BASE,
+        "num_local_experts": 4,
+        "num_experts_per_tok": 2,
+        "sliding_window": WINDOW,
+        "attention_bias": True,
+        "lm_head_bias": True,
+    },
+    "deepseek_v2": {
+        "model_type": "deepseek_v2",
+        **_BASE,
+        **MOE,
+        "num_key_value_heads": 4,
+        "n_routed_experts": 4,
+        "n_shared_experts": 2,
+        "first_k_dense_replace": 1,
+        "kv_lora_rank": 16,
+        "q_lora_rank": None,
+        "qk_nope_head_dim": 16,
+        "qk_rope_head_dim": 8,
+        "v_head_dim": 12,
+        "mlp_bias": True,
+    },
+    "deepseek_v3": {
+        "model_type": "deepseek_v3",
+        **_BASE,
+        **MOE,
+        "num_key_value_heads": 4,
+        "n_routed_experts": 4,
+        "n_shared_experts": 1,
+        "first_k_dense_replace": 1,
+        "n_group": 2,
+        "topk_group": 1,
+        "kv_lora_rank": 16,
+        "q_lora_rank": 24,
+        "qk_nope_head_dim": 16,
+        "qk_rope_head_dim": 8,
+        "v_head_dim": 12,
+        "attention_bias": True,
+    },
+    "falcon-7b": {
+        "model_type": "falcon",
+        "hidden_size": 64,
+        "num_hidden_layers": 3,
+        "num_attention_heads": 4,
+        "vocab_size": 128,
+        "multi_query": True,
+        "parallel_attn": True,
+        "bias": False,
+    },
+    "falcon-40b": {
+        "model_type": "falcon",
+        "hidden_size": 64,
+        "num_hidden_layers": 3,
+        "num_attention_heads": 4,
+        "num_kv_heads": 2,
+        "vocab_size": 128,
+        "new_decoder_architecture": True,
+        "bias": True,
+    },
+    "falcon-sequential-alibi": {
+        "model_type": "falcon",
+        "hidden_size": 64,
+        "num_hidden_layers": 3,
+        "num_attention_heads": 4,
+        "vocab_size": 128,
+        "multi_query": False,
+        "parallel_attn": False,
+        "bias": True,
+        "alibi": True,
+    },
     "gpt2": {"model_type": "gpt2", **_GPT},
     "gpt_neox": {"model_type": "gpt_neox", **_BASE, "rotary_pct": 0.5},
     "gptj": {"model_type": "gptj", **_GPT, "rotary_dim": 8},
@@ -254,9 +344,16 @@ def test_falcon_40b_legacy_keys_equal_the_converted_config() -> None:
     """The RefinedWeb hub file and the falcon config transformers reads today describe one model."""
     legacy = facts_from_config(CONFIGS["tiiuae/falcon-40b"])
     converted = {
-        "model_type": "falcon", "hidden_size": 8192, "num_attention_heads": 128, "num_kv_heads": 8,
-        "num_hidden_layers": 60, "vocab_size": 65024, "new_decoder_architecture": True, "parallel_attn": True,
-        "bias": False, "alibi": False,
+        "model_type": "falcon",
+        "hidden_size": 8192,
+        "num_attention_heads": 128,
+        "num_kv_heads": 8,
+        "num_hidden_layers": 60,
+        "vocab_size": 65024,
+        "new_decoder_architecture": True,
+        "parallel_attn": True,
+        "bias": False,
+        "alibi": False,
     }
     model = _build(converted, meta=True, dtype=torch.bfloat16)
     assert parameter_count(legacy) == sum(p.numel() for p in model.parameters())
@@ -279,3 +376,43 @@ def test_internlm2_follows_its_published_modeling_file() -> None:
     layer = modules[1]
     assert layer.buffer_bytes == 64 * 4 and layer.dtype_buffers == 2 * 32768 * 128
     assert facts.rope_scaling_factor == 2.0
+
+
+# ---------------------------------------------------------------- per-forward tensors that scale with L^2
+
+MASKED = ["llama", "qwen2", "gemma2", "deepseek_v3", "mistral", "falcon-7b", "gpt_bigcode"]
+
+
+@pytest.mark.parametrize("name", MASKED)
+def test_attention_masks_of_a_padded_prefill_equal_the_estimate(name: str) -> None:
+    """The 4-D masks the decoder blocks receive in a left-padded prefill of 2 rows, measured in a real
+    CPU forward, are what ``attention_mask_bytes`` budgets (one per attention kind; boolean, or the
+    compute dtype under Gemma-2's eager attention)."""
+    from kubevram.planner.estimate import attention_mask_bytes
+
+    config = TINY[name]
+    model = _build(config, meta=False)
+    masks: dict[int, int] = {}
+
+    def keep(_module: Any, _args: Any, kwargs: dict[str, Any]) -> None:
+        mask = kwargs.get("attention_mask")
+        if isinstance(mask, torch.Tensor):
+            masks[mask.data_ptr()] = mask.numel() * mask.element_size()
+
+    blocks = [m for m in model.modules() if type(m).__name__ in model._no_split_modules]
+    for block in blocks:
+        block.register_forward_pre_hook(keep, with_kwargs=True)
+    width = 9
+    ids = torch.randint(3, config["vocab_size"], (BATCH, width))
+    attention = torch.ones((BATCH, width), dtype=torch.long)
+    attention[1, :4] = 0  # the shorter row, left-padded as the worker pads it
+    with torch.no_grad():
+        model(
+            ids,
+            attention_mask=attention,
+            position_ids=(attention.cumsum(-1) - 1).clamp(min=0),
+            use_cache=True,
+            logits_to_keep=1,
+        )
+    workload = Workload(weights="float32", max_sequence_length=width, max_batch_size=BATCH)
+    assert sum(masks.values()) == attention_mask_bytes(facts_from_config(config), workload) > 0

@@ -35,6 +35,7 @@ from typing import Any
 from kubevram.api.quantity import GiB, parse_quantity
 from kubevram.api.v1alpha1 import DEFAULT_FRAGMENTATION, DEFAULT_OVERHEAD_PER_GPU, LLMDeploymentSpec
 from kubevram.planner.facts import Attention, ModelFacts
+from kubevram.planner.families import FAMILIES
 from kubevram.planner.modules import COMPUTE_DTYPE, FLOAT_BYTES, Kind, Module, model_modules
 
 DEFAULT_OVERHEAD_BYTES = parse_quantity(DEFAULT_OVERHEAD_PER_GPU)  # the CRD documents the same value
@@ -119,21 +120,47 @@ def kv_cache_bytes(facts: ModelFacts, workload: Workload) -> int:
     return rows * max(at_prefill * prompt, at_end)
 
 
+def _eager(facts: ModelFacts) -> bool:
+    return facts.family in FAMILIES and FAMILIES[facts.family].eager
+
+
+def attention_mask_bytes(facts: ModelFacts, workload: Workload) -> int:
+    """The 4-D attention masks a prefill of ``maxBatchSize`` left-padded rows of ``maxSequenceLength``
+    builds (transformers' ``masking_utils``): ``(batch, 1, L, L)`` per attention kind present (full,
+    sliding), boolean for SDPA, in the compute dtype for eager attention. They live through the whole
+    forward, next to any block's and the head's workspace."""
+    width = workload.max_sequence_length
+    kinds = len({layer.attention for layer in facts.layers if layer.attention is not Attention.none}) or 1
+    element = workload.compute_bytes if _eager(facts) else 1
+    return workload.max_batch_size * width * width * kinds * element
+
+
 def layer_activation_bytes(facts: ModelFacts, workload: Workload, tokens: int | None = None) -> int:
-    """Peak transient bytes inside one decoder block during a prefill of ``tokens`` (default ``T``)."""
+    """Peak transient bytes inside one decoder block during a prefill of ``tokens`` (default ``T``, with
+    the attention masks of the padded batch)."""
     t = workload.prefill_tokens if tokens is None else tokens
+    masks = attention_mask_bytes(facts, workload) if tokens is None else 0
     if workload.activation_bytes_per_token is not None:
-        return int(workload.activation_bytes_per_token * t)
+        return int(workload.activation_bytes_per_token * t) + masks
     dt = workload.compute_bytes
-    h, q, kv = (
-        facts.hidden_size,
-        facts.num_attention_heads * facts.head_dim,
-        facts.num_kv_heads * facts.head_dim,
-    )
+    heads = facts.num_attention_heads
+    if facts.mla:  # queries and the keys/values decompressed per head
+        q = heads * (facts.qk_nope_head_dim + facts.qk_rope_head_dim)
+        kv = heads * (facts.qk_nope_head_dim + facts.v_head_dim)
+    else:
+        q, kv = heads * facts.head_dim, facts.num_kv_heads * facts.head_dim
+    h = facts.hidden_size
     attention = h + h + 2 * q + kv + 2 * q + q  # residual, normed, q and q_rot, k_rot, k/v per head, output
     mlp = h + h + 3 * facts.intermediate_size
-    router = facts.num_experts * 4 // dt if facts.num_experts else 0  # float32 router logits
-    return t * dt * max(attention, mlp + router)
+    if facts.num_experts:  # routed tokens through k experts, the shared experts, float32 router logits
+        routed = facts.num_experts_per_tok * 3 * facts.expert_intermediate_size
+        mlp = max(mlp, h + h + routed + 3 * facts.shared_intermediate_size + facts.num_experts * 4 // dt)
+    scores = 0
+    if _eager(facts) and tokens is None:
+        # eager attention: the (batch, heads, L, L) scores, their soft-capped copy and float32 softmax
+        width = workload.max_sequence_length
+        scores = workload.max_batch_size * heads * width * width * (2 * dt + 4)
+    return t * dt * max(attention, mlp) + scores + masks
 
 
 def logits_bytes_per_position(facts: ModelFacts, workload: Workload) -> int:
@@ -152,7 +179,7 @@ def head_activation_bytes(facts: ModelFacts, workload: Workload) -> int:
     dt = workload.compute_bytes
     norm = workload.prefill_tokens * facts.hidden_size * dt
     logits = workload.max_batch_size * facts.vocab_size * (dt + SAMPLER_BYTES_PER_LOGIT)
-    return norm + logits
+    return norm + logits + attention_mask_bytes(facts, workload)
 
 
 def activation_bytes(facts: ModelFacts, workload: Workload) -> int:
@@ -255,6 +282,7 @@ __all__ = [
     "GiB",
     "Workload",
     "activation_bytes",
+    "attention_mask_bytes",
     "estimate",
     "full_forward_bytes_per_token",
     "gpu_breakdown",

@@ -81,6 +81,7 @@ class Family:
     intermediate_factor: int = 0  # default intermediate = factor x hidden (0: required)
     vocab_keys: tuple[str, ...] = ("vocab_size",)
     falcon: bool = False
+    eager: bool = False  # transformers runs it with eager attention (Gemma-2's soft-capping): scores exist
     remote_code: bool = False  # transformers cannot build it: trust_remote_code
     defaults: tuple[tuple[str, Any], ...] = ()
 
@@ -96,6 +97,7 @@ GEMMA2 = replace(
     GEMMA,
     label="Gemma 2",
     layer_norms=4,
+    eager=True,
     sliding="pattern",
     sliding_pattern=2,
     defaults=(("head_dim", 256), ("sliding_window", 4096)),
@@ -170,6 +172,7 @@ FAMILIES: dict[str, Family] = {
     "gemma3_text": replace(
         GEMMA2,
         label="Gemma 3 (text)",
+        eager=False,
         qk_norm="head",
         sliding_pattern=6,
         rotary_per_kind=True,

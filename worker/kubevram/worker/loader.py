@@ -2,8 +2,11 @@
 
 ``deviceMap`` and ``maxMemory`` pass to transformers/accelerate unchanged (``maxMemory``'s ``"0"`` keys
 become the integer GPU indices accelerate wants); the weights' precision becomes ``dtype`` or, for
-int8/int4, a bitsandbytes ``BitsAndBytesConfig`` (LLM.int8, NF4). Without a plan the worker runs on
-what it finds: every GPU with ``device_map="auto"``, else the CPU in float32.
+int8/int4, a bitsandbytes ``BitsAndBytesConfig`` (LLM.int8, NF4), refused at start-up with one clear
+line where bitsandbytes cannot be imported. A pre-quantized checkpoint (a ``quantization_config`` in its
+``config.json``: fp8, AWQ, GPTQ, bitsandbytes, compressed-tensors) loads as transformers loads it: its
+own quantization applies and the plan's precision only sets the dtype of the other layers. Without a
+plan the worker runs on what it finds: every GPU with ``device_map="auto"``, else the CPU in float32.
 """
 
 from __future__ import annotations
@@ -34,8 +37,30 @@ class LoadedModel:
     seconds: float
 
 
-def from_pretrained_kwargs(plan: WorkerPlan | None, *, cuda: bool | None = None) -> dict[str, Any]:
-    """The keyword arguments of ``AutoModelForCausalLM.from_pretrained`` for ``plan``."""
+class LoadError(RuntimeError):
+    """The model cannot be loaded as planned here (a missing library, an unusable precision)."""
+
+
+def require_bitsandbytes(weights: str) -> None:
+    """``LoadError`` when bitsandbytes, which int8/int4 weights need, cannot be imported here."""
+    try:
+        import bitsandbytes  # noqa: F401
+    except Exception as exc:  # an ImportError, or a library that fails to initialise
+        reason = " ".join(str(exc).split())[:200]
+        raise LoadError(
+            f"precision.weights {weights} needs bitsandbytes, which cannot be imported here ({reason}): "
+            f"run an image built with the worker extra (pip install 'kubevram[worker]'), or plan bfloat16"
+        ) from None
+
+
+def from_pretrained_kwargs(
+    plan: WorkerPlan | None, *, cuda: bool | None = None, prequantized: bool = False
+) -> dict[str, Any]:
+    """The keyword arguments of ``AutoModelForCausalLM.from_pretrained`` for ``plan``.
+
+    ``prequantized``: the checkpoint carries its own ``quantization_config``, which transformers applies;
+    no second quantization is asked for (int8/int4 keep float16 as the dtype of the other layers).
+    """
     cuda = torch.cuda.is_available() if cuda is None else cuda
     if plan is None:
         if cuda:
@@ -45,7 +70,11 @@ def from_pretrained_kwargs(plan: WorkerPlan | None, *, cuda: bool | None = None)
     weights = str(plan.precision.weights)
     if weights in _DTYPES:
         kwargs["dtype"] = _DTYPES[weights]
+    elif prequantized:
+        require_bitsandbytes(weights)
+        kwargs["dtype"] = torch.float16
     else:
+        require_bitsandbytes(weights)
         from transformers import BitsAndBytesConfig
 
         kwargs["dtype"] = torch.float16
@@ -88,6 +117,16 @@ def _describe(kwargs: dict[str, Any]) -> str:
     return "; ".join(parts)
 
 
+def is_prequantized(model_id: str, plan: WorkerPlan | None) -> bool:
+    """Whether the checkpoint's ``config.json`` carries a ``quantization_config``."""
+    if plan is None:
+        return False
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(model_id, trust_remote_code=plan.model.trustRemoteCode)
+    return getattr(config, "quantization_config", None) is not None
+
+
 def eos_ids(model: Any, tokenizer: Any) -> list[int]:
     """Every id that ends generation: the generation config's, the model config's and the tokenizer's."""
     found: set[int] = set()
@@ -105,7 +144,7 @@ def load(model_id: str, plan: WorkerPlan | None, chinese: ChineseSpec | None = N
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     start = time.monotonic()
-    kwargs = from_pretrained_kwargs(plan)
+    kwargs = from_pretrained_kwargs(plan, prequantized=is_prequantized(model_id, plan))
     trust = bool(kwargs.get("trust_remote_code", False))
     log.info("loading tokenizer from %s", model_id)
     tokenizer = AutoTokenizer.from_pretrained(model_id, trust_remote_code=trust)
