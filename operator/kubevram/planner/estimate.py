@@ -1,27 +1,25 @@
 """GPU memory of one replica: weights, KV cache, activations, CUDA context and allocator headroom.
 
-Every formula is here, in bytes, with its source:
+Every formula is here, in bytes; ``docs/estimate.md`` states each once with its source:
 
-* **Weights** (seed 002: size = parameters x bytes per parameter): float32 4 B, float16/bfloat16 2 B.
-  int8 and int4 follow bitsandbytes as transformers uses it: LLM.int8 stores each quantized Linear
-  weight in 1 B plus one float32 scale per output row; NF4 packs two weights a byte plus one float32
-  absmax per block of 64. Embeddings, norms, biases and the output head stay in float16
-  (``modules.Linear.bytes``).
-* **KV cache** (DESIGN.md; seed 003: memory grows with the sequence because of the KV cache):
-  ``2 x layers x kv_heads x head_dim x bytes x tokens x batch``; a sliding-window layer keeps at most
-  ``sliding_window - 1`` tokens (transformers' ``DynamicSlidingWindowLayer``). ``precision.kvCache``
-  ``auto`` is the compute dtype (float16 for int8/int4 weights).
+* **Weights**: parameters x bytes (float32 4, float16/bfloat16 2), buffers at their own dtype;
+  int8/int4 are bitsandbytes' LLM.int8 and NF4 on every ``nn.Linear`` but the head; a pre-quantized
+  checkpoint's ``quantization_config`` decides its quantized weights (``modules.Linear.bytes``).
+* **KV cache**: per layer what transformers' ``DynamicCache`` stores per token (``LayerSpec``:
+  ``2 x kv_heads x head_dim``, or MLA's latents) x bytes x batch x the tokens the layer holds at its peak
+  (``LayerSpec.tokens_held``: a sliding layer holds its window, or the whole prompt right after a prefill
+  longer than it). ``precision.kvCache`` is the compute dtype (float16 for int8/int4 weights).
 * **Activations** at a prefill of ``maxSequenceLength x maxBatchSize`` tokens (``T``), with SDPA
   attention (no ``T^2`` score matrix): the peak inside one decoder block is the larger of attention
   (residual, normed input, q and rotated q, rotated k, k/v repeated to every head for GQA, output) and
   MLP (residual, normed input, three ``T x intermediate`` tensors: activation, up projection and their
-  product); MoE adds its router logits. Where the logits are computed the workspace is the final norm
-  over ``T`` positions plus the logits of the last position of each row in the compute dtype, their
-  float32 copy and the sampler's probabilities, sort keys and indices (``20 B + dtype`` per vocabulary
-  entry and row). Reference: seed 000 measured ChatGLM-6B's full forward at
-  ``MemCost = 1.13 MiB x SeqLen + 3717 MiB``; ``full_forward_bytes_per_token`` reproduces the slope.
-* **Overhead per GPU**: CUDA context, kernels and cuBLAS workspaces, 1.25 GiB by default (seed 001:
-  "CUDA kernels take 1-2 GB"; seed 003: "about 1.3 GB"), overridable by ``spec.estimation.overheadPerGPU``.
+  product; MoE: through ``num_experts_per_tok`` experts and the shared ones, float32 router logits).
+  Where the logits are computed the workspace is the final norm over ``T`` positions plus the logits of
+  the last position of each row in the compute dtype, their float32 copy and the sampler's
+  probabilities, sort keys and indices (``20 B + dtype`` per vocabulary entry and row). Both carry the
+  padded batch's ``(batch, 1, L, L)`` attention masks (``attention_mask_bytes``).
+* **Overhead per GPU**: CUDA context, kernels and cuBLAS workspaces, 1.25 GiB by default, overridable by
+  ``spec.estimation.overheadPerGPU``.
 * **Allocator headroom**: the caching allocator rounds blocks (512 B; 2 MiB small-pool segments, 20 MiB
   segments for 1-10 MiB requests, larger requests to 2 MiB) and fragments; ``spec.estimation.fragmentation``
   (5 % by default) of the dynamic memory (KV cache and activations) is reserved for it.

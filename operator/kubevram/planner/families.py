@@ -265,7 +265,7 @@ FAMILIES: dict[str, Family] = {
         ),
     ),
     "falcon": Family(
-        "Falcon (7B multi-query, 40B/180B new architecture, sequential)",
+        "Falcon: 7B multi-query, 40B/180B new architecture, sequential",
         names=Names(
             "transformer.word_embeddings", "transformer.h", "transformer.ln_f", "transformer.rotary_emb"
         ),
@@ -433,3 +433,49 @@ def canonical_config(config: Mapping[str, Any]) -> dict[str, Any]:
 def covered_model_types() -> list[str]:
     """Every ``model_type`` the analytic path sizes (legacy spellings included)."""
     return sorted({*FAMILIES, *ALIASES} - {"chatglm2"}, key=str.lower)
+
+
+_SLIDING = {
+    "none": "full",
+    "all": "full, or all sliding with `sliding_window`",
+    "qwen": "full; sliding from `max_window_layers` on with `use_sliding_window`",
+    "qwen_moe": "full; alternate sliding below `max_window_layers` with `use_sliding_window`",
+    "pattern": "{m} sliding then 1 full, repeated (`sliding_window_pattern` {n})",
+}
+_MLP = {"gated": "gated", "fused_gated": "gated, fused gate/up", "plain": "plain"}
+
+
+def architectures_markdown() -> str:
+    """The README's table of covered architectures, generated from ``FAMILIES`` and the catalogue."""
+    from kubevram.planner.catalog import CONFIGS
+
+    examples: dict[str, list[str]] = {}
+    for model_id, config in CONFIGS.items():
+        examples.setdefault(canonical_config(config)["model_type"], []).append(model_id)
+    rows = [
+        "| `model_type` | architecture | attention (KV cache per layer) | MLP | catalogue example |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for model_type in sorted(FAMILIES):
+        fam = FAMILIES[model_type]
+        if fam.mla:
+            attention = "MLA: caches `kv_lora_rank + qk_rope_head_dim` latents"
+        elif fam.falcon:
+            attention = "multi-query, MHA, or grouped KV heads broadcast to every head"
+        elif fam.kv_heads == "multi_query":
+            attention = "multi-query (`multi_query`) or MHA"
+        else:
+            attention = _SLIDING[fam.sliding].format(n=fam.sliding_pattern, m=fam.sliding_pattern - 1)
+            if fam.qk_norm != "none":
+                enabled = fam.qk_norm_enabled
+                attention += (
+                    f"; q/k norms with `{enabled[0]}`" if isinstance(enabled, tuple) else "; q/k norms"
+                )
+        mlp = _MLP[fam.mlp]
+        if fam.moe is not None:
+            mlp = "MoE" + (" + shared experts" if fam.moe.shared else "") + f" (`{fam.moe.experts}`)"
+        label = fam.label + (" (also `RefinedWeb`, `RefinedWebModel`)" if fam.falcon else "")
+        shown = sorted(examples.get(model_type, []))[:1]
+        key = "`chatglm`" if model_type == "chatglm2" else f"`{model_type}`"
+        rows.append(f"| {key} | {label} | {attention} | {mlp} | {', '.join(shown) or '-'} |")
+    return "\n".join(rows) + "\n"
