@@ -120,7 +120,7 @@ def test_shared_needs_a_node_that_shares() -> None:
     plan = plan_cluster([tiny], [gfd_node("p", L4, 4)])
     dp = plan.by_key()[("default", "tiny")]
     assert dp.unscheduled == 1 and dp.reason is not None
-    assert "no admitting node shares GPUs (nvidia.com/gpu.replicas > 1 or MIG)" in dp.reason
+    assert "no admitting node shares GPUs (nvidia.com/gpu.replicas > 1, MPS or MIG)" in dp.reason
 
 
 def test_exclusive_skips_time_sliced_gpus() -> None:

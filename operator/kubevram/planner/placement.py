@@ -532,7 +532,7 @@ class _Planner:
         if largest is not None:
             parts.append(f"largest free: {largest[1]} x {_gib(largest[0])} on {largest[2]}")
         elif pool.nodes and not compatible and d.shared:
-            parts.append("no admitting node shares GPUs (nvidia.com/gpu.replicas > 1 or MIG)")
+            parts.append("no admitting node shares GPUs (nvidia.com/gpu.replicas > 1, MPS or MIG)")
         elif pool.nodes and compatible:
             parts.append("every admitting GPU is taken")
         if d.spread and used_nodes:
