@@ -335,6 +335,26 @@ def running_operator(*extra_args: str) -> Iterator[Any]:
     assert runner.exit_code == 0, runner.output
 
 
+def llm_deployment(
+    name: str, model: str = "Qwen/Qwen2-7B-Instruct", *, replicas: int = 1, namespace: str = "default",
+    **spec: Any,
+) -> dict[str, Any]:
+    """An LLMDeployment as kubectl would create it; ``spec`` keys (``placement``, ...) go under spec and
+    ``model`` keys other than the id under ``model_extra``."""
+    model_extra = spec.pop("model_extra", {})
+    return {
+        "apiVersion": "llm.kubevram.io/v1alpha1",
+        "kind": "LLMDeployment",
+        "metadata": {"name": name, "namespace": namespace},
+        "spec": {
+            "replicas": replicas,
+            "model": {"id": model, **model_extra},
+            "serving": {"maxSequenceLength": 4096, "maxBatchSize": 1},
+            **spec,
+        },
+    }
+
+
 def gpu_node(
     name: str,
     *,

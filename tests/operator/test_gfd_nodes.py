@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from kubevram_emulator import EmulatedCluster
+from kubevram_emulator import EmulatedCluster, llm_deployment
 
 from kubevram.controller import render
 
@@ -24,27 +24,13 @@ def eks_node(name: str) -> dict[str, Any]:
     return {k: v for k, v in node.items() if k != "status"} | {"status": node["status"]}
 
 
-def llmd(name: str, model: str, **placement: Any) -> dict[str, Any]:
-    return {
-        "apiVersion": "llm.kubevram.io/v1alpha1",
-        "kind": "LLMDeployment",
-        "metadata": {"name": name, "namespace": "default"},
-        "spec": {
-            "replicas": 1,
-            "model": {"id": model},
-            "serving": {"maxSequenceLength": 4096, "maxBatchSize": 1},
-            "placement": placement,
-        },
-    }
-
-
 def test_mig_strategy_single_nodes_take_big_models_whole_and_refuse_slices(
     cluster: EmulatedCluster, operator: Any
 ) -> None:
     cluster.add_node(eks_node(H100))
     cluster.add_node(eks_node(A10G))
-    cluster.create_llmd(llmd("mixtral", "mistralai/Mixtral-8x7B-Instruct-v0.1"))
-    cluster.create_llmd(llmd("small", "Qwen/Qwen2-7B-Instruct", sharing="shared"))
+    cluster.create_llmd(llm_deployment("mixtral", "mistralai/Mixtral-8x7B-Instruct-v0.1"))
+    cluster.create_llmd(llm_deployment("small", placement={"sharing": "shared"}))
 
     def status(name: str, phase: str) -> dict[str, Any] | None:
         obj = cluster.llmd(name)

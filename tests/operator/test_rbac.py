@@ -13,7 +13,7 @@ from typing import Any
 import httpx
 import kmock
 import pytest
-from kubevram_emulator import EmulatedCluster, gpu_node
+from kubevram_emulator import EmulatedCluster, gpu_node, llm_deployment
 from pod_security import pod_template_violations
 from rbac_check import attributes, denied
 
@@ -33,19 +33,6 @@ def chart_rules() -> list[dict[str, Any]]:
     roles = {d["metadata"]["name"]: d for d in docs if d["kind"] == "ClusterRole"}
     bound = [roles[b["roleRef"]["name"]] for b in docs if b["kind"] == "ClusterRoleBinding"]
     return [rule for role in bound for rule in role["rules"]]
-
-
-def llmd(name: str, replicas: int, **model: Any) -> dict[str, Any]:
-    return {
-        "apiVersion": "llm.kubevram.io/v1alpha1",
-        "kind": "LLMDeployment",
-        "metadata": {"name": name, "namespace": "default"},
-        "spec": {
-            "replicas": replicas,
-            "model": {"id": "Qwen/Qwen2-7B-Instruct", **model},
-            "serving": {"maxSequenceLength": 4096, "maxBatchSize": 1},
-        },
-    }
 
 
 def phase(cluster: EmulatedCluster, name: str, want: str) -> dict[str, Any] | None:
@@ -84,9 +71,10 @@ def test_the_chart_grants_every_request_the_operator_makes(cluster: EmulatedClus
             },
         },
     )
-    cluster.create_llmd(llmd("a", 1, configMapRef={"name": "qwen-config", "key": "config.json"}))
+    ref = {"configMapRef": {"name": "qwen-config", "key": "config.json"}}
+    cluster.create_llmd(llm_deployment("a", model_extra=ref))
     cluster.wait_for("a Planned", lambda: phase(cluster, "a", "Planned"))
-    cluster.create_llmd(llmd("b", 2))
+    cluster.create_llmd(llm_deployment("b", replicas=2))
     cluster.wait_for("b waiting for a GPU", lambda: phase(cluster, "b", "Scheduling"))
     cluster.delete(cluster.llmd_path("a"))
     cluster.wait_for("b Planned on the GPU a left", lambda: phase(cluster, "b", "Planned"))

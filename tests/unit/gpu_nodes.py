@@ -104,7 +104,7 @@ def other_pod(name: str, node: str, gpus: int, resource: str = "nvidia.com/gpu")
     }
 
 
-def deployment(
+def manifest(
     name: str,
     model: str = "Qwen/Qwen2-7B-Instruct",
     *,
@@ -113,19 +113,23 @@ def deployment(
     seq: int = 4096,
     batch: int = 1,
     weights: str = "bfloat16",
+    config: dict[str, Any] | None = None,
     **placement: Any,
-) -> LLMDeployment:
-    return LLMDeployment.model_validate(
-        {
-            "apiVersion": "llm.kubevram.io/v1alpha1",
-            "kind": "LLMDeployment",
-            "metadata": {"name": name, "namespace": namespace},
-            "spec": {
-                "replicas": replicas,
-                "model": {"id": model},
-                "precision": {"weights": weights},
-                "serving": {"maxSequenceLength": seq, "maxBatchSize": batch},
-                "placement": placement,
-            },
-        }
-    )
+) -> dict[str, Any]:
+    """An LLMDeployment as a user writes it (``config``: an inline config.json)."""
+    return {
+        "apiVersion": "llm.kubevram.io/v1alpha1",
+        "kind": "LLMDeployment",
+        "metadata": {"name": name, "namespace": namespace},
+        "spec": {
+            "replicas": replicas,
+            "model": {"id": model, **({"config": config} if config else {})},
+            "precision": {"weights": weights},
+            "serving": {"maxSequenceLength": seq, "maxBatchSize": batch},
+            "placement": placement,
+        },
+    }
+
+
+def deployment(name: str, model: str = "Qwen/Qwen2-7B-Instruct", **kwargs: Any) -> LLMDeployment:
+    return LLMDeployment.model_validate(manifest(name, model, **kwargs))

@@ -21,6 +21,7 @@ from typing import Any
 
 import pytest
 import yaml
+from gpu_nodes import manifest
 
 from kubevram.cli import main
 from kubevram.planner.inventory import build_inventory
@@ -343,38 +344,11 @@ QWEN25_72B_CONFIG = {  # Qwen/Qwen2.5-72B-Instruct's published config.json (the 
     "torch_dtype": "bfloat16",
 }
 
+BIG = {"replicas": 2, "namespace": "ai", "seq": 8192, "batch": 4}
 EKS_DEPLOYMENTS = [
-    {
-        "apiVersion": "llm.kubevram.io/v1alpha1",
-        "kind": "LLMDeployment",
-        "metadata": {"name": "qwen25-72b", "namespace": "ai"},
-        "spec": {
-            "replicas": 2,
-            "model": {"id": "Qwen/Qwen2.5-72B-Instruct", "config": QWEN25_72B_CONFIG},
-            "serving": {"maxSequenceLength": 8192, "maxBatchSize": 4},
-        },
-    },
-    {
-        "apiVersion": "llm.kubevram.io/v1alpha1",
-        "kind": "LLMDeployment",
-        "metadata": {"name": "mixtral", "namespace": "ai"},
-        "spec": {
-            "replicas": 2,
-            "model": {"id": "mistralai/Mixtral-8x7B-Instruct-v0.1"},
-            "serving": {"maxSequenceLength": 8192, "maxBatchSize": 4},
-        },
-    },
-    {
-        "apiVersion": "llm.kubevram.io/v1alpha1",
-        "kind": "LLMDeployment",
-        "metadata": {"name": "qwen-small", "namespace": "ai"},
-        "spec": {
-            "replicas": 1,
-            "model": {"id": "Qwen/Qwen2-7B-Instruct"},
-            "serving": {"maxSequenceLength": 4096, "maxBatchSize": 1},
-            "placement": {"sharing": "shared"},
-        },
-    },
+    manifest("qwen25-72b", "Qwen/Qwen2.5-72B-Instruct", config=QWEN25_72B_CONFIG, **BIG),
+    manifest("mixtral", "mistralai/Mixtral-8x7B-Instruct-v0.1", **BIG),
+    manifest("qwen-small", "Qwen/Qwen2-7B-Instruct", namespace="ai", sharing="shared"),
 ]
 
 
