@@ -231,3 +231,12 @@ def test_workers_may_patch_only_their_own_llmdeployments_status() -> None:
     (account,) = by_kind(objs, "ServiceAccount")
     for pod in pods(PLAN, {}):
         assert pod["serviceAccountName"] == account["metadata"]["name"]
+
+
+def test_limits_the_spec_sets_without_requests_are_the_requests() -> None:
+    """A request above its limit is refused by the API server: the spec's limits bound the defaults."""
+    resources = {"limits": {"cpu": "500m", "ephemeral-storage": "1Gi", "memory": "2Gi"}}
+    for pod in pods(PLACED, {"worker": {"resources": resources}}):
+        got = pod["containers"][0]["resources"]
+        for key, value in resources["limits"].items():
+            assert got["requests"][key] == got["limits"][key] == value, (key, got)

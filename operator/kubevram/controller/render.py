@@ -287,14 +287,17 @@ def _resources(
     limits[resource] = gpus
     # CPU-offloaded layers live in the pod's memory: ask the scheduler for it, and no more.
     cpu_budget = int(((replica or {}).get("maxMemory") or {}).get("cpu") or 0)
-    if "memory" in limits and "memory" not in requests:
-        requests["memory"] = limits["memory"]
-    requests.setdefault("memory", _mebibytes(WORKER_MEMORY + cpu_budget))
-    limits.setdefault("memory", requests["memory"])
-    requests.setdefault("cpu", WORKER_CPU)
     # The emptyDirs' size limits: what the kubelet must find free on the node's disk.
     scratch = sum(_parse_mebibytes(v["emptyDir"]["sizeLimit"]) for v in volumes if "emptyDir" in v)
-    requests.setdefault("ephemeral-storage", _mebibytes(scratch))
+    defaults = {
+        "memory": _mebibytes(WORKER_MEMORY + cpu_budget),
+        "cpu": WORKER_CPU,
+        "ephemeral-storage": _mebibytes(scratch),
+    }
+    for key, value in defaults.items():
+        # A limit the spec sets without a request is the request too (as Kubernetes defaults it).
+        requests.setdefault(key, limits.get(key, value))
+    limits.setdefault("memory", requests["memory"])  # memory is limited; CPU is not (no throttling)
     return {"requests": requests, "limits": limits}
 
 
