@@ -35,7 +35,12 @@ def meta_facts(config: Mapping[str, Any], where: str) -> ModelFacts:
     """Build the model on the meta device and read its facts; ``SpecError`` when transformers cannot."""
     model_type = str(config.get("model_type"))
     if not transformers_available():
-        raise UnknownArchitecture(model_type, where)
+        raise UnknownArchitecture(
+            model_type,
+            where,
+            " (kubevram estimate/plan size others on the meta device where transformers is "
+            "installed: pip install 'kubevram[worker]')",
+        )
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
@@ -47,7 +52,7 @@ def meta_facts(config: Mapping[str, Any], where: str) -> ModelFacts:
         hf_config = AutoConfig.for_model(model_type, **kwargs)
         with torch.device("meta"):  # bfloat16: the experts' grouped matmul runs on meta only in it
             model = AutoModelForCausalLM.from_config(hf_config, dtype=torch.bfloat16)
-    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+    except Exception as exc:  # any failure to build an arbitrary architecture is the config's
         reason = " ".join(str(exc).split())
         reason = reason if len(reason) <= 200 else reason[:197] + "..."
         raise SpecError(

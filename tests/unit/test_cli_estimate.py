@@ -148,8 +148,8 @@ def test_unknown_architecture_is_sized_on_the_meta_device(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     pytest.importorskip("transformers")
-    config = {
-        "model_type": "qwen3",
+    config = {  # an architecture the analytic description does not cover
+        "model_type": "helium",
         "hidden_size": 256,
         "intermediate_size": 512,
         "num_hidden_layers": 2,
@@ -169,7 +169,7 @@ def test_unknown_architecture_is_sized_on_the_meta_device(
     with torch.device("meta"):
         model = transformers.AutoModelForCausalLM.from_config(
             transformers.AutoConfig.for_model(
-                "qwen3", **{k: v for k, v in config.items() if k != "model_type"}
+                "helium", **{k: v for k, v in config.items() if k != "model_type"}
             )
         )
     model.tie_weights()

@@ -496,15 +496,14 @@ def _shared(config: Mapping[str, Any], fam: Family, where: str) -> int:
 class UnknownArchitecture(SpecError):
     """The analytic path does not know this ``model_type``; meta-device introspection may."""
 
-    def __init__(self, model_type: str, where: str) -> None:
+    def __init__(self, model_type: str, where: str, hint: str = "") -> None:
         self.model_type = model_type
         shown = model_type if len(model_type) <= 60 else model_type[:57] + "..."
         super().__init__(
             f"{where}.model_type",
-            f"{shown!r} is not an architecture the analytic estimator knows (see the README's table of "
-            f"supported architectures); give the config of a covered model_type with the keys "
-            f"{', '.join(REQUIRED_KEYS)}, or install kubevram[worker] (transformers) to size it on the "
-            f"meta device",
+            f"{shown!r} is not an architecture kubevram covers (the README's table of covered "
+            f"architectures); give the config of a covered model_type with the keys "
+            f"{', '.join(REQUIRED_KEYS)}{hint}",
         )
 
 
