@@ -183,7 +183,8 @@ def test_awq_and_gptq_packed_int4() -> None:
 def test_compressed_tensors_w4a16_and_fp8() -> None:
     """Llama-3.1-8B-Instruct quantized W4A16 (pack-quantized, group 128, symmetric): ``q_proj``
     ``weight_packed`` I32 [4096, 512], ``weight_scale`` BF16 [4096, 32], ``weight_shape`` I64 [2]. FP8
-    per channel: ``weight`` F8_E4M3 [4096, 4096], ``weight_scale`` F32 [4096, 1]."""
+    per channel: ``weight`` F8_E4M3 [4096, 4096] and a [4096, 1] scale, float32 as vLLM's
+    compressed-tensors FP8 scheme allocates it."""
     w4 = quantization_from_config(
         {
             "quantization_config": {

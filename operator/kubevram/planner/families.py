@@ -120,6 +120,28 @@ STARCODER2 = Family(
     sliding="all",
 )
 GPT2_NAMES = Names("transformer.wte", "transformer.h", "transformer.ln_f", None, positions="transformer.wpe")
+GPT2 = Family(
+    "GPT-2",
+    names=GPT2_NAMES,
+    qkv="fused",
+    qkv_bias=True,
+    mlp="plain",
+    mlp_bias=True,
+    norm="ln",
+    tie=True,
+    rotary="none",
+    kv_heads="heads",
+    head_dim_key=None,
+    intermediate_keys=("n_inner",),
+    intermediate_factor=4,
+)
+GLM = Family(
+    "GLM-4 (glm)",
+    qkv_bias=("attention_bias", True),
+    o_bias=False,
+    mlp="fused_gated",
+    defaults=(("head_dim", 128), ("partial_rotary_factor", 0.5)),
+)
 DEEPSEEK_V2_MOE = MoE("n_routed_experts", shared="n_shared_experts", router_fp32=True)
 DEEPSEEK_V2 = Family(
     "DeepSeek-V2",
@@ -198,20 +220,11 @@ FAMILIES: dict[str, Family] = {
         defaults=(("num_local_experts", 8),),
     ),
     "starcoder2": STARCODER2,
-    "gpt_bigcode": Family(
-        "GPTBigCode (SantaCoder, StarCoder)",
+    "gpt_bigcode": replace(
+        GPT2,
+        label="GPTBigCode (SantaCoder, StarCoder)",
         names=replace(GPT2_NAMES, buffer="transformer.bias"),
-        qkv="fused",
-        qkv_bias=True,
-        mlp="plain",
-        mlp_bias=True,
-        norm="ln",
-        tie=True,
-        rotary="none",
         kv_heads="multi_query",
-        head_dim_key=None,
-        intermediate_keys=("n_inner",),
-        intermediate_factor=4,
     ),
     "stablelm": Family(
         "StableLM",
@@ -280,21 +293,7 @@ FAMILIES: dict[str, Family] = {
         intermediate_factor=4,
         falcon=True,
     ),
-    "gpt2": Family(
-        "GPT-2",
-        names=GPT2_NAMES,
-        qkv="fused",
-        qkv_bias=True,
-        mlp="plain",
-        mlp_bias=True,
-        norm="ln",
-        tie=True,
-        rotary="none",
-        kv_heads="heads",
-        head_dim_key=None,
-        intermediate_keys=("n_inner",),
-        intermediate_factor=4,
-    ),
+    "gpt2": GPT2,
     "gpt_neox": Family(
         "GPT-NeoX (Pythia)",
         names=Names(
@@ -327,36 +326,15 @@ FAMILIES: dict[str, Family] = {
         intermediate_factor=4,
         defaults=(("rotary_dim", 64), ("n_positions", 2048)),
     ),
-    "glm": Family(
-        "GLM-4 (glm)",
-        qkv_bias=("attention_bias", True),
-        o_bias=False,
-        mlp="fused_gated",
-        defaults=(("head_dim", 128), ("partial_rotary_factor", 0.5)),
-    ),
-    "glm4": Family(
-        "GLM-4-0414 (glm4)",
-        qkv_bias=("attention_bias", True),
-        o_bias=False,
-        mlp="fused_gated",
-        layer_norms=4,
-        defaults=(("head_dim", 128), ("partial_rotary_factor", 0.5)),
-    ),
-    "chatglm": Family(
-        "ChatGLM-6B (remote code)",
+    "glm": GLM,
+    "glm4": replace(GLM, label="GLM-4-0414 (glm4)", layer_norms=4),
+    "chatglm": replace(
+        GPT2,
+        label="ChatGLM-6B (remote code)",
         names=Names("transformer.word_embeddings", "transformer.layers", "transformer.final_layernorm", None),
-        qkv="fused",
-        qkv_bias=True,
-        mlp="plain",
-        mlp_bias=True,
-        norm="ln",
-        tie=True,
         rotary="half",
         rotary_buffers="chatglm",
-        kv_heads="heads",
-        head_dim_key=None,
         intermediate_keys=("inner_hidden_size",),
-        intermediate_factor=4,
         remote_code=True,
     ),
     "chatglm2": Family(
