@@ -7,21 +7,13 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from kubevram_emulator import EmulatedCluster, gpu_node
+import yaml
+from kubevram_emulator import EmulatedCluster, gpu_node, llm_deployment
 
 from kubevram.api.load import load_deployments
 from kubevram.planner.report import estimate_deployment
 
 MODELS = ["google/gemma-3-1b-it", "deepseek-ai/DeepSeek-V2-Lite", "Qwen/Qwen3-30B-A3B", "bigcode/starcoder"]
-
-
-def llmd(name: str, model_id: str, **serving: Any) -> dict[str, Any]:
-    return {
-        "apiVersion": "llm.kubevram.io/v1alpha1",
-        "kind": "LLMDeployment",
-        "metadata": {"name": name, "namespace": "default"},
-        "spec": {"replicas": 1, "model": {"id": model_id}, "serving": {"maxSequenceLength": 4096, **serving}},
-    }
 
 
 def _phase(cluster: EmulatedCluster, name: str, phase: str) -> dict[str, Any]:
@@ -35,13 +27,10 @@ def _phase(cluster: EmulatedCluster, name: str, phase: str) -> dict[str, Any]:
 def test_new_architectures_are_planned_with_the_cli_figures(cluster: EmulatedCluster, operator: Any) -> None:
     cluster.add_node(gpu_node("h100-0", gpus=8, memory_mib=81559, product="NVIDIA-H100-80GB-HBM3"))
     for i, model_id in enumerate(MODELS):
-        cluster.create_llmd(llmd(f"m{i}", model_id))
+        cluster.create_llmd(llm_deployment(f"m{i}", model_id))
     for i, model_id in enumerate(MODELS):
         obj = _phase(cluster, f"m{i}", "Planned")
-        (deployment,) = load_deployments(
-            "apiVersion: llm.kubevram.io/v1alpha1\nkind: LLMDeployment\nmetadata: {name: x}\n"
-            f"spec: {{model: {{id: {model_id}}}, serving: {{maxSequenceLength: 4096}}}}\n"
-        )
+        (deployment,) = load_deployments(yaml.safe_dump(llm_deployment(f"m{i}", model_id)))
         expected = estimate_deployment(deployment).to_json()
         got = obj["status"]["estimate"]
         for key in ("parameters", "weightsBytes", "kvCacheBytesPerToken", "kvCacheBytes", "activationBytes"):
@@ -62,7 +51,7 @@ def test_model_facts_it_cannot_serve_are_an_invalid_spec(
     cluster: EmulatedCluster, operator: Any, serving: dict[str, Any], field: str, words: str
 ) -> None:
     cluster.add_node(gpu_node("h100-0", gpus=8, memory_mib=81559, product="NVIDIA-H100-80GB-HBM3"))
-    cluster.create_llmd(llmd("long", "Qwen/Qwen2-7B", **serving))
+    cluster.create_llmd(llm_deployment("long", "Qwen/Qwen2-7B", serving=serving))
     obj = _phase(cluster, "long", "Failed")
     planned = next(c for c in obj["status"]["conditions"] if c["type"] == "Planned")
     assert (planned["status"], planned["reason"]) == ("False", "InvalidSpec")

@@ -15,6 +15,8 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
+from gpu_nodes import manifest
 
 from kubevram.api.errors import SpecError
 from kubevram.cli import main
@@ -41,11 +43,11 @@ MODEL_IDS = sorted(CONFIGS)
 
 
 def _deployments(ids: list[str], seq: int = 4096, batch: int = 2) -> str:
-    return "".join(
-        f"---\napiVersion: llm.kubevram.io/v1alpha1\nkind: LLMDeployment\nmetadata: {{name: m{i}}}\n"
-        f"spec:\n  model: {{id: {model_id}}}\n  serving: {{maxSequenceLength: {min(seq, _limit(model_id))}, "
-        f"maxBatchSize: {batch}}}\n"
-        for i, model_id in enumerate(ids)
+    return yaml.safe_dump_all(
+        [
+            manifest(f"m{i}", model_id, seq=min(seq, _limit(model_id)), batch=batch)
+            for i, model_id in enumerate(ids)
+        ]
     )
 
 
@@ -138,10 +140,7 @@ def test_max_sequence_length_past_the_model_positions_is_refused(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], model_id: str, length: int, words: str
 ) -> None:
     path = tmp_path / "d.yaml"
-    path.write_text(
-        "apiVersion: llm.kubevram.io/v1alpha1\nkind: LLMDeployment\nmetadata: {name: x}\n"
-        f"spec:\n  model: {{id: {model_id}}}\n  serving: {{maxSequenceLength: {length}}}\n"
-    )
+    path.write_text(yaml.safe_dump(manifest("x", model_id, seq=length)))
     for command in ("estimate", "plan"):
         assert main([command, "-f", str(path)]) == 2
         err = capsys.readouterr().err

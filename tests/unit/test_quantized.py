@@ -16,6 +16,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
+from gpu_nodes import manifest
 
 from kubevram.api.errors import SpecError
 from kubevram.api.workerplan import WorkerPlan
@@ -258,15 +260,12 @@ def test_precision_contradicting_the_checkpoint_is_refused(
         "quantization_config": {"quant_method": "awq", "bits": 4, "group_size": 128},
     }
     path = tmp_path / "d.yaml"
-    path.write_text(
-        "apiVersion: llm.kubevram.io/v1alpha1\nkind: LLMDeployment\nmetadata: {name: x}\n"
-        f"spec:\n  model: {{id: x, config: {json.dumps(config)}}}\n  precision: {{weights: {weights}}}\n"
-    )
+    path.write_text(yaml.safe_dump(manifest("x", "x", weights=weights, config=config)))
     assert main(["estimate", "-f", str(path)]) == 2
     err = capsys.readouterr().err
     assert "spec.precision.weights: " + words in err and err.count("\n") == 1
     # the compute dtype of the other layers is what it expects
-    path.write_text(path.read_text().replace(f"weights: {weights}", "weights: float16"))
+    path.write_text(yaml.safe_dump(manifest("x", "x", weights="float16", config=config)))
     assert main(["estimate", "-f", str(path), "-o", "json"]) == 0
     capsys.readouterr()
 
