@@ -68,14 +68,20 @@ def _cmd_crd(args: argparse.Namespace) -> int:
 
 
 def _cmd_operator(args: argparse.Namespace) -> int:
-    from kubevram.controller.run import run_operator
+    from kubevram.controller.run import NoCluster, run_operator
 
-    return run_operator(
-        namespaces=args.namespace or [],
-        all_namespaces=args.all_namespaces,
-        liveness=args.liveness,
-        verbose=args.verbose,
-    )
+    try:
+        return run_operator(
+            namespaces=args.namespace or [],
+            all_namespaces=args.all_namespaces,
+            liveness=args.liveness,
+            verbose=args.verbose,
+            leader_election=args.leader_elect,
+            lease_name=args.lease_name,
+            lease_namespace=args.lease_namespace,
+        )
+    except NoCluster as exc:
+        raise CliError(str(exc)) from None
 
 
 def _cmd_worker(args: argparse.Namespace) -> int:
@@ -130,6 +136,17 @@ def build_parser() -> argparse.ArgumentParser:
     scope.add_argument("-A", "--all-namespaces", action="store_true", help="watch every namespace (default)")
     op.add_argument("--liveness", default=None, help="liveness endpoint, e.g. http://0.0.0.0:8080/healthz")
     op.add_argument("-v", "--verbose", action="store_true")
+    op.add_argument(
+        "--leader-elect",
+        action="store_true",
+        help="plan only while holding a coordination.k8s.io Lease (run several replicas; one leads)",
+    )
+    op.add_argument("--lease-name", default="kubevram-operator", help="the Lease (default kubevram-operator)")
+    op.add_argument(
+        "--lease-namespace",
+        default=None,
+        help="the Lease's namespace (default: $KUBEVRAM_OPERATOR_NAMESPACE, else the pod's, else default)",
+    )
     op.set_defaults(func=_cmd_operator)
 
     wk = sub.add_parser("worker", help="serve a model over an OpenAI-compatible API")

@@ -123,10 +123,13 @@ def test_default_render_objects(default_render: tuple[Rendered, str]) -> None:
         ("ClusterRoleBinding", "kubevram-cluster"),
         ("ConfigMap", "kubevram-node-classes"),
         ("Deployment", "kubevram"),
+        ("PriorityClass", "kubevram-placeholder"),
+        ("Role", "kubevram-leader"),
+        ("RoleBinding", "kubevram-leader"),
         ("ServiceAccount", "kubevram"),
     ]
     for doc in docs:
-        if doc["kind"] not in ("ClusterRole", "ClusterRoleBinding"):
+        if doc["kind"] not in ("ClusterRole", "ClusterRoleBinding", "PriorityClass"):
             assert doc["metadata"]["namespace"] == NAMESPACE
 
 
@@ -332,10 +335,12 @@ def test_bindings_name_the_operator_service_account(variant: Any) -> None:
     bindings = find(docs, "ClusterRoleBinding") + find(docs, "RoleBinding")
     for binding in bindings:
         assert binding["subjects"] == [{"kind": "ServiceAccount", "name": account, "namespace": NAMESPACE}]
-        assert binding["roleRef"]["kind"] == "ClusterRole"
+        leader = binding["metadata"]["name"] == f"{fullname}-leader"
+        assert binding["roleRef"]["kind"] == ("Role" if leader else "ClusterRole")
     watched = values.get("watchNamespaces", [])
     cluster_wide = {b["roleRef"]["name"] for b in find(docs, "ClusterRoleBinding")}
-    per_namespace = {(b["metadata"]["namespace"], b["roleRef"]["name"]) for b in find(docs, "RoleBinding")}
+    per_namespace = {(b["metadata"]["namespace"], b["roleRef"]["name"]) for b in find(docs, "RoleBinding")
+                     if b["roleRef"]["kind"] == "ClusterRole"}
     if watched:
         assert cluster_wide == {f"{fullname}-cluster"}
         assert per_namespace == {(ns, fullname) for ns in watched}
@@ -361,6 +366,53 @@ def test_cluster_wide_reads_survive_namespaced_mode(variant: Any) -> None:
     writes = {"create", "patch", "update", "delete"}
     if values.get("watchNamespaces"):
         assert not {v for _, _, v in cluster_wide} & writes
+
+
+def test_leader_election_may_touch_one_lease_and_nothing_else(variant: Any) -> None:
+    """What ``kubevram.controller.leader`` calls: GET and PATCH its Lease, POST the first one."""
+    _name, values, docs, _notes = variant
+    if not values.get("rbac", {}).get("create", True):
+        return
+    fullname = one(docs, "Deployment")["metadata"]["name"]
+    role = one(docs, "Role", f"{fullname}-leader")
+    assert role["metadata"]["namespace"] == NAMESPACE
+    assert role["rules"] == [
+        {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"], "verbs": ["create"]},
+        {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"], "resourceNames": [fullname],
+         "verbs": ["get", "patch"]},
+    ]
+    args = operator_container(docs)["args"]
+    assert "--leader-elect" in args and args[args.index("--lease-name") + 1] == fullname
+    parsed = build_parser().parse_args(args)
+    assert parsed.leader_elect and parsed.lease_name == fullname
+    env = env_of(operator_container(docs))
+    assert env["KUBEVRAM_OPERATOR_NAMESPACE"] == {"fieldRef": {"fieldPath": "metadata.namespace"}}
+
+
+def test_several_replicas_need_leader_election() -> None:
+    docs, _ = render_chart({"replicaCount": 3})
+    deployment = one(docs, "Deployment")
+    assert deployment["spec"]["replicas"] == 3 and deployment["spec"]["strategy"]["type"] == "RollingUpdate"
+    docs, _ = render_chart({"leaderElection": {"enabled": False}})
+    deployment = one(docs, "Deployment")
+    assert deployment["spec"]["strategy"]["type"] == "Recreate"
+    assert "--leader-elect" not in operator_container(docs)["args"]
+    assert find(docs, "Role") == []
+
+
+def test_placeholders_priority_class_yields_but_still_scales_the_cluster(variant: Any) -> None:
+    _name, values, docs, _notes = variant
+    env = env_of(operator_container(docs))
+    existing = values.get("placeholders", {}).get("priorityClass", {})
+    if existing.get("create") is False:
+        assert find(docs, "PriorityClass") == []
+        assert env["KUBEVRAM_PLACEHOLDER_PRIORITY_CLASS"] == existing["name"]
+        return
+    (priority,) = find(docs, "PriorityClass")
+    assert -10 <= priority["value"] < 0  # any pod preempts it; above the autoscaler's expendable cutoff
+    assert priority["preemptionPolicy"] == "Never" and priority["globalDefault"] is False
+    assert env["KUBEVRAM_PLACEHOLDER_PRIORITY_CLASS"] == priority["metadata"]["name"]
+    assert env["KUBEVRAM_PLACEHOLDER_IMAGE"] == "registry.k8s.io/pause:3.10"
 
 
 def test_existing_rbac_and_service_account_are_used() -> None:
@@ -465,7 +517,9 @@ def test_schema_covers_every_value() -> None:
 @pytest.mark.parametrize(
     ("values", "message"),
     [
-        ({"replicaCount": 2}, "/replicaCount"),
+        ({"replicaCount": -1}, "/replicaCount"),
+        ({"placeholders": {"priorityClass": {"value": -11}}}, "/placeholders/priorityClass/value"),
+        ({"placeholders": {"priorityClass": {"value": 0}}}, "/placeholders/priorityClass/value"),
         ({"image": {"repository": "x", "pullPolicy": "Sometimes"}}, "/image/pullPolicy"),
         ({"image": {"repository": "x", "pullPolicy": "Always", "digest": "sha256:abc"}}, "/image/digest"),
         ({"nodeClasses": [{"name": "a", "gpuProduct": "X", "gpuMemoryMiB": 0, "gpusPerNode": 1}]},
@@ -495,6 +549,10 @@ def test_schema_rejects_bad_values(values: dict[str, Any], message: str) -> None
         ({"nodeClasses": [{"name": "l4", "gpuProduct": "NVIDIA-L4", "gpuMemoryMiB": 23034,
                            "gpusPerNode": 1}] * 2},
          'nodeClasses: the name "l4" appears more than once'),
+        ({"replicaCount": 2, "leaderElection": {"enabled": False}},
+         "replicaCount: more than 1 needs leaderElection.enabled"),
+        ({"placeholders": {"priorityClass": {"create": False}}},
+         "placeholders.priorityClass.name: must name an existing PriorityClass"),
     ],
 )
 def test_cross_field_checks_fail_with_the_reason(values: dict[str, Any], message: str) -> None:

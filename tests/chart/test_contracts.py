@@ -43,6 +43,14 @@ def test_operator_settings_come_from_the_chart() -> None:
     pod_labels = operator["spec"]["template"]["metadata"]["labels"]
     assert all(pod_labels.get(k) == v for k, v in peer["podSelector"]["matchLabels"].items())
     assert peer["namespaceSelector"]["matchLabels"] == {"kubernetes.io/metadata.name": NAMESPACE}
+    # The PriorityClass of the placeholders: the operator's fallback (what `kubevram operator` outside
+    # the chart uses) names the one a default install creates.
+    default_docs, _ = render_chart({})
+    defaults = Settings.from_env(operator_env(default_docs))
+    (priority,) = [d for d in default_docs if d["kind"] == "PriorityClass"]
+    assert defaults.placeholder_priority_class == priority["metadata"]["name"]
+    assert defaults.placeholder_priority_class == Settings().placeholder_priority_class
+    assert defaults.placeholder_image == Settings().placeholder_image
 
 
 def test_service_monitor_selects_the_worker_service() -> None:

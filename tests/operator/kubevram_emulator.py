@@ -15,6 +15,8 @@ It runs in its own thread and event loop, so tests stay synchronous and kopf run
   namespaced;
 * the discovery of the resources involved (LLMDeployment with its status and scale subresources);
 * a RoleBinding's ``roleRef`` that cannot change (422, as the API server answers);
+* optimistic concurrency: a patch that names a ``metadata.resourceVersion`` other than the stored
+  one is answered 409 (what the leader election's Lease writes rely on);
 * a log ``(method, path, status)`` of the requests the operator made (the tests' own, sent with
   the User-Agent ``kubevram-tests``, stay out of it), and (for the benchmark) forgetting kmock's own request
   history, which kmock matches every new request against.
@@ -109,6 +111,13 @@ class MendedEmulator(kmock.KubernetesEmulator):
                     method = str(getattr(request.method, "value", request.method)).upper()
                     self.log.append((method, request.url.path, 422))
                     raise kmock.KubernetesError(422, "Invalid", "cannot change roleRef")
+                sent = meta.get("resourceVersion")
+                if sent and key in self.objects and not self.objects[key].deleted:
+                    current = str(self.objects[key].get("metadata", {}).get("resourceVersion"))
+                    if sent != current:  # optimistic concurrency, as the API server does it
+                        self.log.append(("PATCH", request.url.path, 409))
+                        raise kmock.KubernetesError(status=409, reason="Conflict", message=(
+                            f"the object has been modified: resourceVersion {sent} is not {current}"))
                 if "spec" in data and request.subresource is None and key in self.objects:
                     current = self.objects[key]
                     if not current.deleted and current.get("spec") != _merged(
@@ -173,6 +182,7 @@ def declare_resources(emulator: kmock.KubernetesEmulator) -> None:
         ("rbac.authorization.k8s.io/v1/rolebindings", "RoleBinding", True),
         ("rbac.authorization.k8s.io/v1/roles", "Role", True),
         ("networking.k8s.io/v1/networkpolicies", "NetworkPolicy", True),
+        ("coordination.k8s.io/v1/leases", "Lease", True),
     ]:
         info = emulator.resources[resource]
         info.kind = kind

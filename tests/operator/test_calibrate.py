@@ -114,7 +114,13 @@ def test_operator_calibrates_from_worker_reports_and_plans_with_the_coefficient(
     formula = Workload(weights="bfloat16", max_sequence_length=2048)
     assert planned["activationBytes"] == estimate(LLAMA, formula).activationBytes
 
-    # A worker reports its prefill peaks, as kubevram.worker.reporter does (merge patch on /status).
+    # A worker pod (the operator drops the reports of pods that do not exist) reports its prefill
+    # peaks, as kubevram.worker.reporter does (merge patch on /status).
+    labels = {"app.kubernetes.io/managed-by": "kubevram", "llm.kubevram.io/deployment": "llama"}
+    cluster.create("/api/v1/namespaces/default/pods", {
+        "apiVersion": "v1", "kind": "Pod", "metadata": {"name": "llama-abc", "labels": labels},
+        "spec": {"containers": [{"name": "worker", "image": "kubevram-worker"}]},
+    })
     slope, base, activation = true_line(formula)
     cluster.patch(cluster.llmd_path("llama") + "/status",
                   {"status": {"workers": {"llama-abc": worker_entry(slope, base)}}})

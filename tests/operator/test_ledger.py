@@ -199,7 +199,7 @@ class Model:
             with self.ledger.deciding():
                 self.ledger.observe(job["view"], job["read_started"])
                 previous = job["previous"]
-                plan, _ = self.reconciler._plan(
+                plan, _, _ = self.reconciler._plan(
                     job["deployment"], None, job["nodes"], [], self.ledger.snapshot(exclude=[key]),
                     previous[1] if previous and previous[0] == job["input"] else None,
                 )

@@ -4,11 +4,14 @@ KopfRunner, the real planner, several LLMDeployments reconciled at once.
 
 from __future__ import annotations
 
+import copy
+import datetime
 import json
 from collections import Counter
 from typing import Any
 
-from kubevram_emulator import EmulatedCluster, gpu_node
+import pytest
+from kubevram_emulator import EmulatedCluster, gpu_node, running_operator
 from test_operator import L4, condition, llmd, pinned_node, workloads
 
 from kubevram.controller import render
@@ -39,21 +42,205 @@ def settled(cluster: EmulatedCluster, names: list[str]) -> dict[str, dict[str, A
 
 
 def test_deployments_created_at_once_get_distinct_gpus(cluster: EmulatedCluster, operator: Any) -> None:
-    """Ten one-GPU deployments applied together on one 8-GPU node: eight GPUs, eight replicas, two waiting."""
-    cluster.add_node(gpu_node("gpu-l4-0", **{**L4, "gpus": 8}))
-    names = [f"m{i}" for i in range(10)]
+    """Six one-GPU deployments applied together on one 4-GPU node: four GPUs, four replicas, two waiting."""
+    cluster.add_node(gpu_node("gpu-l4-0", **{**L4, "gpus": 4}))
+    names = [f"m{i}" for i in range(6)]
     for name in names:
         cluster.create_llmd(llmd(name, replicas=1))
     found = cluster.wait_for("every deployment planned", lambda: settled(cluster, names), timeout=40)
 
     placed = [n for n, obj in found.items() if condition(obj, "Scheduled")["status"] == "True"]
     waiting = [n for n, obj in found.items() if condition(obj, "Scheduled")["status"] == "False"]
-    assert (len(placed), len(waiting)) == (8, 2), {n: condition(o, "Scheduled") for n, o in found.items()}
+    assert (len(placed), len(waiting)) == (4, 2), {n: condition(o, "Scheduled") for n, o in found.items()}
     for name in waiting:
         assert found[name]["status"]["autoscaling"]["pendingReplicas"] == 1
     books = booked(cluster)
     assert books and max(books.values()) == 1, books  # no GPU given twice
-    assert sorted(gpu for _, gpu in books) == [str(i) for i in range(8)]
+    assert sorted(gpu for _, gpu in books) == [str(i) for i in range(4)]
     for name in placed:
-        (workload,) = (w for n, w in workloads(cluster, name).items() if not n.endswith("-pending"))
+        (workload,) = (w for n, w in workloads(cluster, name).items() if not n.endswith("-placeholder"))
         assert pinned_node(workload) == "gpu-l4-0"
+
+
+# ------------------------------------------------------------------ nodes that go, pods that wait
+
+
+ONE_L4 = {**L4, "gpus": 1}
+
+
+def ago(seconds: float) -> str:
+    moment = datetime.datetime.now(tz=datetime.UTC) - datetime.timedelta(seconds=seconds)
+    return moment.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def placed_on(cluster: EmulatedCluster, name: str = "qwen") -> str | None:
+    """The one node the deployment's (one) worker workload is pinned to, once that is all there is."""
+    found = [w for n, w in workloads(cluster, name).items() if not n.endswith("-placeholder")]
+    return pinned_node(found[0]) if len(found) == 1 and len(workloads(cluster, name)) == 1 else None
+
+
+def events(cluster: EmulatedCluster, reason: str) -> list[str]:
+    return [e.get("message", "") for e in cluster.items("/api/v1/namespaces/default/events")
+            if e.get("reason") == reason]
+
+
+def test_replicas_leave_nodes_that_are_deleted_cordoned_not_ready_or_lose_their_gpus(
+    cluster: EmulatedCluster,
+) -> None:
+    for name in ("gpu-a", "gpu-b", "gpu-c", "gpu-d"):
+        cluster.add_node(gpu_node(name, **ONE_L4))
+    with running_operator():
+        cluster.create_llmd(llmd(replicas=1))
+        cluster.wait_for("qwen on gpu-a", lambda: placed_on(cluster) == "gpu-a")
+    # Deleted while the operator was down: the resumed reconciliation must not keep it there.
+    cluster.delete("/api/v1/nodes/gpu-a")
+    with running_operator():
+        cluster.wait_for("qwen moved off the deleted node", lambda: placed_on(cluster) == "gpu-b")
+        obj = cluster.llmd("qwen")
+        assert [p["node"] for p in obj["status"]["placements"]] == ["gpu-b"]
+        assert "re-planned: node gpu-a is gone" in condition(obj, "Scheduled")["message"]
+        assert any("node gpu-a is gone" in m for m in events(cluster, "Replanned"))
+
+        cluster.patch("/api/v1/nodes/gpu-b", {"spec": {"unschedulable": True}})
+        cluster.wait_for("qwen moved off the cordoned node", lambda: placed_on(cluster) == "gpu-c")
+
+        not_ready = {"type": "Ready", "status": "False", "lastTransitionTime": ago(3600)}
+        cluster.patch("/api/v1/nodes/gpu-c", {"status": {"conditions": [not_ready]}})
+        cluster.wait_for("qwen moved off the NotReady node", lambda: placed_on(cluster) == "gpu-d")
+
+        # gpu-d loses its GPUs (the device plugin and GFD are gone): no node is left for the replica.
+        cluster.patch("/api/v1/nodes/gpu-d", {
+            "metadata": {"labels": {k: None for k in ("nvidia.com/gpu.present", "nvidia.com/gpu.count",
+                                                      "nvidia.com/gpu.memory", "nvidia.com/gpu.product")}},
+            "status": {"allocatable": {"nvidia.com/gpu": None}, "capacity": {"nvidia.com/gpu": None}},
+        })
+        obj = cluster.wait_for(
+            "qwen waiting for a node",
+            lambda: condition(o := cluster.llmd("qwen"), "Scheduled").get("status") == "False" and o,
+        )
+        assert obj["status"]["autoscaling"]["pendingReplicas"] == 1, obj["status"]
+        assert obj["status"]["placements"] == []
+
+
+def test_a_recently_not_ready_node_keeps_its_replica(cluster: EmulatedCluster, operator: Any) -> None:
+    cluster.add_node(gpu_node("gpu-a", **ONE_L4))
+    cluster.add_node(gpu_node("gpu-b", **ONE_L4))
+    cluster.create_llmd(llmd(replicas=1))
+    cluster.wait_for("qwen on gpu-a", lambda: placed_on(cluster) == "gpu-a")
+    seen = len(cluster.requests())
+    # A kubelet restart: NotReady for a few seconds, well inside the 300 s grace.
+    blip = {"type": "Ready", "status": "False", "lastTransitionTime": ago(5)}
+    cluster.patch("/api/v1/nodes/gpu-a", {"status": {"conditions": [blip]}})
+    cluster.wait_for("two readiness checks", lambda: sum(
+        1 for m, p, _ in cluster.requests()[seen:] if m == "GET" and p.endswith("/pods")) >= 2, timeout=10)
+    assert placed_on(cluster) == "gpu-a"
+    assert condition(cluster.llmd("qwen"), "Scheduled")["status"] == "True"
+
+
+def worker_pod(workload: dict[str, Any], name: str, scheduled: dict[str, Any] | None) -> dict[str, Any]:
+    """The pod the Deployment controller would make from ``workload``'s template (none runs here)."""
+    template = workload["spec"]["template"]
+    conditions = [{"type": "PodScheduled", **scheduled}] if scheduled else []
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": name, "namespace": "default", **copy.deepcopy(template["metadata"])},
+        "spec": copy.deepcopy(template["spec"]),
+        "status": {"phase": "Pending" if scheduled else "Running", "conditions": conditions},
+    }
+
+
+def test_pods_the_scheduler_refuses_are_reported_then_replanned_elsewhere(
+    cluster: EmulatedCluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("KUBEVRAM_UNSCHEDULABLE_GRACE", "60")
+    cluster.add_node(gpu_node("gpu-a", **ONE_L4))
+    cluster.add_node(gpu_node("gpu-b", **ONE_L4))
+    pods = "/api/v1/namespaces/default/pods"
+    with running_operator():
+        cluster.create_llmd(llmd(replicas=1))
+        cluster.wait_for("qwen on gpu-a", lambda: placed_on(cluster) == "gpu-a")
+        (workload,) = workloads(cluster).values()
+        refused = {"status": "False", "reason": "Unschedulable",
+                   "message": "0/2 nodes are available: 1 Insufficient nvidia.com/gpu.",
+                   "lastTransitionTime": ago(10)}
+        cluster.create(pods, worker_pod(workload, "qwen-a-1", refused))
+        obj = cluster.wait_for(
+            "Scheduled=False while the pod waits",
+            lambda: condition(o := cluster.llmd("qwen"), "Scheduled").get("reason") == "PodsUnschedulable"
+            and o,
+        )
+        message = condition(obj, "Scheduled")["message"]
+        assert "pod qwen-a-1 unschedulable on gpu-a" in message and "Insufficient nvidia.com/gpu" in message
+        assert any("qwen-a-1" in m for m in events(cluster, "PodsUnschedulable"))
+        assert obj["status"]["phase"] == "Scheduling"
+
+        # Past the grace: the replica goes to the other node, and the status says why.
+        cluster.patch(f"{pods}/qwen-a-1", {"status": {"conditions": [
+            {"type": "PodScheduled", **refused, "lastTransitionTime": ago(600)}]}})
+        cluster.wait_for("qwen moved to gpu-b", lambda: placed_on(cluster) == "gpu-b")
+        scheduled = cluster.wait_for(
+            "AllPlaced again",
+            lambda: (c := condition(cluster.llmd("qwen"), "Scheduled")).get("reason") == "AllPlaced" and c,
+        )
+        assert "re-planned: pods unschedulable on node gpu-a" in scheduled["message"]
+
+
+def test_refused_pod_creation_is_surfaced_and_stale_worker_reports_are_dropped(
+    cluster: EmulatedCluster, operator: Any
+) -> None:
+    cluster.add_node(gpu_node("gpu-a", **ONE_L4))
+    cluster.create_llmd(llmd(replicas=1))
+    cluster.wait_for("qwen on gpu-a", lambda: placed_on(cluster) == "gpu-a")
+    ((name, workload),) = workloads(cluster).items()
+    cluster.create("/api/v1/namespaces/default/pods", worker_pod(workload, "qwen-a-live", None))
+    report = {"devices": [{"index": 0, "allocatedBytes": 1}]}
+    cluster.patch(cluster.llmd_path("qwen") + "/status",
+                  {"status": {"workers": {"qwen-a-live": report, "qwen-a-gone": report}}})
+    cluster.wait_for("the report of the deleted pod to go", lambda: set(
+        ((cluster.llmd("qwen") or {}).get("status") or {}).get("workers") or {}) == {"qwen-a-live"})
+
+    # What the ReplicaSet controller reports when PodSecurity admission refuses the pods.
+    refusal = ('pods "qwen-a-x" is forbidden: violates PodSecurity "restricted:latest": '
+               "allowPrivilegeEscalation != false")
+    cluster.patch(f"/apis/apps/v1/namespaces/default/deployments/{name}/status", {"status": {"conditions": [
+        {"type": "ReplicaFailure", "status": "True", "reason": "FailedCreate", "message": refusal}]}})
+    obj = cluster.wait_for(
+        "Scheduled=False, FailedCreate",
+        lambda: condition(o := cluster.llmd("qwen"), "Scheduled").get("reason") == "FailedCreate" and o,
+    )
+    assert refusal in condition(obj, "Scheduled")["message"]
+    assert any(refusal in m for m in events(cluster, "FailedCreate"))
+    # The ReplicaSet recovers (the namespace's policy was relaxed): Scheduled is True again.
+    cluster.patch(f"/apis/apps/v1/namespaces/default/deployments/{name}/status",
+                  {"status": {"conditions": None}})
+    cluster.wait_for(
+        "AllPlaced", lambda: condition(cluster.llmd("qwen"), "Scheduled").get("status") == "True"
+    )
+
+
+def test_a_replica_only_a_known_node_class_can_hold_waits_for_it_and_is_placed_when_it_joins(
+    cluster: EmulatedCluster, operator: Any
+) -> None:
+    """Llama-3-70B needs more than the two L4s here, even empty; the H200 and H100 classes hold it."""
+    cluster.add_node(gpu_node("gpu-l4-0", **L4))
+    cluster.create_llmd(llmd("llama", replicas=1, model={"id": "meta-llama/Meta-Llama-3-70B"}))
+    obj = cluster.wait_for(
+        "llama waiting for a bigger node",
+        lambda: condition(o := cluster.llmd("llama"), "Scheduled").get("status") == "False" and o,
+    )
+    assert obj["status"]["phase"] == "Scheduling" and condition(obj, "Planned")["status"] == "True"
+    signal = obj["status"]["autoscaling"]
+    assert signal["pendingReplicas"] == 1 and signal["gpuClass"] == "h200", signal  # 1 x 140 GiB
+    placeholder = workloads(cluster, "llama")["llama-placeholder"]
+    pod = placeholder["spec"]["template"]["spec"]
+    assert pod["priorityClassName"] == "kubevram-placeholder"
+    (term,) = pod["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"][
+        "nodeSelectorTerms"]
+    assert {"key": "nvidia.com/gpu.memory", "operator": "Gt",
+            "values": [str(signal["minGpuMemoryMiB"] - 1)]} in term["matchExpressions"]
+    assert pod["containers"][0]["resources"]["limits"] == {"nvidia.com/gpu": str(signal["gpuCount"])}
+
+    cluster.add_node(gpu_node("gpu-h100-0", gpus=8, memory_mib=81559, product="NVIDIA-H100-80GB-HBM3"))
+    cluster.wait_for("llama on the new node", lambda: placed_on(cluster, "llama") == "gpu-h100-0")
+    assert condition(cluster.llmd("llama"), "Scheduled")["status"] == "True"

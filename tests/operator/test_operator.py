@@ -195,7 +195,7 @@ def test_unfittable_reports_numbers_and_asks_the_autoscaler_then_places_on_a_new
     signal = obj["status"]["autoscaling"]
     assert signal["pendingReplicas"] == 1 and signal["gpuCount"] == 1
     assert signal["minGpuMemoryMiB"] > 15_000 and signal["gpuClass"]
-    pending = workloads(cluster)["qwen-pending"]
+    pending = workloads(cluster)["qwen-placeholder"]
     assert pending["spec"]["replicas"] == 1
     affinity = pending["spec"]["template"]["spec"]["affinity"]["nodeAffinity"]
     (term,) = affinity["requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"]
@@ -218,7 +218,7 @@ def test_unfittable_reports_numbers_and_asks_the_autoscaler_then_places_on_a_new
     obj = cluster.wait_for("Scheduled=True", placed)
     assert obj["status"]["phase"] == "Planned" and obj["status"]["autoscaling"]["pendingReplicas"] == 0
     found = cluster.wait_for(
-        "the pending workload to go", lambda: "qwen-pending" not in (w := workloads(cluster)) and w
+        "the pending workload to go", lambda: "qwen-placeholder" not in (w := workloads(cluster)) and w
     )
     assert sorted(pinned_node(w) for w in found.values()) == ["gpu-l4-0", "gpu-l4-1"]
 
@@ -241,7 +241,7 @@ def test_a_new_gpu_node_replans_waiting_deployments_without_waiting_for_the_retr
         )
         assert obj["status"]["autoscaling"]["pendingReplicas"] == 0
         found = cluster.wait_for(
-            "the pending workload to go", lambda: "qwen-pending" not in (w := workloads(cluster)) and w
+            "the pending workload to go", lambda: "qwen-placeholder" not in (w := workloads(cluster)) and w
         )
         assert sorted(pinned_node(w) for w in found.values()) == ["gpu-l4-0", "gpu-l4-1"]
 
@@ -271,9 +271,13 @@ def test_a_new_gpu_node_replans_waiting_deployments_without_waiting_for_the_retr
             "-2",
         ),
         (
-            {"model": {"id": "meta-llama/Meta-Llama-3-70B"}, "placement": {"offload": "none"}},
+            {
+                "model": {"id": "meta-llama/Meta-Llama-3-70B"},
+                "precision": {"weights": "float32"},
+                "placement": {"offload": "none", "gpusPerReplica": 1},
+            },
             "spec.placement.offload",
-            "'none'",
+            "(largest GPU: 23034 MiB (node gpu-l4-0)), nor a known GPU node class (largest GPU: 143771 MiB",
         ),
         ({"model": {"id": "acme/unknown-13b"}}, "spec.model.config", "'acme/unknown-13b'"),
     ],

@@ -124,7 +124,7 @@ def test_children_validate_against_the_kubernetes_schemas(index: int) -> None:
 
 def test_one_workload_per_placement_shape_pinned_to_its_node_with_gpu_requests() -> None:
     workloads = {d["metadata"]["name"]: d for d in by_kind(children(), "Deployment")}
-    placed = [d for n, d in workloads.items() if not n.endswith("-pending")]
+    placed = [d for n, d in workloads.items() if not n.endswith("-placeholder")]
     assert len(placed) == 3 and all(d["spec"]["replicas"] == 1 for d in placed)
     nodes = []
     for workload in placed:
@@ -163,26 +163,69 @@ def test_replicas_alike_share_one_workload() -> None:
     assert workload["spec"]["replicas"] == 2
 
 
-def test_pending_replicas_ask_the_autoscaler_for_a_big_enough_gpu() -> None:
-    (pending,) = [d for d in by_kind(children(), "Deployment") if d["metadata"]["name"] == "qwen-pending"]
+def test_pending_replicas_get_a_placeholder_that_yields_and_asks_for_a_big_enough_gpu() -> None:
+    objs = children(
+        placement={"nodeSelector": {"nvidia.com/gpu.product": "NVIDIA-A10G"}},
+        worker={"resources": {"requests": {"cpu": "4", "memory": "32Gi", "example.com/foo": "1"}}},
+    )
+    (pending,) = [d for d in by_kind(objs, "Deployment") if d["metadata"]["name"] == "qwen-placeholder"]
     assert pending["spec"]["replicas"] == 1
-    pod = pending["spec"]["template"]["spec"]
+    template = pending["spec"]["template"]
+    pod = template["spec"]
     (term,) = pod["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"][
         "nodeSelectorTerms"
     ]
     assert term["matchExpressions"] == [
         {"key": "nvidia.com/gpu.memory", "operator": "Gt", "values": ["16565"]}
     ]
-    assert pod["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "1"
-    reservation = json.loads(pending["spec"]["template"]["metadata"]["annotations"][render.RESERVATION])
-    assert reservation == {"node": "", "gpus": {}, "sharing": "exclusive"}
+    assert pod["nodeSelector"] == {"nvidia.com/gpu.product": "NVIDIA-A10G"}  # the product, when pinned
+    # The cluster autoscaler's overprovisioning pattern: pause, negative priority, exactly the requests.
+    assert pod["priorityClassName"] == "kubevram-placeholder"
+    (container,) = pod["containers"]
+    assert container["image"] == render.PAUSE_IMAGE
+    assert container["resources"] == {
+        "requests": {"cpu": "4", "memory": "32Gi", "nvidia.com/gpu": "1"},
+        "limits": {"nvidia.com/gpu": "1"},
+    }
+    # Nothing reserved, nothing selected by the Service or counted as the deployment's pods.
+    assert render.RESERVATION not in (template["metadata"].get("annotations") or {})
+    assert render.LABEL_DEPLOYMENT not in template["metadata"]["labels"]
+    assert not render.selector_labels("qwen").items() <= template["metadata"]["labels"].items()
+    assert template["metadata"]["labels"][render.LABEL_PLACEHOLDER] == "qwen"
+    assert pending["metadata"]["labels"][render.LABEL_DEPLOYMENT] == "qwen"  # listed with its owner
+    assert pending["spec"]["selector"]["matchLabels"].items() <= template["metadata"]["labels"].items()
+    assert pod["automountServiceAccountToken"] is False and "volumes" not in pod
+    kubernetes_validate.validate(pending, "1.37.0", strict=True)
+
+
+def test_shared_placeholders_ask_for_a_time_sliced_gpu() -> None:
+    from kubevram_emulator import gpu_node
+
+    from kubevram.planner.placement import plan_cluster
+
+    shared = parse_deployment(body(model={"id": "Qwen/Qwen2-0.5B-Instruct"}, placement={"sharing": "shared"}))
+    (plan,) = plan_cluster([shared], [gpu_node("plain", gpus=1)]).to_json()
+    assert plan["replicas"] == [] and plan["unscheduled"]["count"] == shared.spec.replicas
+    (pending,) = [d for d in render.render_workloads(body(), shared.spec, plan, image="w") if
+                  d["metadata"]["name"].endswith("-placeholder")]
+    (term,) = pending["spec"]["template"]["spec"]["affinity"]["nodeAffinity"][
+        "requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"]
+    assert {"key": "nvidia.com/gpu.replicas", "operator": "Gt", "values": ["1"]} in term["matchExpressions"]
+
+
+def test_a_toleration_the_spec_already_lists_is_not_repeated() -> None:
+    gpu = {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
+    mine = {"key": "dedicated", "operator": "Equal", "value": "llm", "effect": "NoSchedule"}
+    plan = {**PLAN, "replicas": [replica("gpu-a", [0])]}
+    for workload in by_kind(children(plan, placement={"tolerations": [gpu, mine]}), "Deployment"):
+        assert workload["spec"]["template"]["spec"]["tolerations"] == [gpu, mine]
 
 
 def test_config_map_holds_one_worker_plan_per_device_map() -> None:
     (cm,) = by_kind(children(), "ConfigMap")
     keys = sorted(cm["data"])
     # gpu-a's two replicas have the same device map and budgets: one plan file for both.
-    assert len(keys) == 4 and "plan.json" in keys and "plan-pending.json" in keys
+    assert len(keys) == 3 and "plan.json" in keys  # the placeholder runs no worker: no plan file
     for key in keys:
         if key == "plan.json":
             assert json.loads(cm["data"][key])["replicas"] == PLAN["replicas"]
@@ -193,7 +236,7 @@ def test_config_map_holds_one_worker_plan_per_device_map() -> None:
     two = [
         WorkerPlan.parse(json.loads(v))
         for k, v in cm["data"].items()
-        if k not in ("plan.json", "plan-pending.json")
+        if k != "plan.json"
     ]
     assert sorted(len(p.maxMemory or {}) for p in two) == [1, 2]
     assert {p.maxMemory["1"] for p in two if p.maxMemory and "1" in p.maxMemory} == {9 * GiB}
@@ -201,7 +244,9 @@ def test_config_map_holds_one_worker_plan_per_device_map() -> None:
 
 def test_worker_container_runs_the_plan_with_probes_token_and_admin_port_off_the_service() -> None:
     objs = children()
-    workload = next(d for d in by_kind(objs, "Deployment") if not d["metadata"]["name"].endswith("pending"))
+    workload = next(
+        d for d in by_kind(objs, "Deployment") if d["metadata"]["labels"][render.LABEL_SHAPE] != "placeholder"
+    )
     pod = workload["spec"]["template"]["spec"]
     container = pod["containers"][0]
     args = container["args"]

@@ -151,3 +151,38 @@ def test_every_example_plans_on_the_sample_cluster() -> None:
         for d in json.loads(out):
             assert d["replicas"], f"{path.name}: {d['unscheduled']}"
         assert warnings == []
+
+
+def test_one_per_replica_figure_in_the_table_the_json_and_the_status(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A Llama-3-70B replica over 4 GPUs: the table's PER REPLICA, the GPUs' totals in the JSON and the
+    operator's status (VRAM column, Planned message) say the same."""
+    from kubevram.controller.status import gib, planned_status
+
+    example = str(EXAMPLES / "llama-3-70b-multi-gpu.yaml")
+    assert main(["plan", "-f", example, "-o", "json"]) == 0
+    (plan,) = json.loads(capsys.readouterr().out)
+    (replica,) = plan["replicas"]
+    assert len(replica["gpus"]) > 1
+    gpu_total = sum(g["total"] for g in replica["perGpu"])
+    assert gpu_total > plan["estimate"]["totalBytes"]  # every GPU has its own CUDA context and headroom
+    assert main(["plan", "-f", example]) == 0
+    table = capsys.readouterr().out
+    shown = re.search(r"default/llama-3-70b +(\d+\.\d) GiB", table)
+    assert shown is not None and shown.group(1) == f"{gpu_total / 2**30:.1f}"
+    status = planned_status(
+        "llama-3-70b", plan, desired=1, ready=0, generation=1, old_conditions=None, now="T"
+    )
+    assert status["vramPerReplica"] == gib(gpu_total) == f"{shown.group(1)}Gi"
+    assert status["conditions"][0]["message"].startswith(f"1 replica(s) of {gib(gpu_total)} GPU memory each")
+
+
+def test_cpu_offload_shows_in_the_table(capsys: pytest.CaptureFixture[str]) -> None:
+    example = str(EXAMPLES / "chatglm-6b-cpu-offload.yaml")
+    assert main(["plan", "-f", example, "-o", "json"]) == 0
+    (plan,) = json.loads(capsys.readouterr().out)
+    cpu = plan["replicas"][0]["maxMemory"]["cpu"]
+    assert main(["plan", "-f", example]) == 0
+    table = capsys.readouterr().out
+    assert re.search(rf"GPU 0 \(exclusive\) \+ offload to cpu: {cpu / 2**30:.1f} GiB", table), table

@@ -74,6 +74,11 @@ app.kubernetes.io/component: operator
 {{- end -}}
 {{- end -}}
 
+{{/* The PriorityClass of the placeholder pods. */}}
+{{- define "kubevram.placeholderPriorityClassName" -}}
+{{- default (printf "%s-placeholder" (include "kubevram.fullname" .)) .Values.placeholders.priorityClass.name -}}
+{{- end -}}
+
 {{/* ConfigMap holding the node classes as JSON. */}}
 {{- define "kubevram.nodeClassesConfigMapName" -}}
 {{- printf "%s-node-classes" (include "kubevram.fullname" .) -}}
@@ -104,6 +109,12 @@ Cross-field checks the schema cannot express; `fail` stops install and template 
 {{- define "kubevram.validateValues" -}}
 {{- if and (not .Values.serviceAccount.create) (not .Values.serviceAccount.name) -}}
 {{- fail "serviceAccount.name: must name an existing ServiceAccount when serviceAccount.create is false" -}}
+{{- end -}}
+{{- if and (gt (int .Values.replicaCount) 1) (not .Values.leaderElection.enabled) -}}
+{{- fail "replicaCount: more than 1 needs leaderElection.enabled, else several operators plan at once and book the same GPUs" -}}
+{{- end -}}
+{{- if and (not .Values.placeholders.priorityClass.create) (not .Values.placeholders.priorityClass.name) -}}
+{{- fail "placeholders.priorityClass.name: must name an existing PriorityClass when placeholders.priorityClass.create is false" -}}
 {{- end -}}
 {{- $seen := dict -}}
 {{- range .Values.nodeClasses -}}

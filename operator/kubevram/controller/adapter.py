@@ -102,13 +102,27 @@ class Cluster:
             if (d.get("metadata", {}).get("labels") or {}).get(LABEL_MANAGED_BY) == MANAGED_BY
         ]
 
-    def list_owned_workloads(self, namespace: str, name: str) -> list[dict[str, Any]]:
+    def _owned(self, collection: str, namespace: str, name: str) -> list[dict[str, Any]]:
+        """The objects of a namespaced collection labelled as ``name``'s (filtered again here too)."""
+        selector = f"{LABEL_MANAGED_BY}={MANAGED_BY},{LABEL_DEPLOYMENT}={name}"
+        data = self._get(f"{collection.format(namespace=namespace)}?labelSelector={selector}") or {}
         return [
             d
-            for d in self.list_workloads()
-            if d["metadata"].get("namespace") == namespace
-            and (d["metadata"].get("labels") or {}).get(LABEL_DEPLOYMENT) == name
+            for d in data.get("items") or []
+            if (d.get("metadata") or {}).get("namespace") == namespace
+            and ((d.get("metadata") or {}).get("labels") or {}).get(LABEL_DEPLOYMENT) == name
         ]
+
+    def list_owned_workloads(self, namespace: str, name: str) -> list[dict[str, Any]]:
+        """The worker Deployments (and the placeholder) of one LLMDeployment."""
+        return self._owned("/apis/apps/v1/namespaces/{namespace}/deployments", namespace, name)
+
+    def list_owned_pods(self, namespace: str, name: str) -> list[dict[str, Any]]:
+        """The worker pods of one LLMDeployment (their scheduling state, the names in status.workers)."""
+        return self._owned("/api/v1/namespaces/{namespace}/pods", namespace, name)
+
+    def get_node(self, name: str) -> dict[str, Any] | None:
+        return self._get(f"/api/v1/nodes/{name}")
 
     @staticmethod
     def reservations(workloads: Iterable[dict[str, Any]]) -> dict[tuple[str, str], list[Reservation]]:

@@ -13,12 +13,12 @@ import kopf
 
 from kubevram.api.v1alpha1 import GROUP, PLURAL, VERSION
 from kubevram.controller.adapter import Cluster
-from kubevram.controller.ledger import LEDGER
 from kubevram.controller.reconcile import (
     Reconciler,
     Settings,
-    gpu_node_changed,
+    node_event,
     replan_waiting,
+    start_afresh,
     waiting_here,
     waiting_key,
 )
@@ -40,7 +40,7 @@ def reconciler(body: kopf.Body) -> Reconciler:
 @kopf.on.startup()
 def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     """Keep kopf's bookkeeping under kubevram's own annotation prefix and finalizer; start a fresh ledger."""
-    LEDGER.reset()  # the first plan's read of the workloads rebuilds it from the children
+    start_afresh()  # the ledger is rebuilt from the children by the first plan's read of them
     settings.persistence.finalizer = f"{GROUP}/finalizer"
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix=GROUP)
@@ -71,17 +71,15 @@ def waiting(body: kopf.Body, **_: Any) -> dict[tuple[str, str], int] | None:
 
 @kopf.on.event("", "v1", "nodes")
 def nodes(type: str, body: kopf.Body, memo: kopf.Memo, **kwargs: Any) -> None:
-    """Re-plan the waiting deployments when a GPU node appears or changes."""
+    """Re-plan what a node change affects: waiting deployments, replicas on a node that went away."""
     seen = memo.setdefault("gpu_nodes", {})  # per operator run
-    waiting_now = set(kwargs["waiting"]) | waiting_here()
-    if gpu_node_changed(type, body, seen) and waiting_now:
-        replan_waiting(Cluster(), Settings.from_env(), waiting_now)
+    node_event(Cluster(), Settings.from_env(), type, body, seen, set(kwargs["waiting"]) | waiting_here())
 
 
 @kopf.timer(*RESOURCE, interval=READY_INTERVAL)
 def readiness(body: kopf.Body, patch: kopf.Patch, **_: Any) -> None:
-    """Copy the workloads' ready replicas into the status."""
-    reconciler(body).refresh_readiness(body, patch)
+    """Check what was placed: nodes, unscheduled or refused pods, ready replicas, stale worker reports."""
+    reconciler(body).refresh(body, patch)
 
 
 # status.calibration from the workers' reports: its own timer, registered on import.

@@ -19,12 +19,14 @@ re-plans every replica and rolls the workloads out.
 
 from __future__ import annotations
 
+import datetime
 import json
 import logging
 import os
 import secrets
 import threading
-from collections.abc import Callable, Iterable, Mapping
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -38,7 +40,17 @@ from kubevram.controller import render, status
 from kubevram.controller.adapter import Cluster, ConfigNotReadable
 from kubevram.controller.calibrate import with_calibration
 from kubevram.controller.ledger import LEDGER, Ledger, reservations_of
-from kubevram.planner.inventory import Reservation
+from kubevram.controller.nodes import (
+    NODES,
+    StuckPod,
+    failed_creates,
+    node_problem,
+    placement_problem,
+    stuck_pods,
+)
+from kubevram.controller.planning import node_classes
+from kubevram.planner.inventory import Reservation, node_inventory
+from kubevram.planner.placement import KNOWN_PRODUCTS, parse_node_classes
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +74,13 @@ class Settings:
     # Where the operator's pods run and their labels: the only peers the workers' admin port admits.
     operator_namespace: str = ""
     operator_labels: Mapping[str, str] = field(default_factory=dict)
+    #: Seconds a node may be NotReady before its replicas are re-planned elsewhere.
+    node_grace: float = 300.0
+    #: Seconds a worker pod may stay ``PodScheduled=False`` before its replica is re-planned elsewhere.
+    unschedulable_grace: float = 120.0
+    #: What the placeholders of pending replicas run, and their (negative) PriorityClass.
+    placeholder_image: str = render.PAUSE_IMAGE
+    placeholder_priority_class: str = render.PLACEHOLDER_PRIORITY_CLASS
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -71,6 +90,11 @@ class Settings:
             retry_delay=float(env.get("KUBEVRAM_RETRY_DELAY") or 30),
             operator_namespace=env.get("KUBEVRAM_OPERATOR_NAMESPACE") or "",
             operator_labels=_labels(env.get("KUBEVRAM_OPERATOR_POD_LABELS") or ""),
+            node_grace=float(env.get("KUBEVRAM_NODE_GRACE") or 300),
+            unschedulable_grace=float(env.get("KUBEVRAM_UNSCHEDULABLE_GRACE") or 120),
+            placeholder_image=env.get("KUBEVRAM_PLACEHOLDER_IMAGE") or render.PAUSE_IMAGE,
+            placeholder_priority_class=env.get("KUBEVRAM_PLACEHOLDER_PRIORITY_CLASS")
+            or render.PLACEHOLDER_PRIORITY_CLASS,
         )
 
     def image_for(self, deployment: LLMDeployment) -> str:
@@ -166,20 +190,44 @@ class Reconciler:
         pods: list[dict[str, Any]],
         book: list[Reservation],
         previous: dict[str, Any] | None,
-    ) -> tuple[dict[str, Any], str]:
-        """The new plan and how it was made (``full``, ``kept``, ``scaled-down``, ``scaled-up``).
+        *,
+        now: datetime.datetime | None = None,
+        avoid: Iterable[str] = (),
+    ) -> tuple[dict[str, Any], str, list[str]]:
+        """The new plan, how it was made (``full``, ``kept``, ``scaled-down``, ``scaled-up``,
+        ``re-planned``) and, per placed replica that had to move, why.
 
         ``book``: what the ledger holds for every other deployment; ``previous``: the deployment's last
-        plan when only ``spec.replicas`` changed since (else None: every replica is planned anew).
+        plan when only ``spec.replicas`` changed since (else None: every replica is planned anew). A kept
+        replica stays only while its node may hold it (``nodes.placement_problem``) and is not in
+        ``avoid`` (nodes where kube-scheduler left its pods unschedulable); the others are planned again,
+        on the other nodes.
         """
         name, namespace = deployment.name, deployment.namespace
         desired = deployment.spec.replicas
+        avoid = set(avoid)
+        usable = [n for n in nodes if _name(n) not in avoid]
         if previous is None:
-            return self.planner(deployment, nodes, pods, model_config, book), "full"
-        kept = list(previous.get("replicas") or [])
+            return self.planner(deployment, usable, pods, model_config, book), "full", []
+        now = now or datetime.datetime.now(tz=datetime.UTC)
+        by_name = {_name(n): n for n in nodes}
+        kept: list[dict[str, Any]] = []
+        moved: list[str] = []
+        for replica in previous.get("replicas") or []:
+            node = str(replica.get("node") or "")
+            why = (
+                f"pods unschedulable on node {node}"
+                if node in avoid
+                else placement_problem(replica, by_name.get(node), now, self.settings.node_grace)
+            )
+            if why:
+                moved.append(why)
+            else:
+                kept.append(replica)
         if desired <= len(kept):
             plan = {**previous, "replicas": kept[:desired], "unscheduled": {"count": 0, "reason": ""}}
-            return plan, "kept" if desired == len(kept) and not _pending(previous) else "scaled-down"
+            unchanged = desired == len(kept) and not _pending(previous)
+            return plan, "re-planned" if moved else "kept" if unchanged else "scaled-down", moved
         # Plan only the difference; the kept replicas are reservations under another owner (the planner
         # leaves out the reservations of the deployment it is planning).
         sharing = str(deployment.spec.placement.sharing)
@@ -187,11 +235,12 @@ class Reconciler:
         delta = deployment.model_copy(
             update={"spec": deployment.spec.model_copy(update={"replicas": desired - len(kept)})}
         )
-        extra = self.planner(delta, nodes, pods, model_config, book + held)
+        extra = self.planner(delta, usable, pods, model_config, book + held)
         plan = {**extra, "replicas": kept + list(extra.get("replicas") or [])}
-        return plan, "scaled-up" if desired > len(kept) + _pending(previous) or extra.get(
-            "replicas"
-        ) else "kept"
+        if moved:
+            return plan, "re-planned", moved
+        grew = desired > len(kept) + _pending(previous) or extra.get("replicas")
+        return plan, "scaled-up" if grew else "kept", moved
 
     def _fits_empty_cluster(
         self, deployment: LLMDeployment, model_config: dict[str, Any] | None, nodes: list[dict[str, Any]]
@@ -206,21 +255,26 @@ class Reconciler:
         nodes: list[dict[str, Any]],
         plan: Mapping[str, Any],
     ) -> None:
-        """``SpecError`` when nothing was placed and no node could hold a replica even empty."""
+        """``SpecError`` when nothing was placed and a replica fits neither a present node, even empty,
+        nor any known GPU node class (the chart's ``nodeClasses``, else the built-in catalogue). A
+        replica that only a node class holds waits for the cluster autoscaler (``Scheduled=False``)."""
         nothing_placed = not plan.get("replicas") and _pending(plan)
-        if (
-            nothing_placed
-            and deployment.spec.placement.offload == "none"
-            and not self._fits_empty_cluster(deployment, model_config, nodes)
-        ):
-            total = (plan.get("estimate") or {}).get("totalBytes")
-            need = status.gib(total) if total else "more"
-            raise SpecError(
-                "spec.placement.offload",
-                f"'none', but one replica needs {need} of GPU memory and no node could hold it even "
-                f"empty (largest node: {_largest_node_mib(nodes)} MiB of GPU memory); allow offload: "
-                "cpu, lower spec.precision.weights or add bigger GPU nodes",
-            )
+        if not nothing_placed or deployment.spec.placement.offload != "none":
+            return
+        if ((plan.get("unscheduled") or {}).get("autoscaling") or {}).get("gpuClass"):
+            return
+        if self._fits_empty_cluster(deployment, model_config, nodes):
+            return
+        total = (plan.get("estimate") or {}).get("totalBytes")
+        need = status.gib(total) if total else "more"
+        per_replica = deployment.spec.placement.gpusPerReplica
+        raise SpecError(
+            "spec.placement.offload",
+            f"'none', but one replica needs {need} of GPU memory and neither a present node, even empty "
+            f"({largest_offer(nodes, per_replica)}), nor a known GPU node class "
+            f"({largest_class(node_classes(), per_replica)}) could hold it; allow offload: cpu, lower "
+            "spec.precision.weights or add a node class with bigger GPUs",
+        )
 
     # ------------------------------------------------------------------------------- the whole
 
@@ -231,27 +285,31 @@ class Reconciler:
         with self.ledger.deployment((meta.get("namespace") or "default", meta["name"])):
             self._plan_and_apply(body, patch)
 
-    def replan_pending(self, namespace: str, name: str) -> bool:
-        """Re-plan a deployment whose replicas wait for a node (a GPU node appeared or changed).
+    def replan(self, namespace: str, name: str) -> bool:
+        """Re-plan a deployment outside kopf's handlers for it: replicas wait for a node and a GPU node
+        appeared or changed, or a node its replicas are on went away.
 
-        Runs outside kopf's handler for the resource: the status goes out as a merge patch of the
-        status subresource. Returns True when nothing is pending any more. The handler's own retry,
-        when it comes, finds the replicas placed and succeeds.
+        The status goes out as a merge patch of the status subresource. Returns True when nothing is
+        pending any more. The handler's own retry, when it comes, finds the replicas placed.
         """
         body = self.cluster.get_llmd(namespace, name)
         if body is None:
             return True
         patch = _StatusPatch()
-        done = True
-        try:
-            self.plan_and_apply(body, patch)
-        except kopf.TemporaryError:
-            done = False
-        except kopf.PermanentError:
-            pass
+        done = self._replan(body, patch)
         if patch.status:
             self.cluster.patch_llmd_status(namespace, name, patch.status)
         return done
+
+    def _replan(self, body: Mapping[str, Any], patch: Any) -> bool:
+        """``plan_and_apply`` whose outcome is in the status and the events: True when nothing is pending."""
+        try:
+            self.plan_and_apply(body, patch)
+        except kopf.TemporaryError:
+            return False
+        except kopf.PermanentError:
+            pass
+        return True
 
     def _plan_and_apply(self, body: Mapping[str, Any], patch: Any) -> None:
         meta = body["metadata"]
@@ -281,12 +339,29 @@ class Reconciler:
                 if w["metadata"].get("namespace") == namespace
                 and (w["metadata"].get("labels") or {}).get(render.LABEL_DEPLOYMENT) == name
             ]
+            own_pods = self.cluster.list_owned_pods(namespace, name)
+            now = datetime.datetime.now(tz=datetime.UTC)
+            stuck = stuck_pods(own_pods, now)
+            avoid = _AVOIDED.update(
+                key,
+                {p.node for p in stuck if p.node and p.seconds >= self.settings.unschedulable_grace},
+                self.settings.unschedulable_grace * AVOID_FACTOR,
+            )
             input_hash = plan_input_hash(deployment, model_config)
             with self.ledger.deciding():
                 self.ledger.observe(self.cluster.reservations(workloads), read_started)
                 book = self.ledger.snapshot(exclude=[key])
                 kept = previous if previous_hash == input_hash else None
-                plan, how = self._plan(deployment, model_config, nodes, pods, book, kept)
+                plan, how, moved = self._plan(
+                    deployment, model_config, nodes, pods, book, kept, now=now, avoid=avoid
+                )
+                if avoid and _pending(plan):
+                    unscheduled = dict(plan.get("unscheduled") or {})
+                    unscheduled["reason"] = (
+                        f"{unscheduled.get('reason')}; left out: {', '.join(sorted(avoid))} (the "
+                        "deployment's pods stayed unschedulable there)"
+                    )
+                    plan = {**plan, "unscheduled": unscheduled}
                 self._check_fits(deployment, model_config, nodes, plan)
                 self.ledger.reserve(key, reservations_of(key, plan, str(deployment.spec.placement.sharing)))
         except SpecError as exc:
@@ -305,17 +380,29 @@ class Reconciler:
             raise
         self.ledger.confirm(key)
 
-        ready = sum(int((w.get("status") or {}).get("readyReplicas") or 0) for w in owned)
+        ready = _ready(owned)
+        shapes = {render.placement_shape(r) for r in plan.get("replicas") or []} | {render.PLACEHOLDER}
+        problems = self._problems(
+            [w for w in owned if (w["metadata"].get("labels") or {}).get(render.LABEL_SHAPE) in shapes],
+            [p for p in stuck if p.shape in shapes],
+        )
+        old_conditions = (body.get("status") or {}).get("conditions")
         new_status = status.planned_status(
             name,
             plan,
             desired=deployment.spec.replicas,
             ready=ready,
             generation=meta.get("generation"),
-            old_conditions=(body.get("status") or {}).get("conditions"),
+            old_conditions=old_conditions,
             now=status.now_rfc3339(),
+            problems=problems,
+            note=f"re-planned: {'; '.join(dict.fromkeys(moved))}" if moved else "",
         )
         patch.status.update(new_status)
+        if moved:
+            reasons = "; ".join(dict.fromkeys(moved))
+            self.report("Replanned", f"{len(moved)} replica(s) placed anew: {reasons}", True)
+        self._report_problems(old_conditions, new_status["conditions"])
         _mark_waiting((namespace, name), bool(_pending(plan)))
         placed = len(plan.get("replicas") or [])
         nodes_used = sorted({r["node"] for r in plan.get("replicas") or []})
@@ -350,6 +437,8 @@ class Reconciler:
             image=self.settings.image_for(deployment),
             operator_namespace=self.settings.operator_namespace,
             operator_labels=self.settings.operator_labels,
+            placeholder_image=self.settings.placeholder_image,
+            priority_class=self.settings.placeholder_priority_class,
         )
         for child in children:
             if child["kind"] == "ConfigMap":
@@ -377,36 +466,99 @@ class Reconciler:
             self.ledger.forget(key)
         return len(owned)
 
-    def refresh_readiness(self, body: Mapping[str, Any], patch: Any) -> None:
-        """Ready replicas from the workloads' status, with the Ready condition and phase."""
+    def _problems(self, workloads: list[dict[str, Any]], stuck: list[StuckPod]) -> list[tuple[str, str]]:
+        """What the cluster says against placed replicas: ``(reason, message)`` for ``Scheduled``."""
+        out = []
+        failed = failed_creates(workloads)
+        if failed:
+            out.append(("FailedCreate", f"the cluster refuses to create worker pods: {'; '.join(failed)}"))
+        if stuck:
+            shown = "; ".join(p.describe() for p in stuck[:3]) + ("; ..." if len(stuck) > 3 else "")
+            grace = self.settings.unschedulable_grace
+            out.append(
+                (
+                    "PodsUnschedulable",
+                    f"{len(stuck)} worker pod(s) not scheduled: {shown} "
+                    f"(re-planned elsewhere after {grace:.0f}s)",
+                )
+            )
+        return out
+
+    def _report_problems(self, old: list[dict[str, Any]] | None, new: list[dict[str, Any]]) -> None:
+        """A Warning event when the Scheduled condition turns to a problem or its message changes."""
+        before = next((c for c in old or [] if c.get("type") == status.SCHEDULED), {})
+        after = next((c for c in new if c.get("type") == status.SCHEDULED), {})
+        changed = (before.get("reason"), before.get("message")) != (after.get("reason"), after.get("message"))
+        if after.get("reason") in PROBLEM_REASONS and changed:
+            self.report(str(after["reason"]), str(after.get("message") or ""), True)
+
+    def _node(self, name: str) -> dict[str, Any] | None:
+        cached = NODES.get(name)
+        return dict(cached) if cached is not None else self.cluster.get_node(name)
+
+    def _must_move(
+        self, placements: list[dict[str, Any]], stuck: list[StuckPod], now: datetime.datetime
+    ) -> list[str]:
+        """Why placed replicas must go elsewhere now (their nodes; pods unschedulable past the grace)."""
+        out = [p.describe() for p in stuck if p.node and p.seconds >= self.settings.unschedulable_grace]
+        for placement in placements:
+            node = str(placement.get("node") or "")
+            replica = {"node": node, "gpus": placement.get("gpus"), "maxMemory": placement.get("budgets")}
+            why = placement_problem(replica, self._node(node), now, self.settings.node_grace)
+            if why:
+                out.append(why)
+        return list(dict.fromkeys(out))
+
+    def refresh(self, body: Mapping[str, Any], patch: Any) -> None:
+        """The periodic look at what was placed: re-plan replicas whose node went away or whose pods
+        kube-scheduler leaves unschedulable past the grace; else copy the workloads' ready replicas,
+        surface refused pod creations and unscheduled pods in ``Scheduled``, and drop the
+        ``status.workers`` entries of pods that no longer exist."""
         meta = body["metadata"]
         old = body.get("status") or {}
         if old.get("phase") in (None, "Failed"):
             return
-        owned = self.cluster.list_owned_workloads(meta.get("namespace") or "default", meta["name"])
-        ready = sum(int((w.get("status") or {}).get("readyReplicas") or 0) for w in owned)
-        desired = int((body.get("spec") or {}).get("replicas") or 0)
-        if ready == old.get("readyReplicas") and old.get("conditions"):
+        key = (meta.get("namespace") or "default", meta["name"])
+        now = datetime.datetime.now(tz=datetime.UTC)
+        owned = self.cluster.list_owned_workloads(*key)
+        pods = self.cluster.list_owned_pods(*key)
+        stuck = stuck_pods(pods, now)
+        moving = self._must_move(list(old.get("placements") or []), stuck, now)
+        if moving:
+            log.info("%s/%s: re-planning: %s", *key, "; ".join(moving))
+            self._replan(body, patch)
             return
-        pending = int((old.get("autoscaling") or {}).get("pendingReplicas") or 0)
-        ok = ready >= desired
+        ready = _ready(owned)
+        desired = int((body.get("spec") or {}).get("replicas") or 0)
+        signal = old.get("autoscaling") or {}
+        problems = self._problems(owned, stuck)
+        generation = meta.get("generation")
+        new = [
+            status.condition(
+                status.READY,
+                ready >= desired,
+                "AllReplicasReady" if ready >= desired else "ReplicasNotReady",
+                f"{ready} of {desired} replica(s) ready",
+                generation,
+            )
+        ]
+        old_conditions = list(old.get("conditions") or [])
+        scheduled: dict[str, Any] = next((c for c in old_conditions if c.get("type") == status.SCHEDULED), {})
+        if problems or scheduled.get("reason") in PROBLEM_REASONS:
+            placed = len(old.get("placements") or [])
+            new.append(status.scheduled_condition(placed, desired, signal, generation, problems))
+        conditions = status.merge_conditions(old_conditions, new, status.now_rfc3339())
+        gone = sorted(set(old.get("workers") or {}) - {_name(p) for p in pods})
+        same = [_sans_time(c) for c in conditions] == [_sans_time(c) for c in old_conditions]
+        if ready == old.get("readyReplicas") and same and not gone:
+            return
+        if gone:
+            patch.status["workers"] = {pod: None for pod in gone}  # a merge patch removes them
+        pending = int(signal.get("pendingReplicas") or 0)
         patch.status["readyReplicas"] = ready
-        patch.status["conditions"] = status.merge_conditions(
-            old.get("conditions"),
-            [
-                status.condition(
-                    status.READY,
-                    ok,
-                    "AllReplicasReady" if ok else "ReplicasNotReady",
-                    f"{ready} of {desired} replica(s) ready",
-                    meta.get("generation"),
-                )
-            ],
-            status.now_rfc3339(),
-        )
-        patch.status["phase"] = (
-            "Scheduling" if pending else "Running" if ok and desired else "Degraded" if ready else "Planned"
-        )
+        patch.status["conditions"] = conditions
+        patch.status["phase"] = status.phase_of(desired, ready, bool(pending or problems))
+        self._report_problems(old_conditions, conditions)
 
 
 class _StatusPatch:
@@ -417,6 +569,49 @@ class _StatusPatch:
 
 
 _locks_guard = threading.Lock()
+
+#: Scheduled reasons that say the cluster refuses placed replicas (the periodic check clears them).
+PROBLEM_REASONS = ("FailedCreate", "PodsUnschedulable")
+#: Nodes where a deployment's pods stayed unschedulable are avoided for this many unschedulable graces.
+AVOID_FACTOR = 5
+
+
+class _Avoided:
+    """Per deployment, the nodes its replicas were moved away from because kube-scheduler would not
+    place them there, until when (so the next plan does not pick the same node at once)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._until: dict[tuple[str, str], dict[str, float]] = {}
+
+    def update(self, key: tuple[str, str], nodes: Iterable[str], seconds: float) -> set[str]:
+        """Add ``nodes`` for ``seconds``; the nodes avoided now."""
+        now = time.monotonic()
+        with self._lock:
+            known = {n: t for n, t in self._until.get(key, {}).items() if t > now}
+            known.update(dict.fromkeys(nodes, now + seconds))
+            if known:
+                self._until[key] = known
+            else:
+                self._until.pop(key, None)
+            return set(known)
+
+    def reset(self) -> None:
+        with self._lock:
+            self._until.clear()
+
+
+_AVOIDED = _Avoided()
+
+
+def start_afresh() -> None:
+    """Operator start: forget what an earlier run in this process knew (the ledger, the node cache,
+    the nodes avoided, the deployments left waiting); the first reads rebuild it."""
+    LEDGER.reset()
+    NODES.reset()
+    _AVOIDED.reset()
+    with _locks_guard:
+        _waiting_here.clear()
 
 
 # Deployments this process last left with pending replicas. kopf's ``waiting`` index learns of them only
@@ -470,29 +665,88 @@ def waiting_key(body: Mapping[str, Any]) -> dict[tuple[str, str], int] | None:
 
 
 def replan_waiting(cluster: Cluster, settings: Settings, waiting: Iterable[tuple[str, str]]) -> int:
-    """Re-plan every (namespace, name) with pending replicas; how many have none pending now."""
+    """Re-plan every (namespace, name) given (those with pending replicas, or with replicas on a node
+    that went away); how many have none pending now."""
     placed = 0
     for namespace, name in sorted(set(waiting)):
-        if Reconciler(cluster, settings).replan_pending(namespace, name):
+        if Reconciler(cluster, settings).replan(namespace, name):
             placed += 1
     return placed
+
+
+def node_event(
+    cluster: Cluster,
+    settings: Settings,
+    event_type: str | None,
+    node: Mapping[str, Any],
+    seen: dict[str, str],
+    waiting: Iterable[tuple[str, str]],
+) -> None:
+    """A node appeared, changed or went: keep the node cache, re-plan the deployments waiting for GPUs
+    when a GPU node changed, and those with replicas on it when it can no longer hold them (gone,
+    cordoned, NotReady past the grace, GPUs lost)."""
+    NODES.update(event_type, node)
+    name = _name(node)
+    if gpu_node_changed(event_type, node, seen) and waiting:
+        replan_waiting(cluster, settings, waiting)
+    holders = LEDGER.holders(name)
+    if not holders:
+        return
+    now = datetime.datetime.now(tz=datetime.UTC)
+    problem = node_problem(name, None if event_type == "DELETED" else node, now, settings.node_grace)
+    if problem:
+        log.info("%s: re-planning %d deployment(s) with replicas there", problem, len(holders))
+        replan_waiting(cluster, settings, holders)
+
+
+def _ready(workloads: Iterable[Mapping[str, Any]]) -> int:
+    """Ready worker replicas (a placeholder's pause pods are ready too, and serve nothing)."""
+    return sum(
+        int((w.get("status") or {}).get("readyReplicas") or 0)
+        for w in workloads
+        if ((w.get("metadata") or {}).get("labels") or {}).get(render.LABEL_SHAPE) != render.PLACEHOLDER
+    )
+
+
+def _name(obj: Mapping[str, Any]) -> str:
+    return str((obj.get("metadata") or {}).get("name") or "")
+
+
+def _sans_time(cond: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in cond.items() if k != "lastTransitionTime"}
 
 
 def _pending(plan: Mapping[str, Any]) -> int:
     return int((plan.get("unscheduled") or {}).get("count") or 0)
 
 
-def _largest_node_mib(nodes: list[dict[str, Any]]) -> int:
-    best = 0
+def _offer(name: str, count: int, mib: int, per_replica: int) -> tuple[int, str]:
+    """(MiB one replica could get, words): ``per_replica`` GPUs at most (0: as many as there are)."""
+    n = min(count, per_replica) if per_replica else count
+    if per_replica == 1 or n == 1:
+        return mib, f"largest GPU: {mib} MiB ({name})"
+    return n * mib, f"largest: {n} x {mib} MiB ({name})"
+
+
+def largest_offer(nodes: Iterable[Mapping[str, Any]], per_replica: int) -> str:
+    """The most GPU memory one replica could get on one present node, in words: the largest single GPU
+    when ``spec.placement.gpusPerReplica`` is 1, else that many (or all) GPUs of a node."""
+    best = (0, "no GPU node")
     for node in nodes:
-        labels = (node.get("metadata") or {}).get("labels") or {}
-        try:
-            best = max(
-                best, int(labels.get("nvidia.com/gpu.memory", 0)) * int(labels.get("nvidia.com/gpu.count", 0))
-            )
-        except ValueError:
+        inventory = node_inventory(node, [])
+        if inventory is None or not inventory.devices:
             continue
-    return best
+        mib = max(d.memory_bytes for d in inventory.devices) // 2**20
+        count = sum(1 for d in inventory.devices if d.memory_bytes // 2**20 == mib)
+        best = max(best, _offer(f"node {inventory.name}", count, mib, per_replica))
+    return best[1]
+
+
+def largest_class(raw: Sequence[Mapping[str, Any]] | None, per_replica: int) -> str:
+    """The same for the node classes the autoscaling signal chooses from."""
+    classes = parse_node_classes(raw, []) or KNOWN_PRODUCTS
+    best = max(_offer(f"class {c.name}", c.gpus_per_node, c.gpu_memory_mib, per_replica) for c in classes)
+    return best[1]
 
 
 def _transient(exc: ApiException, settings: Settings) -> Exception:

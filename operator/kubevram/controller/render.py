@@ -16,8 +16,12 @@ Children, all in the resource's namespace and owned by it (garbage-collected wit
 * Service ``<name>``: port 8000 (the OpenAI API); the admin port 8001 stays out of it;
 * NetworkPolicy ``<name>-worker``: clients reach port 8000, only the operator's pods port 8001;
 * one Deployment ``<name>-<shape>`` per placement shape (node, node GPUs and budgets), pinned to its
-  node, and ``<name>-pending`` for replicas that fit nowhere yet, whose node affinity on
-  ``nvidia.com/gpu.memory`` tells the cluster autoscaler which node group to grow.
+  node, and ``<name>-placeholder`` for replicas that fit nowhere yet: the cluster autoscaler's own
+  overprovisioning pattern, a pause container at a negative PriorityClass that asks exactly what a
+  new node must offer (GPU count, ``nvidia.com/gpu.memory`` per GPU, the spec's node selector), so
+  that the autoscaler grows the right node group while any real pod preempts it. Placeholder pods
+  carry no reservation and no ``llm.kubevram.io/deployment`` label: they never count as capacity,
+  as reservations, in the Service or in the ready replicas.
 
 Worker pods pass the PodSecurity ``restricted`` profile: non-root (the image's user 65532), no
 privilege escalation, every capability dropped, the RuntimeDefault seccomp profile and a read-only
@@ -45,6 +49,12 @@ LABEL_SHAPE = "llm.kubevram.io/shape"
 RESERVATION = "llm.kubevram.io/reservation"
 PLAN_HASH = "llm.kubevram.io/plan-hash"
 PENDING = "pending"
+#: On placeholder pods instead of LABEL_DEPLOYMENT (so that no Service or HPA selects them).
+LABEL_PLACEHOLDER = "llm.kubevram.io/placeholder-for"
+PLACEHOLDER = "placeholder"
+PAUSE_IMAGE = "registry.k8s.io/pause:3.10"
+#: The chart creates it (value -1: above the cluster autoscaler's expendable-pods cutoff of -10).
+PLACEHOLDER_PRIORITY_CLASS = "kubevram-placeholder"
 
 PLAN_DIR = "/etc/kubevram"
 MODEL_DIR = "/models"
@@ -56,6 +66,7 @@ GPU_RESOURCE = "nvidia.com/gpu"
 GPU_MEMORY_LABEL = "nvidia.com/gpu.memory"
 HOSTNAME_LABEL = "kubernetes.io/hostname"
 NAMESPACE_NAME_LABEL = "kubernetes.io/metadata.name"
+GPU_TOLERATION = {"key": GPU_RESOURCE, "operator": "Exists", "effect": "NoSchedule"}
 
 # The worker image's user (Dockerfile: useradd --uid 65532), its home and what it writes there.
 WORKER_UID = 65532
@@ -223,8 +234,6 @@ def render_config_map(
     data: dict[str, str] = {}
     for replica in plan.get("replicas") or []:
         data.setdefault(plan_key(worker_shape(replica)), worker_plan(body, spec, replica).to_json())
-    if (plan.get("unscheduled") or {}).get("count"):
-        data[plan_key(PENDING)] = worker_plan(body, spec, None).to_json()
     data["plan.json"] = json.dumps(dict(plan), indent=2, sort_keys=True)
     return {
         "apiVersion": "v1",
@@ -418,8 +427,6 @@ def render_workload(
         PLAN_HASH: _digest(worker_plan(body, spec, replica).model_dump(mode="json")),
     }
     volumes, mounts = _volumes(body, spec, plan, replica, key)
-    tolerations = [{"key": GPU_RESOURCE, "operator": "Exists", "effect": "NoSchedule"}]
-    tolerations += [t.model_dump(exclude_none=True) for t in spec.placement.tolerations]
     container = {
         "name": "worker",
         "image": image,
@@ -463,7 +470,7 @@ def render_workload(
         "serviceAccountName": service_account_name(name),
         "securityContext": pod_security_context(),
         "affinity": _affinity(replica, plan),
-        "tolerations": tolerations,
+        "tolerations": tolerations(spec),
         "containers": [container],
         "volumes": volumes,
         "terminationGracePeriodSeconds": 30,
@@ -490,17 +497,92 @@ def render_workload(
     }
 
 
+def tolerations(spec: LLMDeploymentSpec) -> list[dict[str, Any]]:
+    """The GPU taint's toleration (what the ExtendedResourceToleration admission plugin would add),
+    then the spec's, each once."""
+    out = [dict(GPU_TOLERATION)]
+    for toleration in spec.placement.tolerations:
+        item = toleration.model_dump(exclude_none=True)
+        if item not in out:
+            out.append(item)
+    return out
+
+
+def render_placeholder(
+    body: Mapping[str, Any],
+    spec: LLMDeploymentSpec,
+    plan: Mapping[str, Any],
+    *,
+    count: int,
+    image: str = PAUSE_IMAGE,
+    priority_class: str = PLACEHOLDER_PRIORITY_CLASS,
+) -> dict[str, Any]:
+    """``<name>-placeholder``: ``count`` pause pods asking what a node must offer the pending replicas.
+
+    The cluster autoscaler's overprovisioning pattern: a negative PriorityClass, so any real pod
+    preempts them (kube-scheduler evicts a placeholder rather than leave a worker pending), and the
+    requests of one replica: its GPUs, ``nvidia.com/gpu.memory Gt`` the per-GPU need (and
+    ``nvidia.com/gpu.count``, ``nvidia.com/gpu.replicas`` for shared replicas, the spec's node
+    selector), and the CPU, memory and ephemeral storage the worker asks for. A node that can run it
+    is a node the planner can place the replica on; when it joins, the replica is placed there and
+    the placeholder goes.
+    """
+    name = body["metadata"]["name"]
+    labels = {LABEL_MANAGED_BY: MANAGED_BY, LABEL_PLACEHOLDER: name, LABEL_SHAPE: PLACEHOLDER}
+    user = (spec.worker.resources or {}).get("requests") or {}
+    requests = {k: str(v) for k, v in user.items() if k in ("cpu", "memory", "ephemeral-storage")}
+    gpus = str(_gpu_count(None, plan, spec))
+    pod_spec: dict[str, Any] = {
+        "priorityClassName": priority_class,
+        "affinity": _affinity(None, plan),
+        "tolerations": tolerations(spec),
+        "automountServiceAccountToken": False,
+        "enableServiceLinks": False,
+        "terminationGracePeriodSeconds": 0,
+        "securityContext": pod_security_context(),
+        "containers": [
+            {
+                "name": "pause",
+                "image": image,
+                "resources": {"requests": {**requests, GPU_RESOURCE: gpus}, "limits": {GPU_RESOURCE: gpus}},
+                "securityContext": container_security_context(),
+            }
+        ],
+    }
+    if spec.placement.nodeSelector:
+        pod_spec["nodeSelector"] = dict(spec.placement.nodeSelector)
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": _metadata(body, f"{_base_name(name)}-{PLACEHOLDER}", **{LABEL_SHAPE: PLACEHOLDER}),
+        "spec": {
+            "replicas": count,
+            "selector": {"matchLabels": labels},
+            "template": {"metadata": {"labels": {"app.kubernetes.io/name": "kubevram-placeholder", **labels}},
+                         "spec": pod_spec},
+        },
+    }
+
+
 def render_workloads(
-    body: Mapping[str, Any], spec: LLMDeploymentSpec, plan: Mapping[str, Any], *, image: str
+    body: Mapping[str, Any],
+    spec: LLMDeploymentSpec,
+    plan: Mapping[str, Any],
+    *,
+    image: str,
+    placeholder_image: str = PAUSE_IMAGE,
+    priority_class: str = PLACEHOLDER_PRIORITY_CLASS,
 ) -> list[dict[str, Any]]:
-    """One Deployment per placement shape, plus ``<name>-pending`` when replicas are unscheduled."""
+    """One Deployment per placement shape, plus ``<name>-placeholder`` when replicas are unscheduled."""
     out = [
         render_workload(body, spec, plan, shape=shape, replica=replicas[0], count=len(replicas), image=image)
         for shape, replicas in group_replicas(plan)
     ]
     pending = int((plan.get("unscheduled") or {}).get("count") or 0)
     if pending:
-        out.append(render_workload(body, spec, plan, shape=PENDING, replica=None, count=pending, image=image))
+        out.append(render_placeholder(
+            body, spec, plan, count=pending, image=placeholder_image, priority_class=priority_class
+        ))
     return out
 
 
@@ -617,6 +699,8 @@ def render_children(
     image: str,
     operator_namespace: str = "",
     operator_labels: Mapping[str, str] | None = None,
+    placeholder_image: str = PAUSE_IMAGE,
+    priority_class: str = PLACEHOLDER_PRIORITY_CLASS,
 ) -> list[dict[str, Any]]:
     """Every child but the Secret (which is created once, with a random token, by the caller)."""
     return [
@@ -626,5 +710,7 @@ def render_children(
         render_config_map(body, spec, plan),
         render_service(body),
         render_network_policy(body, operator_namespace, operator_labels),
-        *render_workloads(body, spec, plan, image=image),
+        *render_workloads(
+            body, spec, plan, image=image, placeholder_image=placeholder_image, priority_class=priority_class
+        ),
     ]

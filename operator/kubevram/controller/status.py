@@ -12,6 +12,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from kubevram.controller.render import selector_string
+from kubevram.planner.placement import vram_per_replica
 
 PLANNED, SCHEDULED, READY = "Planned", "Scheduled", "Ready"
 CONDITION_TYPES = (PLANNED, SCHEDULED, READY)
@@ -73,14 +74,6 @@ def gib(value: int) -> str:
     return f"{value / 2**30:.1f}Gi"
 
 
-def replica_gpu_bytes(replica: Mapping[str, Any]) -> int:
-    """GPU memory one replica is planned to use: its per-GPU totals, else its GPU budgets."""
-    per_gpu = replica.get("perGpu")
-    if per_gpu:
-        return sum(int(g.get("total") or 0) for g in per_gpu if isinstance(g, Mapping))
-    return sum(int(v) for k, v in (replica.get("maxMemory") or {}).items() if str(k).isdigit())
-
-
 def placements(plan: Mapping[str, Any]) -> list[dict[str, Any]]:
     return [
         {
@@ -112,6 +105,35 @@ def autoscaling(plan: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
+def scheduled_condition(
+    placed: int,
+    desired: int,
+    signal: Mapping[str, Any],
+    generation: int | None,
+    problems: Sequence[tuple[str, str]] = (),
+    note: str = "",
+) -> dict[str, Any]:
+    """``Scheduled``: False while replicas wait for a node (``InsufficientGPUMemory``) or while the
+    cluster refuses placed ones (``problems``: ``(reason, message)``, e.g. ``PodsUnschedulable``,
+    ``FailedCreate``); ``AllPlaced`` only when neither. ``note`` says what the last plan changed."""
+    pending = int(signal.get("pendingReplicas") or 0)
+    if pending:
+        why = signal.get("reason") or f"{pending} unplaced"
+        return condition(SCHEDULED, False, "InsufficientGPUMemory", why, generation)
+    if problems:
+        return condition(SCHEDULED, False, problems[0][0], "; ".join(m for _, m in problems), generation)
+    message = f"{placed} of {desired} replica(s) placed on nodes" + (f"; {note}" if note else "")
+    return condition(SCHEDULED, True, "AllPlaced", message, generation)
+
+
+def phase_of(desired: int, ready: int, waiting: bool) -> str:
+    if waiting:
+        return "Scheduling"
+    if desired and ready >= desired:
+        return "Running"
+    return "Degraded" if ready else "Planned"
+
+
 def planned_status(
     name: str,
     plan: Mapping[str, Any],
@@ -121,31 +143,26 @@ def planned_status(
     generation: int | None,
     old_conditions: Sequence[Mapping[str, Any]] | None,
     now: str,
+    problems: Sequence[tuple[str, str]] = (),
+    note: str = "",
 ) -> dict[str, Any]:
-    """The status after a plan was applied: placed and pending replicas, readiness, the signal."""
+    """The status after a plan was applied: placed and pending replicas, readiness, the signal, and
+    what the cluster says of the placed ones (``problems``, see ``scheduled_condition``)."""
     placed = len(plan.get("replicas") or [])
     signal = autoscaling(plan)
     pending = signal["pendingReplicas"]
     est = estimate(plan)
-    first = (plan.get("replicas") or [None])[0]
-    per_replica = replica_gpu_bytes(first) if first else (est or {}).get("totalBytes")
-    total = (est or {}).get("totalBytes")
+    per_replica = vram_per_replica(plan)
     conditions = [
         condition(
             PLANNED,
             True,
             "Planned",
-            f"{desired} replica(s) of {gib(total) if total else '?'} each; "
+            f"{desired} replica(s) of {gib(per_replica) if per_replica else '?'} GPU memory each; "
             f"{placed} placed, {pending} pending",
             generation,
         ),
-        condition(
-            SCHEDULED, True, "AllPlaced", f"{placed} of {desired} replica(s) placed on nodes", generation
-        )
-        if not pending
-        else condition(
-            SCHEDULED, False, "InsufficientGPUMemory", signal["reason"] or f"{pending} unplaced", generation
-        ),
+        scheduled_condition(placed, desired, signal, generation, problems, note),
         condition(
             READY,
             (ready >= desired and desired > 0) or desired == 0,
@@ -154,16 +171,8 @@ def planned_status(
             generation,
         ),
     ]
-    if pending:
-        phase = "Scheduling"
-    elif desired and ready >= desired:
-        phase = "Running"
-    elif ready:
-        phase = "Degraded"
-    else:
-        phase = "Planned"
     return {
-        "phase": phase,
+        "phase": phase_of(desired, ready, bool(pending or problems)),
         "observedGeneration": generation,
         "conditions": merge_conditions(old_conditions, conditions, now),
         "replicas": desired,

@@ -55,6 +55,7 @@ from kubevram.planner.inventory import (
     LABEL_COUNT,
     LABEL_MEMORY,
     LABEL_PRODUCT,
+    LABEL_REPLICAS,
     PARTITION_KINDS,
     Device,
     Inventory,
@@ -133,6 +134,32 @@ def parse_node_classes(raw: Sequence[Any] | None, warnings: list[str]) -> tuple[
 
 
 # ------------------------------------------------------------------------------------------ results
+
+
+def replica_gpu_bytes(replica: Mapping[str, Any]) -> int:
+    """GPU memory one placed replica (plan JSON) is planned to use: the sum of its per-GPU totals
+    (weights, KV cache, activations, CUDA context and headroom on each of its GPUs), else of its GPU
+    budgets. Offloaded weights are not in it (``offloaded`` says where they go)."""
+    per_gpu = replica.get("perGpu")
+    if per_gpu:
+        return sum(int(g.get("total") or 0) for g in per_gpu if isinstance(g, Mapping))
+    return sum(int(v) for k, v in (replica.get("maxMemory") or {}).items() if str(k).isdigit())
+
+
+def vram_per_replica(plan: Mapping[str, Any]) -> int | None:
+    """The one per-replica GPU memory figure (``kubevram plan``'s PER REPLICA, ``status.vramPerReplica``,
+    the ``Planned`` condition and events): its first placed replica's, else the estimate's total."""
+    replicas = plan.get("replicas") or []
+    if replicas:
+        return replica_gpu_bytes(replicas[0])
+    total = (plan.get("estimate") or {}).get("totalBytes")
+    return int(total) if total else None
+
+
+def offloaded(replica: Mapping[str, Any]) -> dict[str, int]:
+    """``{"cpu" | "disk": bytes}``: what the replica's budgets put off its GPUs."""
+    budgets = replica.get("maxMemory") or {}
+    return {where: int(budgets[where]) for where in ("cpu", "disk") if budgets.get(where)}
 
 
 @dataclass
@@ -572,6 +599,8 @@ def autoscaling_signal(d: _Demand, classes: Sequence[NodeClass]) -> dict[str, An
         if best is None or key < best[0]:
             best = (key, cls, n)
     selector = [{"key": k, "operator": "In", "values": [v]} for k, v in sorted(d.node_selector.items())]
+    if d.shared:  # a VRAM slice needs a GPU that is shared (time-sliced)
+        selector.append({"key": LABEL_REPLICAS, "operator": "Gt", "values": ["1"]})
     if best is None:
         n = d.gpus_per_replica or 1
         mib = math.ceil(d.need(n) / MiB)
@@ -738,6 +767,9 @@ __all__ = [
     "NodeClass",
     "PlacedReplica",
     "autoscaling_signal",
+    "offloaded",
     "parse_node_classes",
     "plan_cluster",
+    "replica_gpu_bytes",
+    "vram_per_replica",
 ]

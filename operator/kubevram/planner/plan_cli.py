@@ -29,7 +29,7 @@ from kubevram.api.quantity import GiB
 from kubevram.api.v1alpha1 import LLMDeployment
 from kubevram.planner.facts import ModelFacts
 from kubevram.planner.inventory import NodeInventory
-from kubevram.planner.placement import ClusterPlan, DeploymentPlan, plan_cluster
+from kubevram.planner.placement import ClusterPlan, DeploymentPlan, offloaded, plan_cluster, vram_per_replica
 from kubevram.planner.report import Fallback, resolve_facts
 
 SAMPLE_CLUSTER = "sample_cluster.yaml"
@@ -142,19 +142,21 @@ def _gib(n: float) -> str:
 
 
 def _summary(dp: DeploymentPlan) -> list[str]:
-    est = dp.estimate
+    plan = dp.to_json()
+    per_replica = vram_per_replica(plan)
     total = len(dp.replicas) + dp.unscheduled
     head = f"{dp.namespace}/{dp.name}"
-    size = f"{_gib(est.totalBytes)} GiB" if est is not None else "-"
+    size = f"{_gib(per_replica)} GiB" if per_replica else "-"
     lines = [f"{head:<36} {size:>11}   {len(dp.replicas)}/{total} placed"]
-    where: dict[tuple[str, tuple[int, ...], bool], int] = {}
-    for r in dp.replicas:
-        key = (r.node, tuple(r.gpus), r.shared)
+    where: dict[tuple[str, tuple[int, ...], bool, tuple[tuple[str, int], ...]], int] = {}
+    for r in plan["replicas"]:
+        key = (r["node"], tuple(r["gpus"]), r["shared"], tuple(offloaded(r).items()))
         where[key] = where.get(key, 0) + 1
-    for (node, gpus, shared), count in where.items():
+    for (node, gpus, shared, off), count in where.items():
         mode = "shared slice" if shared else "exclusive"
         times = f" x{count}" if count > 1 else ""
-        lines.append(f"    {node} GPU {','.join(map(str, gpus))} ({mode}){times}")
+        spill = "".join(f" + offload to {dev}: {_gib(n)} GiB" for dev, n in off)
+        lines.append(f"    {node} GPU {','.join(map(str, gpus))} ({mode}){spill}{times}")
     if dp.unscheduled:
         lines.append(f"    {dp.unscheduled} pending: {dp.reason}")
         sig = dp.autoscaling or {}
