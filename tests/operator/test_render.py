@@ -183,10 +183,13 @@ def test_pending_replicas_get_a_placeholder_that_yields_and_asks_for_a_big_enoug
     assert pod["priorityClassName"] == "kubevram-placeholder"
     (container,) = pod["containers"]
     assert container["image"] == render.PAUSE_IMAGE
-    assert container["resources"] == {
-        "requests": {"cpu": "4", "memory": "32Gi", "nvidia.com/gpu": "1"},
-        "limits": {"nvidia.com/gpu": "1"},
-    }
+    # What a worker of this deployment requests, so that a node that fits the placeholder fits it.
+    worker = next(d for d in by_kind(objs, "Deployment") if d is not pending)
+    wants = worker["spec"]["template"]["spec"]["containers"][0]["resources"]
+    assert container["resources"]["requests"] == wants["requests"]
+    assert container["resources"]["requests"]["nvidia.com/gpu"] == "1"  # the signal's gpuCount
+    assert {"cpu": "4", "memory": "32Gi", "example.com/foo": "1"}.items() <= wants["requests"].items()
+    assert container["resources"]["limits"] == wants["limits"]
     # Nothing reserved, nothing selected by the Service or counted as the deployment's pods.
     assert render.RESERVATION not in (template["metadata"].get("annotations") or {})
     assert render.LABEL_DEPLOYMENT not in template["metadata"]["labels"]

@@ -229,8 +229,12 @@ def test_workers_may_patch_only_their_own_llmdeployments_status() -> None:
         "name": role["metadata"]["name"],
     }
     (account,) = by_kind(objs, "ServiceAccount")
-    for pod in pods(PLAN, {}):
-        assert pod["serviceAccountName"] == account["metadata"]["name"]
+    for workload in by_kind(children(PLAN), "Deployment"):
+        pod = workload["spec"]["template"]["spec"]
+        if workload["metadata"]["labels"][render.LABEL_SHAPE] == render.PLACEHOLDER:
+            assert "serviceAccountName" not in pod and pod["automountServiceAccountToken"] is False
+        else:
+            assert pod["serviceAccountName"] == account["metadata"]["name"]
 
 
 def test_limits_the_spec_sets_without_requests_are_the_requests() -> None:

@@ -523,15 +523,15 @@ def render_placeholder(
     preempts them (kube-scheduler evicts a placeholder rather than leave a worker pending), and the
     requests of one replica: its GPUs, ``nvidia.com/gpu.memory Gt`` the per-GPU need (and
     ``nvidia.com/gpu.count``, ``nvidia.com/gpu.replicas`` for shared replicas, the spec's node
-    selector), and the CPU, memory and ephemeral storage the worker asks for. A node that can run it
+    selector), and the CPU, memory and ephemeral storage a worker asks for. A node that can run it
     is a node the planner can place the replica on; when it joins, the replica is placed there and
     the placeholder goes.
     """
     name = body["metadata"]["name"]
     labels = {LABEL_MANAGED_BY: MANAGED_BY, LABEL_PLACEHOLDER: name, LABEL_SHAPE: PLACEHOLDER}
-    user = (spec.worker.resources or {}).get("requests") or {}
-    requests = {k: str(v) for k, v in user.items() if k in ("cpu", "memory", "ephemeral-storage")}
-    gpus = str(_gpu_count(None, plan, spec))
+    # The worker's own requests (GPUs, CPU, memory, its scratch volumes' disk), and its memory limit.
+    volumes, _ = _volumes(body, spec, plan, None, plan_key(PENDING))
+    resources = _resources(spec, None, plan, volumes)
     pod_spec: dict[str, Any] = {
         "priorityClassName": priority_class,
         "affinity": _affinity(None, plan),
@@ -544,7 +544,7 @@ def render_placeholder(
             {
                 "name": "pause",
                 "image": image,
-                "resources": {"requests": {**requests, GPU_RESOURCE: gpus}, "limits": {GPU_RESOURCE: gpus}},
+                "resources": resources,
                 "securityContext": container_security_context(),
             }
         ],
