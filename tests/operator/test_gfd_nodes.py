@@ -55,6 +55,7 @@ def test_mig_strategy_single_nodes_take_big_models_whole_and_refuse_slices(
     assert small["status"].get("placements") == []
     for d in cluster.deployments():
         annotations = d["spec"]["template"]["metadata"].get("annotations") or {}
-        if d["metadata"]["labels"].get(render.LABEL_DEPLOYMENT) == "small" and render.RESERVATION in annotations:
+        mine = d["metadata"]["labels"].get(render.LABEL_DEPLOYMENT) == "small"
+        if mine and render.RESERVATION in annotations:
             reservation = json.loads(annotations[render.RESERVATION])  # placeholders reserve nothing
             assert reservation["node"] != A10G, reservation

@@ -239,7 +239,7 @@ def test_a_replica_only_a_known_node_class_can_hold_waits_for_it_and_is_placed_w
         "nodeSelectorTerms"]
     assert {"key": "nvidia.com/gpu.memory", "operator": "Gt",
             "values": [str(signal["minGpuMemoryMiB"] - 1)]} in term["matchExpressions"]
-    assert pod["containers"][0]["resources"]["limits"] == {"nvidia.com/gpu": str(signal["gpuCount"])}
+    assert pod["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == str(signal["gpuCount"])
 
     cluster.add_node(gpu_node("gpu-h100-0", gpus=8, memory_mib=81559, product="NVIDIA-H100-80GB-HBM3"))
     cluster.wait_for("llama on the new node", lambda: placed_on(cluster, "llama") == "gpu-h100-0")
