@@ -1,27 +1,29 @@
 """The HTTP routes: OpenAI's completions, chat completions and models, plus health, readiness and metrics.
 
-Routes are thin: parse the body into a :mod:`~kubevram.worker.protocol` model, let
-:class:`~kubevram.worker.service.WorkerState` build the prompt and sampling parameters, submit to the
-engine, answer (JSON, or SSE ending in ``data: [DONE]``). Every error is in OpenAI's format
-``{"error": {"message", "type", "param", "code"}}``; a client that disconnects cancels its request.
+Routes are thin: read the body (up to the state's limit), let
+:class:`~kubevram.worker.service.WorkerState` parse it into a :mod:`~kubevram.worker.protocol` model and
+build the prompt and sampling parameters on its preparation thread, submit to the engine, answer (JSON,
+or SSE ending in ``data: [DONE]``). Every error, an unexpected one included, is in OpenAI's format
+``{"error": {"message", "type", "param", "code"}}`` and counted in ``/metrics``; a stream that fails
+ends with an error event and ``[DONE]``; a client that disconnects cancels its request.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
-from typing import Any, TypeVar
+from collections.abc import AsyncIterator, Mapping
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from kubevram.api.errors import from_validation_error
 from kubevram.worker.engine import EngineError, Output, RequestHandle
 from kubevram.worker.metrics import CONTENT_TYPE_LATEST, WorkerMetrics
 from kubevram.worker.protocol import (
@@ -29,7 +31,6 @@ from kubevram.worker.protocol import (
     ChatChoice,
     ChatChunkChoice,
     ChatCompletionChunk,
-    ChatCompletionRequest,
     ChatCompletionResponse,
     CompletionChoice,
     CompletionRequest,
@@ -41,15 +42,16 @@ from kubevram.worker.protocol import (
     ModelList,
     Usage,
 )
-from kubevram.worker.service import WorkerState
+from kubevram.worker.service import Prepared, WorkerState
 
-M = TypeVar("M", bound=BaseModel)
+log = logging.getLogger(__name__)
 
 _ERROR_TYPES = {
     400: "invalid_request_error",
     401: "authentication_error",
     404: "not_found_error",
     405: "invalid_request_error",
+    413: "invalid_request_error",
     429: "rate_limit_exceeded",
     503: "service_unavailable",
 }
@@ -63,14 +65,17 @@ def error_response(
     param: str | None = None,
     code: str | None = None,
     retry_after: int | None = None,
+    headers: Mapping[str, str] | None = None,
 ) -> JSONResponse:
     body = ErrorResponse(
         error=ErrorBody(
             message=message, type=type or _ERROR_TYPES.get(status, "server_error"), param=param, code=code
         )
     )
-    headers = {"Retry-After": str(retry_after)} if retry_after is not None else None
-    return JSONResponse(body.model_dump(), status_code=status, headers=headers)
+    headers = dict(headers or {})
+    if retry_after is not None:
+        headers["Retry-After"] = str(retry_after)
+    return JSONResponse(body.model_dump(), status_code=status, headers=headers or None)
 
 
 def _engine_error(exc: EngineError) -> JSONResponse:
@@ -79,18 +84,27 @@ def _engine_error(exc: EngineError) -> JSONResponse:
     )
 
 
-async def _parse(request: Request, model: type[M]) -> M:
-    try:
-        body = json.loads(await request.body())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise EngineError(400, f"the body is not JSON: {exc}") from None
-    if not isinstance(body, dict):
-        raise EngineError(400, f"the body must be a JSON object, got {type(body).__name__}")
-    try:
-        return model.model_validate(body)
-    except ValidationError as exc:
-        error = from_validation_error(exc)
-        raise EngineError(400, str(error), param=error.field or None) from None
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request body, refused with 413 as soon as it passes ``limit`` bytes (nothing more is read)."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise _too_large(limit)
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise _too_large(limit)
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _too_large(limit: int) -> EngineError:
+    return EngineError(
+        413,
+        f"the request body is larger than {limit} bytes, the most this worker takes (--max-body-bytes; "
+        "by default 64 KiB plus 64 bytes per token of serving.maxSequenceLength)",
+        code="request_too_large",
+    )
 
 
 def _usage(output: Output) -> Usage:
@@ -112,27 +126,45 @@ _ENDPOINTS = frozenset(
 
 
 class _CountRequests:
-    """Counts ``/v1/`` requests by endpoint and status. Plain ASGI: Starlette's ``BaseHTTPMiddleware``
-    (``@app.middleware("http")``) would hide the client's disconnect from the routes."""
+    """Counts ``/v1/`` requests by endpoint and status, and answers any unexpected error as an
+    OpenAI-shaped 500 (logged in one line), counted like the rest. Plain ASGI: Starlette's
+    ``BaseHTTPMiddleware`` (``@app.middleware("http")``) would hide the client's disconnect from the
+    routes, and its ``ServerErrorMiddleware`` answers plain text outside this counter."""
 
     def __init__(self, app: ASGIApp, metrics: WorkerMetrics) -> None:
         self.app = app
         self.metrics = metrics
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        path = scope.get("path", "")
-        if scope["type"] != "http" or not path.startswith("/v1/"):
+        if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-
+        path = scope.get("path", "")
+        counted = path.startswith("/v1/")
         endpoint = path if path in _ENDPOINTS else "other"  # no label per unknown path
+        started = False
 
         async def counting_send(message: Message) -> None:
+            nonlocal started
             if message["type"] == "http.response.start":
-                self.metrics.requests.labels(endpoint=endpoint, status=str(message["status"])).inc()
+                started = True
+                if counted:
+                    self.metrics.requests.labels(endpoint=endpoint, status=str(message["status"])).inc()
             await send(message)
 
-        await self.app(scope, receive, counting_send)
+        try:
+            await self.app(scope, receive, counting_send)
+        except Exception as exc:
+            log.error("%s %s failed: %s: %s", scope.get("method"), path, type(exc).__name__, exc)
+            log.debug("the failed request's traceback", exc_info=exc)
+            if started:  # the response is under way: the connection is closed on it
+                raise
+            response = error_response(
+                500,
+                f"internal error ({type(exc).__name__}); the request was not served",
+                code="internal_error",
+            )
+            await response(scope, receive, counting_send)
 
 
 def create_app(state: WorkerState) -> FastAPI:
@@ -147,7 +179,7 @@ def create_app(state: WorkerState) -> FastAPI:
 
     @app.exception_handler(StarletteHTTPException)
     async def _on_http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return error_response(exc.status_code, str(exc.detail))
+        return error_response(exc.status_code, str(exc.detail), headers=exc.headers)  # 405 keeps Allow
 
     app.add_middleware(_CountRequests, metrics=metrics)
 
@@ -159,10 +191,7 @@ def create_app(state: WorkerState) -> FastAPI:
     async def readyz() -> JSONResponse:
         if state.ready:
             return JSONResponse({"status": "ready"})
-        return JSONResponse(
-            {"status": "failed" if state.load_error else "loading", "error": state.load_error},
-            status_code=503,
-        )
+        return JSONResponse({"status": state.status, "error": state.error}, status_code=503)
 
     @app.get("/metrics")
     async def prometheus() -> Response:
@@ -176,30 +205,29 @@ def create_app(state: WorkerState) -> FastAPI:
     @app.post("/v1/completions", response_model=None)
     async def completions(request: Request) -> Response:
         started = time.monotonic()
-        body = await _parse(request, CompletionRequest)
-        state.check_model(body.model)
+        prepared = await state.prepare(state.prepare_completion, await read_body(request, state.body_limit))
+        body = prepared.request
+        assert isinstance(body, CompletionRequest)
         engine = state.require_engine()
-        prompt = state.completion_prompt(engine, body)
-        handle = engine.submit(prompt, state.sampling_params(body, len(prompt)))
+        handle = engine.submit(prepared.prompt, prepared.params)
         name = body.model or state.model_names[0]
+        echo = _echo(body, prepared.prompt, engine.tokenizer)
         if body.stream:
-            include_usage = bool(body.stream_options and body.stream_options.include_usage)
             return _stream(
                 handle,
                 request,
                 started,
                 "/v1/completions",
-                _completion_chunks(handle, name, include_usage, _echo(body, prompt, engine.tokenizer)),
+                _completion_chunks(handle, name, _include_usage(prepared), echo),
             )
         output = await _wait(handle, request)
         if output is None:
             return Response(status_code=499)
         metrics.latency.labels(endpoint="/v1/completions").observe(time.monotonic() - started)
-        text = _echo(body, prompt, engine.tokenizer) + output.text
         return JSONResponse(
             CompletionResponse(
                 model=name,
-                choices=[CompletionChoice(text=text, finish_reason=output.finish_reason)],
+                choices=[CompletionChoice(text=echo + output.text, finish_reason=output.finish_reason)],
                 usage=_usage(output),
             ).model_dump()
         )
@@ -207,16 +235,16 @@ def create_app(state: WorkerState) -> FastAPI:
     @app.post("/v1/chat/completions", response_model=None)
     async def chat_completions(request: Request) -> Response:
         started = time.monotonic()
-        body = await _parse(request, ChatCompletionRequest)
-        state.check_model(body.model)
-        engine = state.require_engine()
-        prompt = state.chat_prompt(engine, body)
-        handle = engine.submit(prompt, state.sampling_params(body, len(prompt)))
-        name = body.model or state.model_names[0]
-        if body.stream:
-            include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        prepared = await state.prepare(state.prepare_chat, await read_body(request, state.body_limit))
+        handle = state.require_engine().submit(prepared.prompt, prepared.params)
+        name = prepared.request.model or state.model_names[0]
+        if prepared.request.stream:
             return _stream(
-                handle, request, started, "/v1/chat/completions", _chat_chunks(handle, name, include_usage)
+                handle,
+                request,
+                started,
+                "/v1/chat/completions",
+                _chat_chunks(handle, name, _include_usage(prepared)),
             )
         output = await _wait(handle, request)
         if output is None:
@@ -277,6 +305,11 @@ async def _wait(handle: RequestHandle, request: Request) -> Output | None:
             handle.cancel()
 
 
+def _include_usage(prepared: Prepared) -> bool:
+    options = prepared.request.stream_options
+    return bool(options and options.include_usage)
+
+
 def _error_chunk(error: EngineError) -> str:
     return _sse(
         ErrorResponse(
@@ -296,6 +329,19 @@ def _echo(body: CompletionRequest, prompt: list[int], tokenizer: Any) -> str:
     return str(tokenizer.decode(prompt, skip_special_tokens=True))
 
 
+async def _outputs(handle: RequestHandle) -> AsyncIterator[Output]:
+    """The handle's outputs; an unexpected error becomes a last output carrying a 500 (so that a
+    stream still ends with an error event and ``[DONE]``)."""
+    try:
+        async for output in handle:
+            yield output
+    except Exception as exc:
+        log.error("stream of request %d failed: %s: %s", handle.id, type(exc).__name__, exc)
+        handle.cancel()
+        error = EngineError(500, f"internal error ({type(exc).__name__})", type="server_error")
+        yield Output("", 0, len(handle.prompt_ids), error=error)
+
+
 async def _completion_chunks(
     handle: RequestHandle, model: str, include_usage: bool, echo: str
 ) -> AsyncIterator[str]:
@@ -313,7 +359,7 @@ async def _completion_chunks(
 
     if echo:
         yield chunk(echo, None)
-    async for output in handle:
+    async for output in _outputs(handle):
         if output.error is not None:
             yield _error_chunk(output.error)
             break
@@ -332,7 +378,7 @@ async def _chat_chunks(handle: RequestHandle, model: str, include_usage: bool) -
         return _sse(ChatCompletionChunk(id=rid, created=created, model=model, choices=choices, usage=usage))
 
     yield chunk(DeltaMessage(role="assistant", content=""), None)
-    async for output in handle:
+    async for output in _outputs(handle):
         if output.error is not None:
             yield _error_chunk(output.error)
             break

@@ -10,9 +10,20 @@ and batch are left-padded to one width, KV cache included, and concatenated (con
 caches that cannot be concatenated, such as sliding-window ones, new requests wait for the batch to
 empty). Text is decoded incrementally and handed back through an ``asyncio.Queue`` per request.
 
-An out-of-memory error in a step fails the requests of that batch (status 503), drops the batch's
-cache and tensors, empties the CUDA cache, and the loop goes on serving. :meth:`run_between_steps`
-runs a function on the engine thread between two steps (the hook the VRAM release uses).
+Failures stay with the request that caused them: a row whose sampling fails (parameters the maths
+cannot take) leaves the batch alone, its cache rows with it, and the other rows go on in the same step;
+a group whose prefill fails is prefilled again one request at a time, so only the request that fails
+alone is failed. An out-of-memory error in a step fails the requests of that step (status 503), drops
+their cache and tensors, collects garbage and empties the CUDA cache (only then: a collection stalls
+every stream); the loop goes on serving. A failed request is logged in one line (the traceback at
+debug level). A request cancelled while it waits leaves the queue at once; every request ends in
+exactly one ``on_finished`` reason: ``stop``, ``length``, ``cancelled`` or ``error``.
+
+If the loop itself dies, :attr:`Engine.failure` says why, every waiting request is answered 503 at once
+and new ones are refused (readiness turns 503). Hook points for the states to come (sleep/wake, a
+distributed mode): :meth:`run_between_steps` runs a function on the engine thread between two steps
+(the VRAM release uses it; so do :meth:`abort_all` and a drain), :class:`EngineHooks` sees every
+prefill, step and finished request, and :meth:`_step` is the one place a step is chosen.
 """
 
 from __future__ import annotations
@@ -24,6 +35,7 @@ import gc
 import inspect
 import itertools
 import logging
+import math
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -121,10 +133,14 @@ class RequestHandle:
         self.cancelled = threading.Event()
         self.submitted = time.monotonic()
         self.finished = False
+        self._withdraw: Callable[[RequestHandle], None] | None = None  # set by Engine.submit
 
     def cancel(self) -> None:
-        """Stop generating for this request (the engine drops it before its next step)."""
+        """Stop generating for this request: a waiting request leaves the queue now, a running one
+        before the engine's next step."""
         self.cancelled.set()
+        if self._withdraw is not None:
+            self._withdraw(self)
 
     def _put(self, output: Output) -> None:
         try:
@@ -210,6 +226,8 @@ class Engine:
         self.device = _input_device(model)
         # Remote-code models may not take ``logits_to_keep``; without it a prefill computes every position.
         self._keep_last = {"logits_to_keep": 1} if _takes(model, "logits_to_keep") else {}
+        # transformers 5.24 renamed ``past_key_values`` to ``cache`` (the old name goes in 5.40).
+        self._cache_arg = "cache" if _takes(model, "cache") else "past_key_values"
         self.token_classes = token_classes.to(self.device) if token_classes is not None else None
         pad = getattr(tokenizer, "pad_token_id", None)
         self.pad_token_id = int(pad if pad is not None else (self.eos_token_ids or [0])[0])
@@ -222,8 +240,10 @@ class Engine:
         self._batch: _Batch | None = None
         self._joinable: bool | None = None  # whether new requests may join a running batch
         self._merged = False
+        self._sampled = False  # whether the step being run has sampled (and so answered) its rows
         self._thread: threading.Thread | None = None
         self._stopping = False
+        self.failure: str | None = None  # why the loop died, if it did
         self._generator = torch.Generator(device=self.device)
         self._generator.seed()
         self.running = 0
@@ -236,9 +256,19 @@ class Engine:
     def queue_depth(self) -> int:
         return len(self._pending)
 
+    @property
+    def alive(self) -> bool:
+        """Whether the loop runs (or has not been started yet) and has not died."""
+        return self.failure is None and not self._stopping
+
+    @property
+    def idle(self) -> bool:
+        """No request running or waiting."""
+        return self._batch is None and not self._pending
+
     def start(self) -> None:
         if self._thread is None:
-            self._thread = threading.Thread(target=self._loop, name="kubevram-engine", daemon=True)
+            self._thread = threading.Thread(target=self._run, name="kubevram-engine", daemon=True)
             self._thread.start()
 
     def stop(self, timeout: float = 10.0) -> None:
@@ -269,7 +299,12 @@ class Engine:
             raise EngineError(400, "the prompt has no tokens", param="prompt")
         self.check_admission(len(prompt_ids), params.max_tokens)
         handle = RequestHandle(prompt_ids, params, loop or asyncio.get_running_loop())
+        handle._withdraw = self._withdraw
         with self._cond:
+            if self.failure is not None:
+                raise self.dead_error()
+            if self._stopping:
+                raise EngineError(503, "the worker is shutting down", type="service_unavailable")
             if len(self._pending) >= self.max_queue:
                 raise EngineError(
                     429,
@@ -290,6 +325,30 @@ class Engine:
             self._cond.notify_all()
         return await asyncio.wrap_future(future)
 
+    async def abort_all(self, error: EngineError) -> int:
+        """Fail every running and waiting request with ``error`` (between two steps); how many."""
+        if self.failure is not None or self._thread is None:
+            return 0
+        return await self.run_between_steps(lambda: self._fail_all(error))
+
+    def dead_error(self) -> EngineError:
+        return EngineError(
+            503,
+            f"the engine has stopped ({self.failure}); the worker must be restarted",
+            type="service_unavailable",
+            code="engine_failed",
+        )
+
+    def _withdraw(self, handle: RequestHandle) -> None:
+        """A cancelled request that still waits leaves the queue now (any thread)."""
+        with self._cond:
+            try:
+                self._pending.remove(handle)
+            except ValueError:
+                return  # already taken by the loop, which counts it
+        handle.finished = True
+        self.hooks.on_finished("cancelled")
+
     # ---- the loop: the engine thread ----------------------------------------------------------
 
     def drop_cancelled(self) -> int:
@@ -302,14 +361,31 @@ class Engine:
         dropped = len(batch.rows) - len(keep)
         if not dropped:
             return 0
-        for _ in range(dropped):
-            self.hooks.on_finished("cancelled")
+        for row in batch.rows:
+            if row.handle.cancelled.is_set():
+                row.handle.finished = True
+                self.hooks.on_finished("cancelled")
         if keep:
             _select(batch, keep)
         else:
             self._batch = None
         self.running = len(keep)
         return dropped
+
+    def _run(self) -> None:
+        """The thread's body: the loop; if it dies, fail everything and refuse what comes."""
+        try:
+            self._loop()
+        except BaseException as exc:
+            self.failure = f"{type(exc).__name__}: {exc}"
+            log.critical("the engine loop died: %s", self.failure, exc_info=True)
+            with self._cond:
+                callbacks = list(self._callbacks)
+                self._callbacks.clear()
+                self._fail_all(self.dead_error())
+            for _, future in callbacks:
+                if future.set_running_or_notify_cancel():
+                    future.set_exception(self.dead_error())
 
     def _loop(self) -> None:
         log.info("engine loop started (max batch %d, queue %d)", self.max_batch_size, self.max_queue)
@@ -332,26 +408,39 @@ class Engine:
                         future.set_result(fn())
                     except BaseException as exc:
                         future.set_exception(exc)
-            new = [h for h in new if not h.cancelled.is_set()]
-            if new:
-                self._guarded(self._prefill, new)
-            elif self._batch is not None:
-                self._guarded(self._decode, None)
-        self._fail_all(EngineError(503, "the worker is shutting down", type="service_unavailable"))
+            self._step(new)
+        with self._cond:
+            self._fail_all(EngineError(503, "the worker is shutting down", type="service_unavailable"))
+
+    def _step(self, new: list[RequestHandle]) -> None:
+        """One step: prefill the requests just taken from the queue, else decode the running batch."""
+        for handle in new:
+            if handle.cancelled.is_set():
+                handle.finished = True
+                self.hooks.on_finished("cancelled")
+        new = [h for h in new if not h.cancelled.is_set()]
+        if new:
+            self._guarded(self._prefill, new)
+        elif self._batch is not None:
+            self._guarded(self._decode, None)
 
     def _guarded(self, step: Callable[[Any], None], arg: Any) -> None:
-        """Run one step; on failure fail its batch. The batch is dropped after the ``except`` block
-        so that the traceback's frames (holding the step's tensors) are gone when memory is freed."""
+        """Run one step; on failure fail only what it must (module docstring). The batch is dropped
+        after the ``except`` block so that the traceback's frames (holding the step's tensors) are gone
+        when memory is freed."""
         running = list(self._batch.rows) if self._batch else []
         # A prefill that fails before its rows join the batch fails only them; anything else fails all.
         self._merged = False
+        self._sampled = False
         rows = arg if arg is not None else running
         error: EngineError | None = None
+        oom = False
         try:
             with torch.inference_mode():
                 step(arg)
         except torch.OutOfMemoryError as exc:
             self.oom_count += 1
+            oom = True
             log.error(
                 "out of memory in a step of %d requests; failing them and freeing the batch: %s",
                 len(rows),
@@ -364,34 +453,48 @@ class Engine:
                 code="out_of_memory",
             )
         except Exception as exc:
-            log.exception("generation step failed")
-            error = EngineError(500, f"generation failed: {exc}", type="server_error")
-        if error is not None:
-            if arg is not None and not self._merged and running:
-                self._fail(rows, error)
-            else:
-                self._drop_batch(rows if arg is None else running + rows, error)
+            error = _step_error(exc, len(rows))
+        if error is None:
+            return
+        if arg is not None and not self._merged:
+            if not oom and not self._sampled and len(arg) > 1:
+                # Which request failed the group? Each prefills alone: only the culprit fails again.
+                for handle in arg:
+                    self._guarded(self._prefill, [handle])
+                return
+            self._fail(rows, error, free=oom)
+        else:
+            self._drop_batch(rows if arg is None else running + rows, error, free=oom)
 
-    def _drop_batch(self, rows: Sequence[Any], error: EngineError) -> None:
-        """Free the batch (cache, tensors, cached CUDA blocks) first, then fail its requests."""
+    def _drop_batch(self, rows: Sequence[Any], error: EngineError, free: bool = False) -> None:
+        """Drop the batch (cache, tensors) first, then fail its requests."""
         self._batch = None
         self.running = 0
-        self._fail(rows, error)
+        self._fail(rows, error, free)
 
-    def _fail(self, rows: Sequence[Any], error: EngineError) -> None:
-        gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
+    def _fail(self, rows: Sequence[Any], error: EngineError, free: bool = False) -> None:
+        """Fail ``rows``; with ``free`` (after an out-of-memory error) also collect garbage and return
+        the cached CUDA blocks, which only then is worth the stall."""
+        if free:
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
         for row in rows:
             handle = row.handle if isinstance(row, _Row) else row
+            if handle.finished:
+                continue
+            handle.finished = True
             self.hooks.on_finished("error")
             handle._put(Output("", 0, len(handle.prompt_ids), error=error))
 
-    def _fail_all(self, error: EngineError) -> None:
+    def _fail_all(self, error: EngineError) -> int:
+        """Fail the running batch and every waiting request (engine thread, or with the lock held
+        once the loop has ended)."""
         rows: list[Any] = list(self._batch.rows) if self._batch else []
         rows += list(self._pending)
         self._pending.clear()
         self._drop_batch(rows, error)
+        return len(rows)
 
     def _prefill(self, handles: list[RequestHandle]) -> None:
         """Prefill new requests as one left-padded group, sample their first tokens, then let the
@@ -413,15 +516,13 @@ class Engine:
             input_ids=ids,
             attention_mask=mask,
             position_ids=position_ids,
-            past_key_values=cache,
             use_cache=True,
+            **{self._cache_arg: cache},
             **self._keep_last,
         )
         logits = out.logits[:, -1, :]
-        group = self._advance(
-            _Batch(rows, ids, mask, position_ids[:, -1], width, out.past_key_values), logits
-        )
         del out
+        group = self._advance(_Batch(rows, ids, mask, position_ids[:, -1], width, cache), logits)
         if self._joinable is None and group is not None:
             self._joinable = _plain_dynamic_cache(group.cache)
             if not self._joinable:
@@ -439,8 +540,8 @@ class Engine:
             input_ids=batch.input_ids[:, -1:],
             attention_mask=batch.attention_mask,
             position_ids=positions[:, None],
-            past_key_values=batch.cache,
             use_cache=True,
+            **{self._cache_arg: batch.cache},
         )
         batch.positions = positions
         self._batch = self._advance(batch, out.logits[:, -1, :])
@@ -450,8 +551,9 @@ class Engine:
         """Sample one token per row, append it, decode text; return the batch without its finished
         and cancelled rows (``None`` when none is left)."""
         self.steps += 1
+        self._sampled = True
         # Sampling happens where the inputs live (the output head may sit on another device).
-        tokens = self._sample(batch, logits.to(self.device).float())
+        tokens, failed = self._sample_isolated(batch, logits.to(self.device).float())
         batch.input_ids = torch.cat([batch.input_ids, tokens[:, None]], dim=-1)
         ones = batch.attention_mask.new_ones((len(tokens), 1))
         batch.attention_mask = torch.cat([batch.attention_mask, ones], dim=-1)
@@ -460,7 +562,11 @@ class Engine:
         keep = []
         for i, (row, token, eos) in enumerate(zip(batch.rows, tokens.tolist(), is_eos, strict=True)):
             if row.handle.cancelled.is_set():
+                row.handle.finished = True
                 self.hooks.on_finished("cancelled")
+                continue
+            if i in failed:
+                self._fail([row], failed[i])
                 continue
             if self._append(row, token, eos):
                 keep.append(i)
@@ -523,17 +629,50 @@ class Engine:
             return str(text[len(prefix) :])
         return ""
 
-    def _sample(self, batch: _Batch, scores: torch.Tensor) -> torch.Tensor:
+    def _sample_isolated(
+        self, batch: _Batch, scores: torch.Tensor
+    ) -> tuple[torch.Tensor, dict[int, EngineError]]:
+        """:meth:`_sample` for the batch; if it fails, row by row, so that only the rows whose sampling
+        fails are failed (by index, with their error); the others get their tokens in this step."""
+        view = (batch.rows, batch.input_ids, batch.attention_mask, batch.prompt_length)
+        try:
+            return self._sample(*view, scores), {}
+        except torch.OutOfMemoryError:
+            raise
+        except Exception:
+            if len(batch.rows) == 1:
+                raise
+        tokens = torch.zeros(len(batch.rows), dtype=torch.long, device=scores.device)
+        failed: dict[int, EngineError] = {}
+        for i, row in enumerate(batch.rows):
+            one = slice(i, i + 1)
+            try:
+                tokens[i] = self._sample(
+                    [row], batch.input_ids[one], batch.attention_mask[one], batch.prompt_length, scores[one]
+                )[0]
+            except torch.OutOfMemoryError:
+                raise
+            except Exception as exc:
+                failed[i] = _step_error(exc, 1)
+        return tokens, failed
+
+    def _sample(
+        self,
+        rows: Sequence[_Row],
+        ids: torch.Tensor,
+        mask: torch.Tensor,
+        prompt_length: int,
+        scores: torch.Tensor,
+    ) -> torch.Tensor:
         """Logits ``(batch, vocab)`` -> next tokens ``(batch,)``, each row with its own parameters."""
-        params = [row.handle.params for row in batch.rows]
-        ids = batch.input_ids
+        params = [row.handle.params for row in rows]
 
         def column(values: list[float]) -> torch.Tensor:
             return torch.tensor(values, dtype=torch.float32, device=scores.device)[:, None]
 
         if any(p.repetition_penalty != 1.0 for p in params):
             penalty = RepetitionPenaltyLogitsProcessor(
-                column([p.repetition_penalty for p in params]), batch.attention_mask.bool()
+                column([p.repetition_penalty for p in params]), mask.bool()
             )
             scores = penalty(ids, scores)
         classes = self.token_classes
@@ -542,10 +681,10 @@ class Engine:
             scores = boost(ids, scores)
         if (
             classes is not None
-            and ids.shape[-1] == batch.prompt_length
+            and ids.shape[-1] == prompt_length
             and any(p.suppress_leading_punctuation for p in params)
         ):
-            lengths = [batch.prompt_length if p.suppress_leading_punctuation else -1 for p in params]
+            lengths = [prompt_length if p.suppress_leading_punctuation else -1 for p in params]
             suppress = SuppressLeadingPunctuationLogitsProcessor(classes.punctuation, lengths)
             scores = suppress(ids, scores)
         greedy = scores.argmax(dim=-1)
@@ -558,17 +697,27 @@ class Engine:
         sub = TemperatureLogitsWarper(column([params[i].temperature for i in sampled_rows]))(sub_ids, sub)
         if any(params[i].top_p < 1.0 for i in sampled_rows):
             sub = TopPLogitsWarper(column([params[i].top_p for i in sampled_rows]))(sub_ids, sub)
+        # Extreme but valid parameters (a tiny penalty, a large boost) can push a logit to +inf, which
+        # softmax turns into NaN: the largest finite value keeps its meaning ("far the most likely").
+        sub = torch.nan_to_num(sub, nan=-math.inf, posinf=torch.finfo(sub.dtype).max)
         probs = sub.softmax(dim=-1)
         picks = torch.empty(len(sampled_rows), dtype=torch.long, device=scores.device)
-        unseeded = [j for j, i in enumerate(sampled_rows) if batch.rows[i].generator is None]
+        unseeded = [j for j, i in enumerate(sampled_rows) if rows[i].generator is None]
         if unseeded:
             where = torch.tensor(unseeded, device=scores.device)
             picks[where] = torch.multinomial(probs[where], 1, generator=self._generator).flatten()
         for j, i in enumerate(sampled_rows):  # seeded rows: each draws from its own generator
-            generator = batch.rows[i].generator
+            generator = rows[i].generator
             if generator is not None:
                 picks[j] = torch.multinomial(probs[j], 1, generator=generator)[0]
         return greedy.index_copy(0, index, picks)
+
+
+def _step_error(exc: Exception, requests: int) -> EngineError:
+    """A failed step as the requests' 500; logged in one line (the traceback at debug level)."""
+    log.error("generation failed for %d request(s): %s: %s", requests, type(exc).__name__, exc)
+    log.debug("the failed step's traceback", exc_info=exc)
+    return EngineError(500, f"generation failed: {type(exc).__name__}: {exc}", type="server_error")
 
 
 def _row_generator(seed: int | None, device: torch.device) -> torch.Generator | None:

@@ -1,9 +1,16 @@
 """OpenAI request and response models for ``/v1/completions`` and ``/v1/chat/completions``.
 
-Requests are strict (``extra="forbid"``): every field OpenAI documents is accepted, fields the worker
-cannot honour are rejected with a 400 naming them when they carry a non-default value, and unknown
-fields are errors. Extras beyond OpenAI: ``chinese`` (``true``, ``false`` or ``{"alpha": 5.0}``) and
-``repetition_penalty``, ``ignore_eos`` (as vLLM).
+Requests are strict (``extra="forbid"``, no type coercion: ``"5"`` is not 5, ``false`` is not a token id,
+``"yes"`` is not ``true``; no ``NaN`` or ``Infinity``): every field OpenAI documents is accepted, fields
+the worker cannot honour are rejected with a 400 naming them when they carry a non-default value, and
+unknown fields are errors. Extras beyond OpenAI: ``chinese`` (``true``, ``false`` or ``{"alpha": 5.0}``)
+and ``repetition_penalty``, ``ignore_eos`` (as vLLM).
+
+Numbers are checked as the engine uses them: the sampler computes in float32, so ``top_p``,
+``repetition_penalty`` and ``chinese.alpha`` must be float32 numbers (0 < |x| of at least 1.2e-38 and
+at most 3.4e38: 1e-300 would become 0, 1e39 infinity); a ``temperature`` below
+:data:`GREEDY_BELOW` means greedy decoding (as vLLM); ``seed`` is in the range
+``torch.Generator.manual_seed`` takes, -2**63 to 2**64 - 1.
 """
 
 from __future__ import annotations
@@ -14,17 +21,35 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer
 
+#: Temperatures below this (but above 0) decode greedily: dividing logits by less overflows float32.
+GREEDY_BELOW = 1e-5
+FLOAT32_TINY = 1.1754943508222875e-38  # the smallest normal float32
+FLOAT32_MAX = 3.4028234663852886e38
+SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1
+
+
+def float32(value: float | None) -> float | None:
+    """``value`` if the float32 sampler can compute with it unchanged in magnitude, else a ValueError."""
+    if value is not None and value != 0 and not FLOAT32_TINY <= abs(value) <= FLOAT32_MAX:
+        raise ValueError(
+            f"{value!r} is outside float32's range ({FLOAT32_TINY:.2g} to {FLOAT32_MAX:.2g}), "
+            "the dtype sampling computes in"
+        )
+    return value
+
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
 
 class ChineseOverride(_Strict):
     """Per-request Chinese steering; unset fields come from the deployment's ``generation.chinese``."""
 
     enabled: bool = True
-    alpha: float | None = Field(default=None, gt=0)
+    alpha: float | None = Field(default=None, gt=0, description="Probability factor of CJK tokens (float32).")
     suppressLeadingPunctuation: bool | None = None
+
+    _alpha = field_validator("alpha")(float32)
 
 
 class StreamOptions(_Strict):
@@ -34,23 +59,27 @@ class StreamOptions(_Strict):
 class _SamplingRequest(_Strict):
     model: str | None = None
     max_tokens: int | None = Field(default=None, ge=1)
-    temperature: float | None = Field(default=None, ge=0, le=2)
-    top_p: float | None = Field(default=None, gt=0, le=1)
+    temperature: float | None = Field(
+        default=None, ge=0, le=2, description=f"0 (or below {GREEDY_BELOW}) decodes greedily."
+    )
+    top_p: float | None = Field(default=None, gt=0, le=1, description="In (0, 1], a float32 number.")
     n: int = Field(default=1, ge=1, le=1, description="Only one choice per request is served.")
     stream: bool = False
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=SEED_MIN, le=SEED_MAX)
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     logit_bias: dict[str, float] | None = None
     user: str | None = None
     # Extras.
-    repetition_penalty: float | None = Field(default=None, gt=0)
+    repetition_penalty: float | None = Field(default=None, gt=0, description="> 0, a float32 number.")
     ignore_eos: bool = False
     chinese: ChineseOverride | None = Field(
         default=None, description="true, false or {alpha, suppressLeadingPunctuation}: Chinese steering."
     )
+
+    _float32 = field_validator("top_p", "repetition_penalty")(float32)
 
     @field_validator("chinese", mode="before")
     @classmethod
@@ -110,7 +139,7 @@ class CompletionRequest(_SamplingRequest):
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", strict=True, allow_inf_nan=False)
 
     role: Literal["system", "user", "assistant", "tool", "developer"]
     content: str | list[dict[str, Any]] | None = None

@@ -3,17 +3,54 @@
 :class:`WorkerState` holds what the routes need: the engine once the model is loaded (``None`` while
 loading), the names the model answers to, the serving limits and the generation defaults of the
 deployment (``spec.generation``), which requests override field by field.
+
+Everything a request costs before the engine takes it is bounded and kept off the event loop (as
+text-generation-inference's router validates in a pool of workers): the body is read up to
+:attr:`WorkerState.body_limit` bytes (413 past it, before anything is parsed); parsing, validation,
+the chat template and tokenisation run on one worker thread (:meth:`WorkerState.prepare`); and a text
+prompt longer in characters than ``maxSequenceLength`` times the longest token of the vocabulary
+cannot fit, so it is refused before the tokenizer sees it.
 """
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
+from jinja2 import TemplateError
+from pydantic import BaseModel, ValidationError
+
+from kubevram.api.errors import from_validation_error
 from kubevram.api.v1alpha1 import GenerationSpec, ServingSpec
 from kubevram.worker.engine import Engine, EngineError, SamplingParams
 from kubevram.worker.memory import MemoryMonitor
 from kubevram.worker.metrics import WorkerMetrics
-from kubevram.worker.protocol import ChatCompletionRequest, CompletionRequest
+from kubevram.worker.protocol import GREEDY_BELOW, ChatCompletionRequest, CompletionRequest
+
+M = TypeVar("M", bound=BaseModel)
+T = TypeVar("T")
+
+#: The default request-body limit: this much for the JSON around the prompt, plus
+#: :data:`BODY_BYTES_PER_TOKEN` per token of ``maxSequenceLength`` (a token is about 4 bytes of
+#: text; JSON escapes a CJK character in 6; a token id takes at most 8 with its comma).
+BODY_BASE_BYTES = 64 * 2**10
+BODY_BYTES_PER_TOKEN = 64
+
+
+def default_body_limit(max_sequence_length: int) -> int:
+    return BODY_BASE_BYTES + BODY_BYTES_PER_TOKEN * max_sequence_length
+
+
+@dataclass
+class Prepared:
+    """A request ready for the engine: the validated body, its prompt's token ids, its parameters."""
+
+    request: CompletionRequest | ChatCompletionRequest
+    prompt: list[int]
+    params: SamplingParams
 
 
 @dataclass
@@ -26,19 +63,88 @@ class WorkerState:
     load_error: str | None = None
     # Allocator statistics, release and samples (kubevram.worker.memory); the engine's hooks when set.
     memory: MemoryMonitor | None = None
+    # Request bodies larger than this are refused (413); None: default_body_limit(maxSequenceLength).
+    max_body_bytes: int | None = None
+    # Set on SIGTERM: readiness fails and new requests are refused while the running ones finish.
+    draining: bool = False
+    _pool: concurrent.futures.ThreadPoolExecutor | None = field(default=None, init=False, repr=False)
+    _token_chars: int | None = field(default=None, init=False, repr=False)
 
     @property
     def ready(self) -> bool:
-        return self.engine is not None
+        return self.engine is not None and self.engine.alive and not self.draining
+
+    @property
+    def status(self) -> str:
+        """What ``/readyz`` says: ready, loading, failed (the load or the engine), draining."""
+        if self.load_error or (self.engine is not None and self.engine.failure):
+            return "failed"
+        if self.draining:
+            return "draining"
+        return "ready" if self.ready else "loading"
+
+    @property
+    def error(self) -> str | None:
+        return self.load_error or (self.engine.failure if self.engine is not None else None)
+
+    @property
+    def body_limit(self) -> int:
+        if self.max_body_bytes is not None:
+            return self.max_body_bytes
+        return default_body_limit(self.serving.maxSequenceLength)
 
     def require_engine(self) -> Engine:
+        if self.draining:
+            raise EngineError(
+                503,
+                "the worker is shutting down; retry on another replica",
+                type="service_unavailable",
+                code="shutting_down",
+                retry_after=1,
+            )
         if self.engine is None:
             if self.load_error:
                 raise EngineError(
                     503, f"the model failed to load: {self.load_error}", type="service_unavailable"
                 )
             raise EngineError.loading()
+        if self.engine.failure is not None:
+            raise self.engine.dead_error()
         return self.engine
+
+    # ---- off the event loop -------------------------------------------------------------------
+
+    async def prepare(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run ``fn(*args)`` on the preparation thread (parsing, templates, tokenisation)."""
+        if self._pool is None:
+            self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="kubevram-prepare")
+        return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+
+    def parse(self, body: bytes, model: type[M]) -> M:
+        """The body as ``model`` (strict JSON: no lone surrogates, at most 200 levels deep); 400 if not."""
+        try:
+            return model.model_validate_json(body)
+        except ValidationError as exc:
+            error = from_validation_error(exc)
+            raise EngineError(400, _body_message(str(error), exc), param=error.field or None) from None
+
+    def prepare_completion(self, body: bytes) -> Prepared:
+        request = self.parse(body, CompletionRequest)
+        self.check_model(request.model)
+        engine = self.require_engine()
+        prompt = self.completion_prompt(engine, request)
+        return Prepared(request, prompt, self.sampling_params(request, len(prompt)))
+
+    def prepare_chat(self, body: bytes) -> Prepared:
+        request = self.parse(body, ChatCompletionRequest)
+        self.check_model(request.model)
+        engine = self.require_engine()
+        prompt = self.chat_prompt(engine, request)
+        return Prepared(request, prompt, self.sampling_params(request, len(prompt)))
 
     def check_model(self, name: str | None) -> None:
         if name is not None and name not in self.model_names:
@@ -52,9 +158,31 @@ class WorkerState:
 
     # ---- prompts --------------------------------------------------------------------------------
 
+    def token_chars(self, engine: Engine) -> int:
+        """Characters of the vocabulary's longest token (its longest piece as the tokenizer stores it,
+        which decodes to at most as many characters); computed once."""
+        if self._token_chars is None:
+            self._token_chars = max((len(piece) for piece in engine.tokenizer.get_vocab()), default=1)
+        return self._token_chars
+
+    def check_text_length(self, engine: Engine, text: str, param: str) -> None:
+        """Refuse, before tokenising it, a text too long in characters to fit in any tokenisation."""
+        limit = self.serving.maxSequenceLength * self.token_chars(engine)
+        if len(text) > limit:
+            raise EngineError(
+                400,
+                f"{param}: {len(text)} characters cannot fit in {self.serving.maxSequenceLength} tokens "
+                f"(serving.maxSequenceLength; the longest token of this model has "
+                f"{self.token_chars(engine)} characters)",
+                param=param,
+                code="context_length_exceeded",
+            )
+
     def completion_prompt(self, engine: Engine, request: CompletionRequest) -> list[int]:
         prompt = request.prompt
         if isinstance(prompt, list) and prompt and isinstance(prompt[0], int):
+            if len(prompt) > self.serving.maxSequenceLength:
+                engine.check_admission(len(prompt), 0)
             vocab = engine.model.get_output_embeddings().weight.shape[0]
             bad = [t for t in prompt if not isinstance(t, int) or not 0 <= t < vocab]
             if bad:
@@ -63,6 +191,7 @@ class WorkerState:
                 )
             return [int(t) for t in prompt]
         text = prompt if isinstance(prompt, str) else str(prompt[0])
+        self.check_text_length(engine, text, "prompt")
         return list(engine.tokenizer(text)["input_ids"])
 
     def chat_prompt(self, engine: Engine, request: ChatCompletionRequest) -> list[int]:
@@ -73,7 +202,14 @@ class WorkerState:
             messages = [{"role": m.role, "content": m.text()} for m in request.messages]
         except ValueError as exc:
             raise EngineError(400, f"messages: {exc}", param="messages") from None
-        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        self.check_text_length(engine, "".join(m["content"] for m in messages), "messages")
+        try:
+            text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        except TemplateError as exc:  # the template's raise_exception(): e.g. roles out of order
+            raise EngineError(
+                400, f"messages: the chat template refused them: {exc}", param="messages"
+            ) from None
+        self.check_text_length(engine, text, "messages")
         return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
     # ---- sampling -------------------------------------------------------------------------------
@@ -96,9 +232,10 @@ class WorkerState:
             alpha = override.alpha if override.alpha is not None else alpha
             if override.suppressLeadingPunctuation is not None:
                 suppress = override.suppressLeadingPunctuation
+        temperature = defaults.temperature if request.temperature is None else request.temperature
         return SamplingParams(
             max_tokens=max_tokens,
-            temperature=defaults.temperature if request.temperature is None else request.temperature,
+            temperature=0.0 if temperature < GREEDY_BELOW else temperature,
             top_p=defaults.topP if request.top_p is None else request.top_p,
             repetition_penalty=(
                 defaults.repetitionPenalty
@@ -111,3 +248,13 @@ class WorkerState:
             chinese_alpha=alpha if enabled else 1.0,
             suppress_leading_punctuation=enabled and suppress,
         )
+
+
+def _body_message(message: str, exc: ValidationError) -> str:
+    """The parse error without pydantic's empty location (``: 'Invalid JSON: ...'`` reads badly)."""
+    first = exc.errors(include_url=False)[0]
+    if first["type"] == "json_invalid":
+        return f"the body is not JSON: {first['msg'].removeprefix('Invalid JSON: ')}"
+    if first["type"] == "model_type":
+        return f"the body must be a JSON object, got {type(first.get('input')).__name__}"
+    return message
