@@ -163,36 +163,48 @@ def serve():
         served.thread.join(10)
 
 
-@pytest.fixture
-def make_worker(loaded, serve):
-    """``make_worker(max_batch_size=4, max_queue=64, chinese=None)``: a fresh engine over the shared model,
-    its own metrics registry, served over HTTP."""
+def worker_over(loaded, serve, max_batch_size=4, max_queue=64, max_sequence_length=512, generation=None):
+    """A fresh engine over the shared model, its own metrics registry, served over HTTP."""
     from kubevram.api.v1alpha1 import GenerationSpec, ServingSpec
     from kubevram.worker.engine import Engine
     from kubevram.worker.metrics import WorkerMetrics
     from kubevram.worker.service import WorkerState
 
-    def make(max_batch_size: int = 4, max_queue: int = 64, max_sequence_length: int = 512, generation=None):
-        metrics = WorkerMetrics()
-        engine = Engine(
-            loaded.model,
-            loaded.tokenizer,
-            max_batch_size=max_batch_size,
-            max_queue=max_queue,
-            max_sequence_length=max_sequence_length,
-            token_classes=loaded.token_classes,
-            eos_token_ids=loaded.eos_token_ids,
-            hooks=metrics,
-        )
-        engine.start()
-        metrics.bind(engine)
-        state = WorkerState(
-            model_names=["tiny"],
-            serving=ServingSpec(maxBatchSize=max_batch_size, maxSequenceLength=max_sequence_length),
-            generation=generation or GenerationSpec(),
-            metrics=metrics,
-            engine=engine,
-        )
-        return serve(state)
+    metrics = WorkerMetrics()
+    engine = Engine(
+        loaded.model,
+        loaded.tokenizer,
+        max_batch_size=max_batch_size,
+        max_queue=max_queue,
+        max_sequence_length=max_sequence_length,
+        token_classes=loaded.token_classes,
+        eos_token_ids=loaded.eos_token_ids,
+        hooks=metrics,
+    )
+    engine.start()
+    metrics.bind(engine)
+    state = WorkerState(
+        model_names=["tiny"],
+        serving=ServingSpec(maxBatchSize=max_batch_size, maxSequenceLength=max_sequence_length),
+        generation=generation or GenerationSpec(),
+        metrics=metrics,
+        engine=engine,
+    )
+    return serve(state)
+
+
+@pytest.fixture
+def make_worker(loaded, serve):
+    """``make_worker(max_batch_size=4, max_queue=64, max_sequence_length=512, generation=None)``: a fresh
+    worker (:func:`worker_over`)."""
+
+    def make(**kwargs):
+        return worker_over(loaded, serve, **kwargs)
 
     return make
+
+
+@pytest.fixture(scope="module")
+def worker(loaded, serve):
+    """One worker shared by a module's tests: max batch 4, queue 64, sequence limit 512."""
+    return worker_over(loaded, serve)

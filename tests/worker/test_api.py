@@ -5,11 +5,11 @@ from __future__ import annotations
 import asyncio
 import json
 import threading
-import time
 
 import httpx
 import pytest
 import torch
+from http_helpers import sse_events, wait_for
 
 from kubevram.api.v1alpha1 import ChineseSpec, GenerationSpec
 from kubevram.worker.logits import classify_text, is_punctuation
@@ -24,47 +24,6 @@ PROMPTS = ["hello world", "the quick brown fox", "asks a question about memory",
 def cjk_share(text: str) -> float:
     chars = [c for c in text if not c.isspace()]
     return sum(1 for c in chars if any(classify_text(c))) / len(chars)
-
-
-def wait_for(condition, what: str, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"gave up waiting for {what}")
-        time.sleep(0.01)
-
-
-def sse_events(response: httpx.Response) -> list[str]:
-    return [line[len("data: ") :] for line in response.iter_lines() if line.startswith("data: ")]
-
-
-@pytest.fixture(scope="module")
-def worker(loaded, serve):
-    """One shared worker: max batch 4, queue 64, sequence limit 512."""
-    from kubevram.api.v1alpha1 import ServingSpec
-    from kubevram.worker.engine import Engine
-    from kubevram.worker.metrics import WorkerMetrics
-
-    metrics = WorkerMetrics()
-    engine = Engine(
-        loaded.model,
-        loaded.tokenizer,
-        max_batch_size=4,
-        max_queue=64,
-        max_sequence_length=512,
-        token_classes=loaded.token_classes,
-        eos_token_ids=loaded.eos_token_ids,
-        hooks=metrics,
-    )
-    engine.start()
-    metrics.bind(engine)
-    state = WorkerState(
-        model_names=["tiny"],
-        serving=ServingSpec(maxBatchSize=4, maxSequenceLength=512),
-        metrics=metrics,
-        engine=engine,
-    )
-    return serve(state)
 
 
 def complete(worker, **body):

@@ -241,6 +241,7 @@ class Engine:
         self._joinable: bool | None = None  # whether new requests may join a running batch
         self._merged = False
         self._sampled = False  # whether the step being run has sampled (and so answered) its rows
+        self._prefilling: list[RequestHandle] = []  # the requests the step being run prefills
         self._thread: threading.Thread | None = None
         self._stopping = False
         self.failure: str | None = None  # why the loop died, if it did
@@ -419,10 +420,12 @@ class Engine:
                 handle.finished = True
                 self.hooks.on_finished("cancelled")
         new = [h for h in new if not h.cancelled.is_set()]
+        self._prefilling = new
         if new:
             self._guarded(self._prefill, new)
         elif self._batch is not None:
             self._guarded(self._decode, None)
+        self._prefilling = []
 
     def _guarded(self, step: Callable[[Any], None], arg: Any) -> None:
         """Run one step; on failure fail only what it must (module docstring). The batch is dropped
@@ -491,7 +494,7 @@ class Engine:
         """Fail the running batch and every waiting request (engine thread, or with the lock held
         once the loop has ended)."""
         rows: list[Any] = list(self._batch.rows) if self._batch else []
-        rows += list(self._pending)
+        rows += self._prefilling + list(self._pending)
         self._pending.clear()
         self._drop_batch(rows, error)
         return len(rows)

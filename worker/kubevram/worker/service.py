@@ -129,7 +129,7 @@ class WorkerState:
         try:
             return model.model_validate_json(body)
         except ValidationError as exc:
-            error = from_validation_error(exc)
+            error = from_validation_error(_without_union_tags(exc))
             raise EngineError(400, _body_message(str(error), exc), param=error.field or None) from None
 
     def prepare_completion(self, body: bytes) -> Prepared:
@@ -248,6 +248,27 @@ class WorkerState:
             chinese_alpha=alpha if enabled else 1.0,
             suppress_leading_punctuation=enabled and suppress,
         )
+
+
+def _is_union_tag(part: str | int) -> bool:
+    """Whether a part of an error's location names a union member (``str``, ``list[int]``), not a field."""
+    return isinstance(part, str) and (
+        part in ("str", "int", "float", "bool", "none") or "[" in part or part.startswith("function-")
+    )
+
+
+def _without_union_tags(exc: ValidationError) -> ValidationError:
+    """``exc`` with the union members left out of its locations (``prompt``, not ``prompt.list[int][0]``)."""
+    details: list[Any] = [
+        {
+            "type": error["type"],
+            "loc": tuple(part for part in error["loc"] if not _is_union_tag(part)),
+            "input": error["input"],
+            **({"ctx": error["ctx"]} if "ctx" in error else {}),
+        }
+        for error in exc.errors(include_url=False)
+    ]
+    return ValidationError.from_exception_data(exc.title, details)
 
 
 def _body_message(message: str, exc: ValidationError) -> str:
