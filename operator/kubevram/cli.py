@@ -160,6 +160,17 @@ def build_parser() -> argparse.ArgumentParser:
     wk.add_argument("--max-batch-size", type=int, help="override serving.maxBatchSize")
     wk.add_argument("--max-sequence-length", type=int, help="override serving.maxSequenceLength")
     wk.add_argument("--max-queue", type=int, default=256, help="waiting requests before 429 (default 256)")
+    wk.add_argument(
+        "--max-body-bytes",
+        type=int,
+        help="largest request body (default: 64 KiB + 64 bytes per token of maxSequenceLength)",
+    )
+    wk.add_argument(
+        "--drain-seconds",
+        type=float,
+        help="on SIGTERM, how long requests in flight may finish (default 20: the pod's grace period, 30, "
+        "less its preStop pause and a margin)",
+    )
     wk.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     wk.set_defaults(func=_cmd_worker)
     return parser

@@ -15,6 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 import torch
+from http_helpers import wait_for
 
 from kubevram.api.errors import SpecError
 from kubevram.api.v1alpha1 import ChineseSpec, GenerationDefaults, GenerationSpec, ServingSpec
@@ -233,70 +234,179 @@ def test_bad_plan_exits_2_naming_the_field(tmp_path):
     assert "precision.weights: 'fp7' is not one of" in done.stderr
 
 
-@pytest.mark.slow
-def test_kubevram_worker_command_serves_after_loading(tiny_model_dir, tmp_path):
+@pytest.mark.parametrize(
+    ("flags", "line"),
+    [
+        (["--max-sequence-length", "-5"], "kubevram worker: --max-sequence-length: -5 must be >= 1"),
+        (["--max-batch-size", "0"], "kubevram worker: --max-batch-size: 0 must be >= 1"),
+        (["--max-queue", "0"], "kubevram worker: --max-queue: 0 must be >= 1"),
+        (["--drain-seconds", "-1"], "kubevram worker: --drain-seconds: -1.0 must be >= 0"),
+        ([], "kubevram worker: --model: '/no/such/model': no such directory"),
+    ],
+)
+def test_bad_worker_flags_are_one_line_and_exit_2(flags, line, capsys):
+    from kubevram.cli import main
+
+    assert main(["worker", "--model", "/no/such/model" if not flags else "x", *flags]) == 2
+    assert capsys.readouterr().err == line + "\n"
+
+
+def _start_worker(model_dir: Path, tmp_path: Path, *flags: str, env: dict | None = None):
+    """``kubevram worker`` in a process of its own, once ``/readyz`` answers 200: (process, url)."""
     port = _free_port()
     path = tmp_path / "plan.json"
     path.write_text(
         plan(
-            serving={"maxBatchSize": 2, "maxSequenceLength": 256},
+            serving={"maxBatchSize": 2, "maxSequenceLength": 512},
             precision={"weights": "float32"},
             generation={"chinese": {"enabled": True, "alpha": 10000.0}},
         ).to_json()
     )
+    command = [sys.executable, "-m", "kubevram.cli", "worker", "--model", str(model_dir), "--plan", str(path)]
     proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "kubevram.cli",
-            "worker",
-            "--model",
-            str(tiny_model_dir),
-            "--plan",
-            str(path),
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-        ],
+        [*command, "--host", "127.0.0.1", "--port", str(port), *flags],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
     )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 180
+    seen = set()
+    while True:
+        if proc.poll() is not None:
+            raise AssertionError(proc.stdout.read() if proc.stdout else "the worker exited")
+        assert time.monotonic() < deadline, "the worker did not turn ready"
+        try:
+            status = httpx.get(f"{url}/readyz", timeout=5).status_code
+        except httpx.TransportError:
+            status = None
+        seen.add(status)
+        if status == 200:
+            break
+        time.sleep(0.1)
+    assert seen <= {None, 503, 200}
+    return proc, url
+
+
+LONG_STREAM = {
+    "prompt": "hello",
+    "max_tokens": 480,
+    "temperature": 0,
+    "ignore_eos": True,
+    "stream": True,
+    "stream_options": {"include_usage": True},
+}
+
+
+@pytest.mark.slow
+def test_kubevram_worker_serves_then_drains_on_sigterm(tiny_model_dir, tmp_path):
+    """Serve after loading; on SIGTERM stop admission, let the running stream finish, remove this pod's
+    status entry (kmock's emulator stands for the API server) and exit 0."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "operator"))
+    from kubevram_emulator import EmulatedCluster
+
+    cluster = EmulatedCluster(tmp_path).start()
     try:
-        url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 180
-        seen = set()
-        while True:
-            assert proc.poll() is None, proc.stdout.read() if proc.stdout else ""
-            assert time.monotonic() < deadline, "the worker did not turn ready"
-            try:
-                status = httpx.get(f"{url}/readyz", timeout=5).status_code
-            except httpx.TransportError:
-                status = None
-            seen.add(status)
-            if status == 200:
-                break
-            time.sleep(0.1)
-        assert seen <= {None, 503, 200}
-        models = httpx.get(f"{url}/v1/models").json()["data"]
-        assert [m["id"] for m in models] == ["tiny", str(tiny_model_dir)]
-        assert models[0]["max_model_len"] == 256
-        answer = httpx.post(
-            f"{url}/v1/completions", json={"prompt": "hello", "max_tokens": 8, "temperature": 0}, timeout=60
-        ).json()
-        assert answer["usage"]["completion_tokens"] >= 1
-        text = answer["choices"][0]["text"]
-        assert any("\u4e00" <= c <= "\u9fff" for c in text)  # the plan's default steering applies
+        cluster.create_llmd(
+            {
+                "apiVersion": "llm.kubevram.io/v1alpha1",
+                "kind": "LLMDeployment",
+                "metadata": {"name": "tiny"},
+                "spec": {"model": {"id": "tiny"}},
+            }
+        )
+        env = {
+            "KUBEVRAM_API_URL": cluster.url,
+            "KUBEVRAM_POD_NAME": "tiny-0",
+            "KUBEVRAM_DEPLOYMENT": "tiny",
+            "KUBEVRAM_NAMESPACE": "default",
+        }
+        proc, url = _start_worker(tiny_model_dir, tmp_path, env=env)
+        try:
+            models = httpx.get(f"{url}/v1/models").json()["data"]
+            assert [m["id"] for m in models] == ["tiny", str(tiny_model_dir)]
+            assert models[0]["max_model_len"] == 512
+            answer = httpx.post(
+                f"{url}/v1/completions",
+                json={"prompt": "hello", "max_tokens": 8, "temperature": 0},
+                timeout=60,
+            ).json()
+            assert answer["usage"]["completion_tokens"] >= 1
+            text = answer["choices"][0]["text"]
+            assert any("\u4e00" <= c <= "\u9fff" for c in text)  # the plan's default steering applies
+            cluster.wait_for("the status entry", lambda: "tiny-0" in _workers(cluster))
+            with httpx.stream("POST", f"{url}/v1/completions", json=LONG_STREAM, timeout=60) as stream:
+                lines = stream.iter_lines()
+                first = next(line for line in lines if line.startswith("data: "))
+                proc.send_signal(signal.SIGTERM)
+                # Admission stops at once; the stream in flight goes on.
+                wait_for(lambda: httpx.get(f"{url}/readyz").status_code == 503, "readiness to turn off")
+                assert httpx.get(f"{url}/readyz").json()["status"] == "draining"
+                refused = httpx.post(f"{url}/v1/completions", json={"prompt": "hi"}, timeout=30)
+                assert refused.status_code == 503
+                assert refused.json()["error"]["code"] == "shutting_down"
+                events = [first] + [line for line in lines if line.startswith("data: ")]
+        finally:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+            out, _ = proc.communicate(timeout=60)
+        assert proc.returncode == 0, out
+        assert events[-1] == "data: [DONE]"
+        chunks = [json.loads(e[len("data: ") :]) for e in events[:-1]]
+        assert chunks[-1]["usage"]["completion_tokens"] == 480
+        assert chunks[-2]["choices"][0]["finish_reason"] == "length"
+        assert "tiny-0" not in _workers(cluster)
     finally:
-        proc.send_signal(signal.SIGTERM)
-        out, _ = proc.communicate(timeout=60)
-    # uvicorn shuts down cleanly, then re-raises the SIGTERM it captured (so the status may say "killed").
-    assert proc.returncode in (0, -signal.SIGTERM), out
-    assert "Application shutdown complete" in out
+        cluster.stop()
     assert "loading weights from" in out
     assert "ready: serving tiny" in out
+    assert "drained: every request finished" in out
+    assert "Traceback" not in out
+
+
+@pytest.mark.slow
+def test_sigterm_ends_what_cannot_finish_with_a_final_event_and_exits_0(tiny_model_dir, tmp_path):
+    proc, url = _start_worker(tiny_model_dir, tmp_path, "--drain-seconds", "0")
+    try:
+        with httpx.stream("POST", f"{url}/v1/completions", json=LONG_STREAM, timeout=60) as stream:
+            lines = stream.iter_lines()
+            first = next(line for line in lines if line.startswith("data: "))
+            proc.send_signal(signal.SIGTERM)
+            events = [first] + [line for line in lines if line.startswith("data: ")]
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0, out
+    assert events[-1] == "data: [DONE]"
+    error = json.loads(events[-2][len("data: ") :])["error"]
+    assert error["code"] == "shutting_down"
+    assert "drain time is up: 1 request(s) ended with an error" in out
+
+
+def test_the_rendered_pod_leaves_the_worker_time_to_drain():
+    from kubevram.api.load import parse_deployment
+    from kubevram.controller import render
+    from kubevram.worker.serve import DEFAULT_DRAIN_SECONDS
+
+    body = {
+        "apiVersion": "llm.kubevram.io/v1alpha1",
+        "kind": "LLMDeployment",
+        "metadata": {"name": "tiny", "namespace": "ai", "uid": "u1"},
+        "spec": {"model": {"id": "tiny"}},
+    }
+    plan = {"name": "tiny", "replicas": [{"node": "n", "gpus": [0], "maxMemory": {"0": 1}, "deviceMap": {}}]}
+    pod = render.render_workload(
+        body, parse_deployment(body).spec, plan, shape="s", replica=plan["replicas"][0], count=1, image="w"
+    )["spec"]["template"]["spec"]
+    pause = pod["containers"][0]["lifecycle"]["preStop"]["sleep"]["seconds"]
+    margin = 5  # uvicorn's own shutdown and the status entry's removal
+    assert pause + DEFAULT_DRAIN_SECONDS + margin <= pod["terminationGracePeriodSeconds"]
+
+
+def _workers(cluster) -> dict:
+    return ((cluster.llmd("tiny") or {}).get("status") or {}).get("workers") or {}
 
 
 def test_asyncio_marker_is_active():

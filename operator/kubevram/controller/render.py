@@ -63,6 +63,10 @@ API_PORT = 8000
 ADMIN_PORT = 8001
 TOKEN_KEY = "token"
 GPU_RESOURCE = "nvidia.com/gpu"
+# On deletion a worker pod pauses PRESTOP_SECONDS (while the endpoints drop it), then gets SIGTERM and
+# drains for 20 s (`kubevram worker --drain-seconds`' default); the grace period covers both and a margin.
+PRESTOP_SECONDS = 5
+GRACE_SECONDS = 30
 GPU_MEMORY_LABEL = "nvidia.com/gpu.memory"
 HOSTNAME_LABEL = "kubernetes.io/hostname"
 NAMESPACE_NAME_LABEL = "kubernetes.io/metadata.name"
@@ -465,6 +469,7 @@ def render_workload(
             "periodSeconds": 5,
             "failureThreshold": 3,
         },
+        "lifecycle": {"preStop": {"sleep": {"seconds": PRESTOP_SECONDS}}},
     }
     pod_spec: dict[str, Any] = {
         "serviceAccountName": service_account_name(name),
@@ -473,7 +478,7 @@ def render_workload(
         "tolerations": tolerations(spec),
         "containers": [container],
         "volumes": volumes,
-        "terminationGracePeriodSeconds": 30,
+        "terminationGracePeriodSeconds": GRACE_SECONDS,
     }
     if spec.placement.nodeSelector:
         pod_spec["nodeSelector"] = dict(spec.placement.nodeSelector)

@@ -1,28 +1,48 @@
 """``kubevram worker``: serve HTTP at once, load the model in the background, turn ready when loaded.
 
 ``/healthz`` answers as soon as the server listens; ``/readyz`` turns 200 only once the model is loaded
-and the engine runs (a failed load turns the process off with exit status 1, so the pod restarts).
+and the engine runs (a failed load turns the process off with exit status 1, so the pod restarts; the
+reason is one line of log). Bad flags and a ``--model`` path that does not exist end at once with one
+line on stderr and exit status 2.
+
+**Shutdown.** On SIGTERM (or SIGINT) the worker drains: ``/readyz`` answers 503 and new requests are
+refused (503 ``shutting_down``, so that a gateway retries them elsewhere), the running and waiting
+requests go on for up to ``--drain-seconds`` (20: the pod's ``terminationGracePeriodSeconds``, 30, less
+its 5 s ``preStop`` pause and a 5 s margin); what has not finished then is ended with a 503, as a
+final SSE error event and ``data: [DONE]`` for streams. Then the servers stop, the status reporter
+removes this pod's ``status.workers`` entry, and the process exits 0. A second signal ends the drain
+at once.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import os
+import signal
 import threading
-from collections.abc import Callable, Coroutine, Sequence
+import time
+from collections.abc import Callable, Coroutine, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from kubevram.api.errors import SpecError
+import uvicorn
+from pydantic import ValidationError
+
+from kubevram.api.errors import SpecError, from_validation_error
 from kubevram.api.v1alpha1 import GenerationSpec, ServingSpec
 from kubevram.api.workerplan import WorkerPlan
+from kubevram.worker.engine import EngineError
 from kubevram.worker.service import WorkerState
 
 log = logging.getLogger("kubevram.worker")
 
 DEFAULT_MAX_QUEUE = 256
+#: The rendered pod's terminationGracePeriodSeconds (30) less its preStop pause (5) and a margin (5).
+DEFAULT_DRAIN_SECONDS = 20.0
+_FLAGS = {"maxBatchSize": "--max-batch-size", "maxSequenceLength": "--max-sequence-length"}
 
 
 def build_state(args: argparse.Namespace) -> tuple[WorkerState, WorkerPlan | None]:
@@ -43,17 +63,37 @@ def build_state(args: argparse.Namespace) -> tuple[WorkerState, WorkerPlan | Non
             ) from None
         spec = load_deployments(text, str(path))[0].spec
         serving, generation = spec.serving, spec.generation
-    updates = {}
-    if getattr(args, "max_batch_size", None):
-        updates["maxBatchSize"] = args.max_batch_size
-    if getattr(args, "max_sequence_length", None):
-        updates["maxSequenceLength"] = args.max_sequence_length
+    updates = {
+        field: getattr(args, flag[2:].replace("-", "_"), None)
+        for field, flag in _FLAGS.items()
+        if getattr(args, flag[2:].replace("-", "_"), None) is not None
+    }
     if updates:
-        serving = serving.model_copy(update=updates)
+        try:
+            serving = ServingSpec.model_validate({**serving.model_dump(), **updates})
+        except ValidationError as exc:
+            error = from_validation_error(exc)
+            raise SpecError(_FLAGS.get(error.field, error.field), error.message) from None
+    for flag, least in (("max_queue", 1), ("max_body_bytes", 1), ("drain_seconds", 0)):
+        value = getattr(args, flag, None)
+        if value is not None and value < least:
+            raise SpecError(f"--{flag.replace('_', '-')}", f"{value!r} must be >= {least}")
     names = [getattr(args, "served_model_name", None) or (plan.model.id if plan else args.model)]
     if args.model not in names:
         names.append(args.model)
-    return WorkerState(model_names=names, serving=serving, generation=generation), plan
+    state = WorkerState(model_names=names, serving=serving, generation=generation)
+    state.max_body_bytes = getattr(args, "max_body_bytes", None)
+    return state, plan
+
+
+def check_model_path(model: str) -> None:
+    """A ``--model`` written as a path (``/``, ``./``, ``~``, or more than one ``/``: a hub id has at
+    most one) must exist; hub ids are left to transformers."""
+    path = Path(model).expanduser()
+    if path.exists():
+        return
+    if model.startswith(("/", ".", "~")) or model.count("/") > 1:
+        raise SpecError("--model", f"{model!r}: no such directory")
 
 
 def load_into(
@@ -108,8 +148,9 @@ def start_loading(
         try:
             load_into(state, model_id, plan, max_queue)
         except Exception as exc:
-            log.exception("loading %s failed", model_id)
             state.load_error = f"{type(exc).__name__}: {exc}"
+            log.error("loading %s failed: %s", model_id, " ".join(state.load_error.split()))
+            log.debug("the failed load's traceback", exc_info=exc)
             if on_failure is not None:
                 on_failure()
 
@@ -118,16 +159,77 @@ def start_loading(
     return thread
 
 
-async def serve_all(servers: Sequence[Any], background: Sequence[Coroutine[Any, Any, None]] = ()) -> None:
-    """Run uvicorn ``servers`` and ``background`` tasks in one loop; when one server stops, all stop."""
+class Server(uvicorn.Server):
+    """A uvicorn server that leaves signals to :func:`serve_all` (uvicorn's own handling re-raises
+    SIGTERM once it has stopped, so that the process ended with status 143 before it cleaned up)."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+async def drain(state: WorkerState, seconds: float, force: asyncio.Event | None = None) -> int:
+    """Stop admission, let the requests in flight finish for up to ``seconds``, then end the rest with
+    a 503 (streams get an error event and ``[DONE]``); how many were ended."""
+    state.draining = True
+    engine = state.engine
+    if engine is None or not engine.alive:
+        return 0
+    log.info("draining: readiness is off; %.0f s for the requests in flight to finish", seconds)
+    deadline = time.monotonic() + seconds
+    while not engine.idle and time.monotonic() < deadline and not (force and force.is_set()):
+        await asyncio.sleep(0.05)
+    if engine.idle:
+        log.info("drained: every request finished")
+        return 0
+    ended = await engine.abort_all(
+        EngineError(
+            503,
+            f"the worker shut down before the request finished (it had {seconds:.0f} s); retry it",
+            type="service_unavailable",
+            code="shutting_down",
+            retry_after=1,
+        )
+    )
+    log.warning("drain time is up: %d request(s) ended with an error", ended)
+    return ended
+
+
+async def serve_all(
+    servers: Sequence[Any],
+    background: Sequence[Coroutine[Any, Any, None]] = (),
+    state: WorkerState | None = None,
+    drain_seconds: float = DEFAULT_DRAIN_SECONDS,
+) -> None:
+    """Run uvicorn ``servers`` and ``background`` tasks in one loop; when one server stops, all stop.
+    SIGTERM and SIGINT drain ``state`` first (module docstring); the background tasks are cancelled
+    last (the reporter then removes this pod's status entry)."""
+    loop = asyncio.get_running_loop()
+    signalled, force = asyncio.Event(), asyncio.Event()
+
+    def on_signal(signum: int) -> None:
+        log.info("received %s", signal.Signals(signum).name)
+        (force if signalled.is_set() else signalled).set()
+
+    handled = []
+    if threading.current_thread() is threading.main_thread():
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, on_signal, signum)
+            handled.append(signum)
     tasks = [asyncio.create_task(coro) for coro in background]
     serving = [asyncio.create_task(server.serve()) for server in servers]
+    waiting = asyncio.create_task(signalled.wait())
     try:
-        await asyncio.wait(serving, return_when=asyncio.FIRST_COMPLETED)
+        done, _ = await asyncio.wait([*serving, waiting], return_when=asyncio.FIRST_COMPLETED)
+        if waiting in done and state is not None:
+            await drain(state, drain_seconds, force)
         for server in servers:
             server.should_exit = True
         await asyncio.gather(*serving, return_exceptions=True)
     finally:
+        waiting.cancel()
+        for signum in handled:
+            loop.remove_signal_handler(signum)
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -135,8 +237,6 @@ async def serve_all(servers: Sequence[Any], background: Sequence[Coroutine[Any, 
 
 def run_worker(args: argparse.Namespace) -> int:
     """The ``kubevram worker`` command: 0 on a clean shutdown, 1 if the model could not be loaded."""
-    import uvicorn
-
     from kubevram.worker.admin import TOKEN_ENV, create_admin_app, install_admin, register_metrics
     from kubevram.worker.api import create_app
     from kubevram.worker.memory import MemoryMonitor
@@ -145,6 +245,7 @@ def run_worker(args: argparse.Namespace) -> int:
     level = str(getattr(args, "log_level", None) or "info").upper()
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     state, plan = build_state(args)
+    check_model_path(args.model)
     if plan is not None and plan.model.id != args.model:
         log.info(
             "plan for %s/%s: model %s is loaded from %s",
@@ -164,7 +265,7 @@ def run_worker(args: argparse.Namespace) -> int:
     else:
         install_admin(app, state.memory, token)
     servers = [
-        uvicorn.Server(
+        Server(
             uvicorn.Config(a, host=args.host, port=p, log_level=level.lower(), timeout_graceful_shutdown=10)
         )
         for a, p in apps
@@ -180,7 +281,14 @@ def run_worker(args: argparse.Namespace) -> int:
     log.info("listening on %s:%d; loading %s", args.host, args.port, args.model)
     reporter = StatusReporter.from_env(state.memory, plan)
     background = [state.memory.watch()] + ([reporter.run()] if reporter is not None else [])
-    asyncio.run(serve_all(servers, background))
+    drain_seconds = getattr(args, "drain_seconds", None)
+    asyncio.run(
+        serve_all(
+            servers, background, state, DEFAULT_DRAIN_SECONDS if drain_seconds is None else drain_seconds
+        )
+    )
     if state.engine is not None:
         state.engine.stop()
+    state.close()
+    log.info("stopped")
     return 1 if state.load_error else 0
