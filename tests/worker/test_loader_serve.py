@@ -291,7 +291,7 @@ def _start_worker(model_dir: Path, tmp_path: Path, *flags: str, env: dict | None
 
 LONG_STREAM = {
     "prompt": "hello",
-    "max_tokens": 480,
+    "max_tokens": 160,  # long enough to be in flight while the test looks at the worker
     "temperature": 0,
     "ignore_eos": True,
     "stream": True,
@@ -347,14 +347,15 @@ def test_kubevram_worker_serves_then_drains_on_sigterm(tiny_model_dir, tmp_path)
                 assert refused.status_code == 503
                 assert refused.json()["error"]["code"] == "shutting_down"
                 events = [first] + [line for line in lines if line.startswith("data: ")]
+        except BaseException:
+            proc.kill()
+            raise
         finally:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
             out, _ = proc.communicate(timeout=60)
         assert proc.returncode == 0, out
         assert events[-1] == "data: [DONE]"
         chunks = [json.loads(e[len("data: ") :]) for e in events[:-1]]
-        assert chunks[-1]["usage"]["completion_tokens"] == 480
+        assert chunks[-1]["usage"]["completion_tokens"] == 160
         assert chunks[-2]["choices"][0]["finish_reason"] == "length"
         assert "tiny-0" not in _workers(cluster)
     finally:
@@ -368,21 +369,44 @@ def test_kubevram_worker_serves_then_drains_on_sigterm(tiny_model_dir, tmp_path)
 @pytest.mark.slow
 def test_sigterm_ends_what_cannot_finish_with_a_final_event_and_exits_0(tiny_model_dir, tmp_path):
     proc, url = _start_worker(tiny_model_dir, tmp_path, "--drain-seconds", "0")
+    body = {**LONG_STREAM, "max_tokens": 480}
+
+    async def run() -> list[list[str]]:
+        async def stream(client: httpx.AsyncClient, first: asyncio.Event) -> list[str]:
+            async with client.stream("POST", "/v1/completions", json=body) as response:
+                events = []
+                async for line in response.aiter_lines():
+                    if line.startswith("data: "):
+                        events.append(line)
+                        first.set()
+                return events
+
+        async with httpx.AsyncClient(base_url=url, timeout=60) as client:
+            started = [asyncio.Event() for _ in range(3)]  # two run (max batch 2), the third waits
+            streams = [asyncio.ensure_future(stream(client, event)) for event in started]
+            await started[0].wait()
+            proc.send_signal(signal.SIGTERM)
+            return list(await asyncio.gather(*streams))
+
     try:
-        with httpx.stream("POST", f"{url}/v1/completions", json=LONG_STREAM, timeout=60) as stream:
-            lines = stream.iter_lines()
-            first = next(line for line in lines if line.startswith("data: "))
-            proc.send_signal(signal.SIGTERM)
-            events = [first] + [line for line in lines if line.startswith("data: ")]
+        streams = asyncio.run(run())
+    except BaseException:
+        proc.kill()
+        raise
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
         out, _ = proc.communicate(timeout=60)
     assert proc.returncode == 0, out
-    assert events[-1] == "data: [DONE]"
-    error = json.loads(events[-2][len("data: ") :])["error"]
-    assert error["code"] == "shutting_down"
-    assert "drain time is up: 1 request(s) ended with an error" in out
+    cut = 0
+    for events in streams:  # none is cut without a final event
+        assert events[-1] == "data: [DONE]"
+        last = json.loads(events[-2][len("data: ") :])
+        if "error" in last:
+            assert last["error"]["code"] == "shutting_down"
+            cut += 1
+        else:
+            assert last["usage"]["completion_tokens"] == 480
+    assert cut >= 1
+    assert f"drain time is up: {cut} request(s) ended with an error" in out
 
 
 def test_the_rendered_pod_leaves_the_worker_time_to_drain():
