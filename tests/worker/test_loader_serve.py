@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -301,8 +302,8 @@ LONG_STREAM = {
 
 @pytest.mark.slow
 def test_kubevram_worker_serves_then_drains_on_sigterm(tiny_model_dir, tmp_path):
-    """Serve after loading; on SIGTERM stop admission, let the running stream finish, remove this pod's
-    status entry (kmock's emulator stands for the API server) and exit 0."""
+    """Serve after loading; on SIGTERM let the running stream finish, remove this pod's status entry
+    (kmock's emulator stands for the API server) and exit 0."""
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "operator"))
     from kubevram_emulator import EmulatedCluster
 
@@ -339,13 +340,7 @@ def test_kubevram_worker_serves_then_drains_on_sigterm(tiny_model_dir, tmp_path)
             with httpx.stream("POST", f"{url}/v1/completions", json=LONG_STREAM, timeout=60) as stream:
                 lines = stream.iter_lines()
                 first = next(line for line in lines if line.startswith("data: "))
-                proc.send_signal(signal.SIGTERM)
-                # Admission stops at once; the stream in flight goes on.
-                wait_for(lambda: httpx.get(f"{url}/readyz").status_code == 503, "readiness to turn off")
-                assert httpx.get(f"{url}/readyz").json()["status"] == "draining"
-                refused = httpx.post(f"{url}/v1/completions", json={"prompt": "hi"}, timeout=30)
-                assert refused.status_code == 503
-                assert refused.json()["error"]["code"] == "shutting_down"
+                proc.send_signal(signal.SIGTERM)  # (the drain itself: test_drain_stops_admission_...)
                 events = [first] + [line for line in lines if line.startswith("data: ")]
         except BaseException:
             proc.kill()
@@ -407,6 +402,45 @@ def test_sigterm_ends_what_cannot_finish_with_a_final_event_and_exits_0(tiny_mod
             assert last["usage"]["completion_tokens"] == 480
     assert cut >= 1
     assert f"drain time is up: {cut} request(s) ended with an error" in out
+
+
+def test_drain_stops_admission_and_lets_the_running_request_finish(make_worker, loaded):
+    from kubevram.worker.serve import drain
+
+    worker = make_worker()
+    gate, blocked = threading.Event(), threading.Event()
+
+    def hold(module, args):
+        if not gate.is_set():
+            blocked.set()
+            gate.wait(30)
+
+    hook = loaded.model.model.layers[0].register_forward_pre_hook(hold)
+    body = {"prompt": "hello", "max_tokens": 5, "temperature": 0, "ignore_eos": True}
+
+    async def run():
+        async with httpx.AsyncClient(base_url=worker.url, timeout=30) as client:
+            running = asyncio.ensure_future(client.post("/v1/completions", json=body))
+            await asyncio.to_thread(blocked.wait, 30)  # the request is in a step
+            draining = asyncio.ensure_future(drain(worker.state, 60))
+            await asyncio.to_thread(wait_for, lambda: worker.state.draining, "the drain to start")
+            ready = await client.get("/readyz")
+            refused = await client.post("/v1/completions", json=body)
+            gate.set()
+            return await draining, await running, ready, refused
+
+    try:
+        ended, running, ready, refused = asyncio.run(run())
+    finally:
+        gate.set()
+        hook.remove()
+    assert (ready.status_code, ready.json()) == (503, {"status": "draining", "error": None})
+    assert refused.status_code == 503
+    assert refused.json()["error"]["code"] == "shutting_down"
+    assert refused.headers["retry-after"] == "1"
+    assert ended == 0
+    assert running.status_code == 200
+    assert running.json()["usage"]["completion_tokens"] == 5
 
 
 def test_the_rendered_pod_leaves_the_worker_time_to_drain():

@@ -19,8 +19,10 @@ from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.openapi.utils import get_openapi
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from pydantic import BaseModel
+from pydantic.json_schema import models_json_schema
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -31,6 +33,7 @@ from kubevram.worker.protocol import (
     ChatChoice,
     ChatChunkChoice,
     ChatCompletionChunk,
+    ChatCompletionRequest,
     ChatCompletionResponse,
     CompletionChoice,
     CompletionRequest,
@@ -38,8 +41,10 @@ from kubevram.worker.protocol import (
     DeltaMessage,
     ErrorBody,
     ErrorResponse,
+    Health,
     ModelCard,
     ModelList,
+    Readiness,
     Usage,
 )
 from kubevram.worker.service import Prepared, WorkerState
@@ -167,9 +172,75 @@ class _CountRequests:
             await response(scope, receive, counting_send)
 
 
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    status: {"model": ErrorResponse, "description": description}
+    for status, description in {
+        400: "A bad field (named in `param`), a body that is not JSON, a prompt too long",
+        404: "An unknown `model`",
+        413: "A body larger than the worker's limit (`--max-body-bytes`)",
+        429: "The queue is full (`Retry-After`)",
+        500: "This request's generation failed",
+        503: "Loading, shutting down, out of memory, or the engine stopped (`Retry-After` when worth it)",
+    }.items()
+}
+
+
+def _generation_route(request_model: type[BaseModel], response_model: type[BaseModel]) -> dict[str, Any]:
+    """OpenAPI for a generation route: the strict request body (read by hand, so declared here), the
+    JSON answer, the SSE answer of ``stream: true``, and every error status."""
+    name = request_model.__name__
+    return {
+        "openapi_extra": {
+            "requestBody": {
+                "required": True,
+                "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{name}"}}},
+            }
+        },
+        "responses": {
+            200: {
+                "model": response_model,
+                "description": "The answer; with `stream: true`, Server-Sent Events ending in `data: [DONE]`",
+                "content": {
+                    "text/event-stream": {
+                        "schema": {
+                            "type": "string",
+                            "description": "`data: {chunk}` lines (an error event on failure), then `[DONE]`",
+                        }
+                    }
+                },
+            },
+            **_ERRORS,
+        },
+    }
+
+
+def _openapi(app: FastAPI, state: WorkerState) -> dict[str, Any]:
+    """FastAPI's document plus the request models' schemas (validation mode) under components, with
+    this worker's limits: ``max_tokens`` at most ``maxSequenceLength``."""
+    if app.openapi_schema is None:
+        document = get_openapi(title=app.title, version=app.version, routes=app.routes)
+        _, definitions = models_json_schema(
+            [(CompletionRequest, "validation"), (ChatCompletionRequest, "validation")],
+            ref_template="#/components/schemas/{model}",
+        )
+        schemas = definitions["$defs"]
+        for name, field in (
+            ("CompletionRequest", "max_tokens"),
+            ("ChatCompletionRequest", "max_tokens"),
+            ("ChatCompletionRequest", "max_completion_tokens"),
+        ):
+            for option in schemas[name]["properties"][field]["anyOf"]:
+                if option.get("type") == "integer":
+                    option["maximum"] = state.serving.maxSequenceLength
+        document.setdefault("components", {}).setdefault("schemas", {}).update(schemas)
+        app.openapi_schema = document
+    return app.openapi_schema
+
+
 def create_app(state: WorkerState) -> FastAPI:
     """The worker's FastAPI app over ``state`` (which holds the engine once the model is loaded)."""
     app = FastAPI(title="kubevram worker", docs_url=None, redoc_url=None)
+    app.openapi = lambda: _openapi(app, state)  # type: ignore[method-assign]
     app.state.worker = state
     metrics = state.metrics
 
@@ -184,16 +255,16 @@ def create_app(state: WorkerState) -> FastAPI:
     app.add_middleware(_CountRequests, metrics=metrics)
 
     @app.get("/healthz")
-    async def healthz() -> dict[str, str]:
-        return {"status": "ok"}
+    async def healthz() -> Health:
+        return Health()
 
-    @app.get("/readyz")
+    @app.get("/readyz", response_model=Readiness, responses={503: {"model": Readiness}})
     async def readyz() -> JSONResponse:
         if state.ready:
             return JSONResponse({"status": "ready"})
         return JSONResponse({"status": state.status, "error": state.error}, status_code=503)
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=PlainTextResponse)
     async def prometheus() -> Response:
         return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
@@ -202,7 +273,9 @@ def create_app(state: WorkerState) -> FastAPI:
         limit = state.serving.maxSequenceLength
         return ModelList(data=[ModelCard(id=name, max_model_len=limit) for name in state.model_names])
 
-    @app.post("/v1/completions", response_model=None)
+    @app.post(
+        "/v1/completions", response_model=None, **_generation_route(CompletionRequest, CompletionResponse)
+    )
     async def completions(request: Request) -> Response:
         started = time.monotonic()
         prepared = await state.prepare(state.prepare_completion, await read_body(request, state.body_limit))
@@ -232,7 +305,11 @@ def create_app(state: WorkerState) -> FastAPI:
             ).model_dump()
         )
 
-    @app.post("/v1/chat/completions", response_model=None)
+    @app.post(
+        "/v1/chat/completions",
+        response_model=None,
+        **_generation_route(ChatCompletionRequest, ChatCompletionResponse),
+    )
     async def chat_completions(request: Request) -> Response:
         started = time.monotonic()
         prepared = await state.prepare(state.prepare_chat, await read_body(request, state.body_limit))

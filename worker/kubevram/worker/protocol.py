@@ -38,6 +38,24 @@ def float32(value: float | None) -> float | None:
     return value
 
 
+def _schema(*options: dict[str, Any]) -> dict[str, Any]:
+    """A field's JSON schema stated in full where validators say more than the types (for clients and
+    fuzzers reading ``/openapi.json``)."""
+    return {"anyOf": list(options)}
+
+
+_STOP_SCHEMA = _schema(
+    {"type": "string", "minLength": 1},
+    {"type": "array", "items": {"type": "string", "minLength": 1}, "maxItems": 4},
+    {"type": "null"},
+)
+_PROMPT_SCHEMA = _schema(
+    {"type": "string", "minLength": 1},
+    {"type": "array", "items": {"type": "string"}, "minItems": 1, "maxItems": 1},
+    {"type": "array", "items": {"type": "integer", "minimum": 0}, "minItems": 1},
+)
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
@@ -66,11 +84,11 @@ class _SamplingRequest(_Strict):
     n: int = Field(default=1, ge=1, le=1, description="Only one choice per request is served.")
     stream: bool = False
     stream_options: StreamOptions | None = None
-    stop: str | list[str] | None = None
+    stop: str | list[str] | None = Field(default=None, json_schema_extra=_STOP_SCHEMA)
     seed: int | None = Field(default=None, ge=SEED_MIN, le=SEED_MAX)
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    logit_bias: dict[str, float] | None = None
+    presence_penalty: float = Field(default=0.0, json_schema_extra={"const": 0}, description="Only 0.")
+    frequency_penalty: float = Field(default=0.0, json_schema_extra={"const": 0}, description="Only 0.")
+    logit_bias: dict[str, float] | None = Field(default=None, json_schema_extra={"maxProperties": 0})
     user: str | None = None
     # Extras.
     repetition_penalty: float | None = Field(default=None, gt=0, description="> 0, a float32 number.")
@@ -115,9 +133,9 @@ class _SamplingRequest(_Strict):
 
 
 class CompletionRequest(_SamplingRequest):
-    prompt: str | list[str] | list[int]
+    prompt: str | list[str] | list[int] = Field(json_schema_extra=_PROMPT_SCHEMA)
     echo: bool = False
-    suffix: str | None = None
+    suffix: str | None = Field(default=None, json_schema_extra={"maxLength": 0})
     best_of: int | None = Field(default=None, ge=1, le=1)
     logprobs: int | None = Field(default=None, ge=0, le=0, description="Not supported.")
 
@@ -159,10 +177,10 @@ class ChatMessage(BaseModel):
 class ChatCompletionRequest(_SamplingRequest):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
-    logprobs: bool = Field(default=False, description="Not supported.")
+    logprobs: bool = Field(default=False, description="Not supported.", json_schema_extra={"const": False})
     top_logprobs: int | None = Field(default=None, ge=0, le=0)
     response_format: dict[str, Any] | None = None
-    tools: list[dict[str, Any]] | None = None
+    tools: list[dict[str, Any]] | None = Field(default=None, json_schema_extra={"maxItems": 0})
     tool_choice: str | dict[str, Any] | None = None
     parallel_tool_calls: bool | None = None
 
@@ -269,6 +287,18 @@ class ModelCard(BaseModel):
 class ModelList(BaseModel):
     object: Literal["list"] = "list"
     data: list[ModelCard]
+
+
+class Health(BaseModel):
+    status: Literal["ok"] = "ok"
+
+
+class Readiness(BaseModel):
+    """``/readyz``: 200 ``ready``; 503 ``loading``, ``draining`` (shutting down) or ``failed`` (why in
+    ``error``)."""
+
+    status: Literal["ready", "loading", "draining", "failed"]
+    error: str | None = None
 
 
 class ErrorBody(BaseModel):
