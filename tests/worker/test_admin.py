@@ -276,20 +276,8 @@ def test_kubevram_worker_serves_admin_on_its_own_port(tiny_model_dir):
     import sys
 
     port, admin_port = _free_port(), _free_port()
-    command = [
-        sys.executable,
-        "-m",
-        "kubevram.cli",
-        "worker",
-        "--model",
-        str(tiny_model_dir),
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--admin-port",
-        str(admin_port),
-    ]
+    command = [sys.executable, "-m", "kubevram.cli", "worker", "--model", str(tiny_model_dir),
+               "--host", "127.0.0.1", "--port", str(port), "--admin-port", str(admin_port)]
     env = {**os.environ, "KUBEVRAM_ADMIN_TOKEN": TOKEN, "PYTHONUNBUFFERED": "1"}
     for name in ("KUBEVRAM_POD_NAME", "KUBEVRAM_API_URL", "KUBERNETES_SERVICE_HOST"):
         env.pop(name, None)

@@ -151,7 +151,9 @@ class StatusReporter:
             namespace = namespace or plan.deployment.namespace
         api = KubeAPI.from_env(env)
         if not (pod and deployment and api):
-            log.info("status reporting is off: it needs KUBEVRAM_POD_NAME, KUBEVRAM_DEPLOYMENT and an API")
+            log.info(
+                "status reporting is off: it needs KUBEVRAM_POD_NAME, KUBEVRAM_DEPLOYMENT and an API"
+            )
             return None
         return cls(
             monitor,
