@@ -7,7 +7,7 @@ downloaded here): 25,000 "CJK" ids and 1,000 punctuation ids drawn at random, ab
 vocabulary holds. Text is decoded by a WordLevel tokenizer over the same 152,064 ids.
 
     python bench/worker_bench.py [--tokens 128] [--repeat 3] [--clients 32] [--device cpu|cuda]
-    python bench/worker_bench.py --only processors|steering|generate|concurrency
+    python bench/worker_bench.py --only processors|steering|generate|concurrency|serve
 
 Sections (each prints a table):
   processors   one call on (batch, 152064) logits: the seed's Python loop vs the vectorised processors
@@ -16,6 +16,9 @@ Sections (each prints a table):
   generate     the engine vs plain ``model.generate`` on the same model, greedy, batch 1; also through
                the HTTP API; goal: the engine within 10%
   concurrency  ``--clients`` concurrent HTTP clients on a real server (max batch 8): none lost
+  serve        side by side, each in a process of its own, on the same model saved to a directory:
+               ``kubevram worker`` and ``transformers serve`` (with and without its continuous
+               batching), greedy, 1 client then ``--clients`` clients: decode tokens/s and identical text
 """
 
 from __future__ import annotations
@@ -365,6 +368,141 @@ def bench_concurrency(model: Any, tokenizer: Any, classes: TokenClasses, args: a
     )
 
 
+def _process(command: list[str], url: str, probe: str) -> Any:
+    """Start ``command``; return it once ``url + probe`` answers 200."""
+    import os
+    import subprocess
+
+    import httpx
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, env=env)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{command[0]} exited with {proc.returncode}")
+        try:
+            if httpx.get(url + probe, timeout=5).status_code == 200:
+                return proc
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)
+    proc.kill()
+    raise RuntimeError(f"{' '.join(command)} did not start")
+
+
+def _clients(url: str, model: str, prompts: list[str], n: int) -> tuple[float, int, list[str], int]:
+    """All ``prompts`` at once, greedy, ``n`` tokens each: (wall seconds, tokens, texts, failures)."""
+    import httpx
+
+    async def one(http: httpx.AsyncClient, prompt: str) -> tuple[int, str]:
+        body = {"model": model, "prompt": prompt, "max_tokens": n, "temperature": 0}
+        response = await http.post("/v1/completions", json=body)
+        if response.status_code != 200:
+            return -1, response.text[:200]
+        payload = response.json()
+        return int(payload["usage"]["completion_tokens"]), payload["choices"][0]["text"]
+
+    async def run() -> tuple[float, list[tuple[int, str]]]:
+        limits = httpx.Limits(max_connections=len(prompts))
+        async with httpx.AsyncClient(base_url=url, timeout=1800, limits=limits) as http:
+            t0 = time.perf_counter()
+            results = await asyncio.gather(*[one(http, p) for p in prompts])
+            return time.perf_counter() - t0, list(results)
+
+    wall, results = asyncio.run(run())
+    ok = [r for r in results if r[0] >= 0]
+    return wall, sum(r[0] for r in ok), [r[1] for r in results], len(results) - len(ok)
+
+
+def bench_serve(model: Any, tokenizer: Any, args: argparse.Namespace) -> None:
+    """kubevram worker vs transformers serve, each in its own process, on one model directory."""
+    import socket
+    import subprocess
+    import tempfile
+
+    directory = tempfile.mkdtemp(prefix="kubevram-bench-model-")
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+
+    def port() -> int:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            return int(sock.getsockname()[1])
+
+    n = args.tokens
+    prompts = [" ".join(f"t{100 + i + j}" for j in range(32)) for i in range(args.clients)]
+    servers = {
+        "kubevram worker": (
+            [
+                "kubevram",
+                "worker",
+                "--model",
+                directory,
+                "--max-batch-size",
+                "8",
+                "--max-sequence-length",
+                "4096",
+                "--host",
+                "127.0.0.1",
+                "--log-level",
+                "warning",
+                "--port",
+            ],
+            "/readyz",
+        ),
+        "transformers serve": (
+            ["transformers", "serve", directory, "--device", args.device, "--host", "127.0.0.1", "--port"],
+            "/health",
+        ),
+        "transformers serve --continuous-batching": (
+            [
+                "transformers",
+                "serve",
+                directory,
+                "--device",
+                args.device,
+                "--continuous-batching",
+                "--host",
+                "127.0.0.1",
+                "--port",
+            ],
+            "/health",
+        ),
+    }
+    rows, texts = [], {}
+    for name, (command, probe) in servers.items():
+        p = port()
+        url = f"http://127.0.0.1:{p}"
+        try:
+            proc = _process([*command, str(p)], url, probe)
+        except RuntimeError as exc:
+            rows.append([name, str(exc), "", "", ""])
+            continue
+        try:
+            _clients(url, directory, prompts[:1], 4)  # warm-up
+            for clients in (1, args.clients):
+                wall, tokens, outs, failed = _clients(url, directory, prompts[:clients], n)
+                texts[(name, clients)] = outs
+                rows.append([name, clients, tokens / wall, wall, failed])
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+    table(
+        f"Greedy decode over HTTP, {n} tokens per request, each server in its own process (tokens/s)",
+        ["server", "clients", "tokens/s", "wall s", "failed"],
+        rows,
+    )
+    base = {k[1]: v for k, v in texts.items() if k[0] == "kubevram worker"}
+    for (name, clients), outs in texts.items():
+        if name != "kubevram worker" and clients in base:
+            same = sum(a == b for a, b in zip(outs, base[clients], strict=True))
+            print(f"- {name}, {clients} client(s): {same}/{len(outs)} texts identical to kubevram's")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, default=128, help="tokens generated per request")
@@ -374,7 +512,7 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    parser.add_argument("--only", choices=["processors", "steering", "generate", "concurrency"])
+    parser.add_argument("--only", choices=["processors", "steering", "generate", "concurrency", "serve"])
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -393,6 +531,8 @@ def main() -> None:
         bench_generate(model, tokenizer, classes, args)
     if args.only in (None, "concurrency"):
         bench_concurrency(model, tokenizer, classes, args)
+    if args.only in (None, "serve"):
+        bench_serve(model, tokenizer, args)
 
 
 if __name__ == "__main__":

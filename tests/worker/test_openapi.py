@@ -83,3 +83,26 @@ def test_fuzzing_the_served_schema_finds_no_5xx_and_no_undeclared_answer(
     call()
     assert calls
     assert all(status < 500 for status in calls)
+
+
+@pytest.mark.parametrize(
+    ("path", "body"),
+    [
+        ("/v1/completions", {"prompt": "hello", "max_tokens": 3, "stream": True}),
+        (
+            "/v1/chat/completions",
+            {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 3, "stream": True},
+        ),
+        ("/v1/completions", {"prompt": "hello", "max_tokens": 3, "seed": 2**64}),
+        ("/v1/completions", {"prompt": "hello", "max_tokens": 3, "temperature": 1e-300}),
+    ],
+)
+def test_streams_and_edge_values_answer_as_declared(fuzzed, path, body):
+    """What a fuzzer may not happen on: an SSE answer, values at the edge of the engine's dtypes."""
+    operation = schemathesis.openapi.from_url(f"{fuzzed.url}/openapi.json")[path]["POST"]
+    case = operation.Case(body=body, media_type="application/json")
+    response = case.call_and_validate(base_url=fuzzed.url, checks=CHECKS, timeout=60)
+    assert response.status_code in (200, 400)
+    if body.get("stream"):
+        assert response.headers["content-type"][0].startswith("text/event-stream")
+        assert response.text.rstrip().endswith("data: [DONE]")

@@ -202,9 +202,12 @@ def _generation_route(request_model: type[BaseModel], response_model: type[BaseM
                 "description": "The answer; with `stream: true`, Server-Sent Events ending in `data: [DONE]`",
                 "content": {
                     "text/event-stream": {
+                        # One server-sent event (OpenAPI 3.2's itemSchema shape): `data` holds a chunk,
+                        # an error body, or `[DONE]`, the last event.
                         "schema": {
-                            "type": "string",
-                            "description": "`data: {chunk}` lines (an error event on failure), then `[DONE]`",
+                            "type": "object",
+                            "properties": {"event": {"type": "string"}, "data": {"type": "string"}},
+                            "required": ["data"],
                         }
                     }
                 },
