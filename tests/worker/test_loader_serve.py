@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -11,6 +12,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -252,6 +254,19 @@ def test_bad_worker_flags_are_one_line_and_exit_2(flags, line, capsys):
     assert capsys.readouterr().err == line + "\n"
 
 
+@contextlib.contextmanager
+def _stopping(proc) -> Iterator[dict]:
+    """Wait for ``proc`` at the end (its output under ``"out"``); kill it if the block fails."""
+    done: dict = {}
+    try:
+        yield done
+    except BaseException:
+        proc.kill()
+        raise
+    finally:
+        done["out"], _ = proc.communicate(timeout=60)
+
+
 def _start_worker(model_dir: Path, tmp_path: Path, *flags: str, env: dict | None = None):
     """``kubevram worker`` in a process of its own, once ``/readyz`` answers 200: (process, url)."""
     port = _free_port()
@@ -324,7 +339,7 @@ def test_kubevram_worker_serves_then_drains_on_sigterm(tiny_model_dir, tmp_path)
             "KUBEVRAM_NAMESPACE": "default",
         }
         proc, url = _start_worker(tiny_model_dir, tmp_path, env=env)
-        try:
+        with _stopping(proc) as done:
             models = httpx.get(f"{url}/v1/models").json()["data"]
             assert [m["id"] for m in models] == ["tiny", str(tiny_model_dir)]
             assert models[0]["max_model_len"] == 512
@@ -342,11 +357,7 @@ def test_kubevram_worker_serves_then_drains_on_sigterm(tiny_model_dir, tmp_path)
                 first = next(line for line in lines if line.startswith("data: "))
                 proc.send_signal(signal.SIGTERM)  # (the drain itself: test_drain_stops_admission_...)
                 events = [first] + [line for line in lines if line.startswith("data: ")]
-        except BaseException:
-            proc.kill()
-            raise
-        finally:
-            out, _ = proc.communicate(timeout=60)
+        out = done["out"]
         assert proc.returncode == 0, out
         assert events[-1] == "data: [DONE]"
         chunks = [json.loads(e[len("data: ") :]) for e in events[:-1]]
@@ -383,13 +394,9 @@ def test_sigterm_ends_what_cannot_finish_with_a_final_event_and_exits_0(tiny_mod
             proc.send_signal(signal.SIGTERM)
             return list(await asyncio.gather(*streams))
 
-    try:
+    with _stopping(proc) as done:
         streams = asyncio.run(run())
-    except BaseException:
-        proc.kill()
-        raise
-    finally:
-        out, _ = proc.communicate(timeout=60)
+    out = done["out"]
     assert proc.returncode == 0, out
     cut = 0
     for events in streams:  # none is cut without a final event

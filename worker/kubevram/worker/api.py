@@ -281,7 +281,9 @@ def create_app(state: WorkerState) -> FastAPI:
     )
     async def completions(request: Request) -> Response:
         started = time.monotonic()
-        prepared = await state.prepare(state.prepare_completion, await read_body(request, state.body_limit))
+        prepared = await state.prepare(
+            state.prepare_body, await read_body(request, state.body_limit), CompletionRequest
+        )
         body = prepared.request
         assert isinstance(body, CompletionRequest)
         engine = state.require_engine()
@@ -315,7 +317,9 @@ def create_app(state: WorkerState) -> FastAPI:
     )
     async def chat_completions(request: Request) -> Response:
         started = time.monotonic()
-        prepared = await state.prepare(state.prepare_chat, await read_body(request, state.body_limit))
+        prepared = await state.prepare(
+            state.prepare_body, await read_body(request, state.body_limit), ChatCompletionRequest
+        )
         handle = state.require_engine().submit(prepared.prompt, prepared.params)
         name = prepared.request.model or state.model_names[0]
         if prepared.request.stream:

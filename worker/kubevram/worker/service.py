@@ -132,18 +132,17 @@ class WorkerState:
             error = from_validation_error(_without_union_tags(exc))
             raise EngineError(400, _body_message(str(error), exc), param=error.field or None) from None
 
-    def prepare_completion(self, body: bytes) -> Prepared:
-        request = self.parse(body, CompletionRequest)
+    def prepare_body(
+        self, body: bytes, model: type[CompletionRequest] | type[ChatCompletionRequest]
+    ) -> Prepared:
+        """A body as ``model``, checked, its prompt tokenised (on the preparation thread)."""
+        request = self.parse(body, model)
         self.check_model(request.model)
         engine = self.require_engine()
-        prompt = self.completion_prompt(engine, request)
-        return Prepared(request, prompt, self.sampling_params(request, len(prompt)))
-
-    def prepare_chat(self, body: bytes) -> Prepared:
-        request = self.parse(body, ChatCompletionRequest)
-        self.check_model(request.model)
-        engine = self.require_engine()
-        prompt = self.chat_prompt(engine, request)
+        if isinstance(request, ChatCompletionRequest):
+            prompt = self.chat_prompt(engine, request)
+        else:
+            prompt = self.completion_prompt(engine, request)
         return Prepared(request, prompt, self.sampling_params(request, len(prompt)))
 
     def check_model(self, name: str | None) -> None:
