@@ -9,12 +9,15 @@ planning, rendering, ~8 API writes and the status patch per resource.
 
     python bench/operator_bench.py [--count 100] [--replicas 1]
 
-Prints a table; the recorded results are in bench/README.md ("## Operator").
+Prints a table, the API requests served, how many exclusive GPUs the workloads' reservations book
+more than once, and (code with the placement ledger) how long the ledger's one-writer lock was held
+and waited for. The recorded results are in bench/README.md ("## Operator").
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -22,6 +25,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +64,31 @@ def snapshot(cluster: Any) -> tuple[set[str], dict[str, int], dict[str, Any], di
     return cms, owners, statuses, booked
 
 
+def time_the_ledger() -> dict[str, list[float]]:
+    """Wrap the placement ledger's one-writer lock (when this code has one) to record, per decision, the
+    seconds spent waiting for it and holding it."""
+    times: dict[str, list[float]] = {"wait": [], "hold": []}
+    try:
+        from kubevram.controller.ledger import LEDGER
+    except ImportError:  # code from before the ledger
+        return times
+    deciding = LEDGER.deciding
+
+    @contextlib.contextmanager
+    def timed() -> Iterator[Any]:
+        asked = time.perf_counter()
+        with deciding() as ledger:
+            got = time.perf_counter()
+            try:
+                yield ledger
+            finally:
+                times["wait"].append(got - asked)
+                times["hold"].append(time.perf_counter() - got)
+
+    LEDGER.deciding = timed  # type: ignore[method-assign]
+    return times
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--count", type=int, default=100, help="LLMDeployments to create")
@@ -82,6 +111,7 @@ def main(argv: list[str] | None = None) -> int:
             gpu_node(f"gpu-h100-{i:02d}", gpus=8, memory_mib=81559, product="NVIDIA-H100-80GB-HBM3")
         )
 
+    lock_times = time_the_ledger()
     settings = kopf.OperatorSettings()
     settings.scanning.disabled = True
     created: dict[str, float] = {}
@@ -117,6 +147,7 @@ def main(argv: list[str] | None = None) -> int:
             time.sleep(0.02)
         total = time.monotonic() - start
         _, _, _, booked = cluster.call(lambda: snapshot(cluster))
+    served = len(cluster.requests())
     cluster.stop()
     twice = {gpu: n for gpu, n in booked.items() if n > 1}
 
@@ -143,10 +174,17 @@ def main(argv: list[str] | None = None) -> int:
         f"all {args.count} reconciled (children and status) in {total:.2f} s "
         f"({args.count / total:.1f} resources/s); operator exit code {runner.exit_code}"
     )
+    print(f"API requests served: {served} ({served / args.count:.1f} per LLMDeployment, creates included)")
     print(
         f"exclusive GPUs booked: {len(booked)} for {sum(booked.values())} replica-GPUs; "
         f"booked more than once: {len(twice)} GPU(s), {sum(twice.values()) - len(twice)} extra booking(s)"
     )
+    if lock_times["hold"]:
+        hold, wait = sorted(lock_times["hold"]), sorted(lock_times["wait"])
+        p50, top = pct(hold, 0.5) * 1e3, hold[-1] * 1e3
+        held = f"held {sum(hold):.2f} s in all (p50 {p50:.1f} ms, max {top:.1f} ms)"
+        waited = f"waited for {sum(wait):.2f} s in all (max {wait[-1] * 1e3:.1f} ms)"
+        print(f"ledger lock: {len(hold)} decisions, {held}; {waited}")
     return 0
 
 
