@@ -30,6 +30,11 @@ DEFAULT_WORKER_IMAGE = "ghcr.io/kubevram/worker:0.1.0"
 DEFAULT_OVERHEAD_PER_GPU = "1280Mi"
 #: Allocator headroom, as a share of the dynamic memory (KV cache and activations).
 DEFAULT_FRAGMENTATION = 0.05
+#: What the planner budgets per GPU of a multi-node group for NCCL's buffers when
+#: spec.estimation.communicationPerGPU is unset (docs/estimate.md: "Communication buffers").
+DEFAULT_COMMUNICATION_PER_GPU = "1Gi"
+#: The most pods (one per node) one replica's group spans unless spec.placement.maxGroupSize says.
+DEFAULT_MAX_GROUP_SIZE = 4
 
 
 class Precision(StrEnum):
@@ -84,6 +89,14 @@ class Sharing(StrEnum):
 
     exclusive = "exclusive"
     shared = "shared"
+
+
+class MultiNode(StrEnum):
+    """Whether one replica may span several nodes (a LeaderWorkerSet group of pods)."""
+
+    never = "never"
+    whenNeeded = "whenNeeded"
+    always = "always"
 
 
 class Packing(StrEnum):
@@ -195,7 +208,11 @@ class Toleration(_Model):
 
 class PlacementSpec(_Model):
     gpusPerReplica: int = Field(
-        default=0, ge=0, le=64, description="GPUs per replica; 0 chooses the fewest GPUs that fit."
+        default=0,
+        ge=0,
+        le=64,
+        description="GPUs per replica (all the pods of a multi-node group together); 0 chooses the fewest "
+        "GPUs that fit.",
     )
     strategy: Strategy = Field(default=Strategy.balanced, description="How layers are spread over GPUs.")
     offload: Offload = Field(
@@ -207,6 +224,18 @@ class PlacementSpec(_Model):
     )
     packing: Packing = Field(
         default=Packing.binpack, description="binpack fills nodes; spread keeps replicas on different nodes."
+    )
+    multiNode: MultiNode = Field(
+        default=MultiNode.whenNeeded,
+        description="Whether a replica may be one group of pods on several nodes (a LeaderWorkerSet: "
+        "pipeline stages across the pods, tensor parallel over each pod's GPUs): never; whenNeeded, only when "
+        "no node of the cluster could hold a replica without offload (before any offload); always.",
+    )
+    maxGroupSize: int = Field(
+        default=DEFAULT_MAX_GROUP_SIZE,
+        ge=2,
+        le=64,
+        description="Most pods (one per node) the group of one replica may span when multiNode allows groups.",
     )
     nodeSelector: dict[str, str] = Field(default_factory=dict, description="Labels a node must carry.")
     tolerations: list[Toleration] = Field(default_factory=list, description="Taints the replicas tolerate.")
@@ -268,6 +297,11 @@ class EstimationSpec(_Model):
         default=None,
         description="CUDA context, kernels and library workspaces per GPU; unset means "
         f"{DEFAULT_OVERHEAD_PER_GPU} (1.25 GiB).",
+    )
+    communicationPerGPU: Quantity | None = Field(
+        default=None,
+        description="NCCL buffers per GPU of a replica spread over several nodes (tensor-parallel all-reduce "
+        f"and pipeline send/receive); unset means {DEFAULT_COMMUNICATION_PER_GPU}. Single-node replicas hold none.",
     )
     fragmentation: float = Field(
         default=DEFAULT_FRAGMENTATION,
@@ -354,7 +388,10 @@ class AutoscalingStatus(BaseModel):
     pendingReplicas: int = Field(default=0, description="Replicas that could not be placed.")
     gpuClass: str | None = Field(default=None, description="Smallest GPU class that would fit them.")
     minGpuMemoryMiB: int | None = Field(default=None, description="Per-GPU memory the pending pods ask for.")
-    gpuCount: int | None = Field(default=None, description="GPUs per pending replica.")
+    gpuCount: int | None = Field(default=None, description="GPUs per pending replica (per node of a group).")
+    nodeCount: int | None = Field(
+        default=None, description="Nodes of the class one pending replica spans (1, or a multi-node group's size)."
+    )
     reason: str | None = Field(default=None, description="Why they could not be placed, with the numbers.")
 
 

@@ -31,12 +31,18 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from kubevram.api.quantity import GiB, parse_quantity
-from kubevram.api.v1alpha1 import DEFAULT_FRAGMENTATION, DEFAULT_OVERHEAD_PER_GPU, LLMDeploymentSpec
+from kubevram.api.v1alpha1 import (
+    DEFAULT_COMMUNICATION_PER_GPU,
+    DEFAULT_FRAGMENTATION,
+    DEFAULT_OVERHEAD_PER_GPU,
+    LLMDeploymentSpec,
+)
 from kubevram.planner.facts import Attention, ModelFacts
 from kubevram.planner.families import FAMILIES
 from kubevram.planner.modules import COMPUTE_DTYPE, FLOAT_BYTES, Kind, Module, model_modules
 
 DEFAULT_OVERHEAD_BYTES = parse_quantity(DEFAULT_OVERHEAD_PER_GPU)  # the CRD documents the same value
+DEFAULT_COMMUNICATION_BYTES = parse_quantity(DEFAULT_COMMUNICATION_PER_GPU)
 KV_BYTES: dict[str, int] = {"float32": 4, "float16": 2, "bfloat16": 2}
 SAMPLER_BYTES_PER_LOGIT = 4 + 4 + 4 + 8  # float32 logits, probabilities, sorted values, int64 indices
 
@@ -53,10 +59,13 @@ class Workload:
     fragmentation: float = DEFAULT_FRAGMENTATION
     # From calibration (the seed's MemCost = a x SeqLen + b): activation bytes per prefill token.
     activation_bytes_per_token: float | None = None
+    # NCCL buffers per GPU of a multi-node group (single-node replicas hold none).
+    communication_per_gpu: int = DEFAULT_COMMUNICATION_BYTES
 
     @classmethod
     def from_spec(cls, spec: LLMDeploymentSpec, activation_bytes_per_token: float | None = None) -> Workload:
         overhead = spec.estimation.overheadPerGPU
+        comm = spec.estimation.communicationPerGPU
         return cls(
             weights=str(spec.precision.weights),
             kv_cache=str(spec.precision.kvCache),
@@ -65,6 +74,7 @@ class Workload:
             overhead_per_gpu=parse_quantity(overhead) if overhead is not None else DEFAULT_OVERHEAD_BYTES,
             fragmentation=spec.estimation.fragmentation,
             activation_bytes_per_token=activation_bytes_per_token if spec.estimation.useCalibration else None,
+            communication_per_gpu=parse_quantity(comm) if comm is not None else DEFAULT_COMMUNICATION_BYTES,
         )
 
     @property

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 Flag = bool | tuple[str, bool]  # a constant, or (config key, default when the key is absent)
+DEFAULT_LAYOUT = ("model.embed_tokens", "model.layers", "model.norm", "lm_head")
 
 
 @dataclass(frozen=True)
@@ -83,16 +84,36 @@ class Family:
     falcon: bool = False
     eager: bool = False  # transformers runs it with eager attention (Gemma-2's soft-capping): scores exist
     remote_code: bool = False  # transformers cannot build it: trust_remote_code
+    # transformers' tp_plan shards its attention and MLP colwise/rowwise (q/k/v and gate/up by output, o and
+    # down by input: each rank holds its share of the heads and of the KV cache), the embedding by vocabulary
+    # and the head by vocabulary gathered; families whose plan gathers q/k/v (OLMo 2, Phi-3, GLM) or shards
+    # experts differ, and run multi-node as pipeline stages only.
+    tensor_parallel: bool = False
+    # False where transformers' naive pipeline forward would compute something else: Granite scales
+    # ``inputs_embeds`` inside the base model's forward, so a later stage would scale the hidden states again.
+    pipeline_safe: bool = True
     defaults: tuple[tuple[str, Any], ...] = ()
 
+    @property
+    def pipeline(self) -> bool:
+        """Whether transformers' pipeline parallelism can split it: the layout its ``apply_pipeline_parallelism``
+        reads (``model.embed_tokens``, ``model.layers``, ``model.norm``, ``lm_head``), no remote code, and a
+        base model that takes a stage's hidden states as ``inputs_embeds`` unchanged."""
+        n = self.names
+        return (n.embed, n.layers, n.norm, n.head) == DEFAULT_LAYOUT and not self.remote_code and self.pipeline_safe
 
-LLAMA = Family("Llama", qkv_bias=("attention_bias", False), mlp_bias=("mlp_bias", False))
-MISTRAL = Family("Mistral", qkv_bias=False, sliding="all")
-QWEN2 = Family("Qwen2", qkv_bias=True, o_bias=False, sliding="qwen")
+
+LLAMA = Family(
+    "Llama", qkv_bias=("attention_bias", False), mlp_bias=("mlp_bias", False), tensor_parallel=True
+)
+MISTRAL = Family("Mistral", qkv_bias=False, sliding="all", tensor_parallel=True)
+QWEN2 = Family("Qwen2", qkv_bias=True, o_bias=False, sliding="qwen", tensor_parallel=True)
 QWEN3 = replace(
     LLAMA, label="Qwen3", mlp_bias=False, qk_norm="head", sliding="qwen", defaults=(("head_dim", 128),)
 )
-GEMMA = Family("Gemma", mlp_bias=False, tie=True, embed_scale=True, defaults=(("head_dim", 256),))
+GEMMA = Family(
+    "Gemma", mlp_bias=False, tie=True, embed_scale=True, tensor_parallel=True, defaults=(("head_dim", 256),)
+)
 GEMMA2 = replace(
     GEMMA,
     label="Gemma 2",
@@ -112,6 +133,7 @@ COHERE = Family(
 )
 STARCODER2 = Family(
     "StarCoder2",
+    tensor_parallel=True,
     qkv_bias=("use_bias", True),
     mlp="plain",
     mlp_bias=("use_bias", True),
@@ -166,6 +188,7 @@ FAMILIES: dict[str, Family] = {
     "mixtral": replace(
         MISTRAL,
         label="Mixtral",
+        tensor_parallel=False,
         moe=MoE("num_local_experts", intermediate="intermediate_size"),
         defaults=(("num_local_experts", 8),),
     ),
@@ -173,6 +196,7 @@ FAMILIES: dict[str, Family] = {
     "qwen2_moe": replace(
         QWEN2,
         label="Qwen2-MoE",
+        tensor_parallel=False,
         qkv_bias=("qkv_bias", True),
         sliding="qwen_moe",
         moe=MoE("num_experts", shared="shared_expert_intermediate_size", shared_gate=True),
@@ -186,6 +210,7 @@ FAMILIES: dict[str, Family] = {
     "qwen3_moe": replace(
         QWEN3,
         label="Qwen3-MoE",
+        tensor_parallel=False,
         moe=MoE("num_experts"),
         defaults=(("num_experts", 128), ("moe_intermediate_size", 768)),
     ),
@@ -209,12 +234,14 @@ FAMILIES: dict[str, Family] = {
         sliding_pattern=4,
         defaults=(("sliding_window", 4096),),
     ),
-    "olmo": Family("OLMo", norm="none"),
+    "olmo": Family("OLMo", norm="none", tensor_parallel=True),
     "olmo2": Family("OLMo 2", qk_norm="full"),
-    "granite": replace(LLAMA, label="Granite"),
+    "granite": replace(LLAMA, label="Granite", pipeline_safe=False),
     "granitemoe": replace(
         LLAMA,
         label="Granite MoE",
+        tensor_parallel=False,
+        pipeline_safe=False,
         mlp_bias=False,
         moe=MoE("num_local_experts", intermediate="intermediate_size"),
         defaults=(("num_local_experts", 8),),

@@ -54,6 +54,9 @@ class Linear:
     fp32: bool = False  # kept in float32 whatever the model dtype (``_keep_in_fp32_modules_strict``)
     router: bool = False  # an MoE router: no quantization method touches it
     quant: Quantization | None = None  # stored pre-quantized (the checkpoint's quantization_config)
+    # Tensor parallel (transformers' tp_plan): "col" shards the output features (colwise: weight and bias),
+    # "row" the input features (rowwise: the bias stays whole on every rank); "" keeps it whole.
+    split: str = ""
 
     @property
     def params(self) -> int:
@@ -215,19 +218,25 @@ def _attention(f: ModelFacts) -> tuple[Linear, ...]:
             Linear(h, heads * f.v_head_dim, f.o_bias),
         )
     q, kv = heads * hd, f.num_kv_heads * hd
-    out = Linear(h, q, f.o_bias)
+    out = Linear(h, q, f.o_bias, split="row")
     if f.spec.qkv == "fused":
-        return Linear(q + 2 * kv, h, f.qkv_bias), out
-    return Linear(q, h, f.qkv_bias), Linear(kv, h, f.qkv_bias), Linear(kv, h, f.qkv_bias), out
+        return Linear(q + 2 * kv, h, f.qkv_bias, split="col"), out
+    return (
+        Linear(q, h, f.qkv_bias, split="col"),
+        Linear(kv, h, f.qkv_bias, split="col"),
+        Linear(kv, h, f.qkv_bias, split="col"),
+        out,
+    )
 
 
 def _mlp(f: ModelFacts, inner: int) -> tuple[Linear, ...]:
     h, bias, kind = f.hidden_size, f.mlp_bias, f.spec.mlp
+    down = Linear(h, inner, bias, split="row")
     if kind == "plain":
-        return Linear(inner, h, bias), Linear(h, inner, bias)
+        return Linear(inner, h, bias, split="col"), down
     if kind == "fused_gated":
-        return Linear(2 * inner, h, bias), Linear(h, inner, bias)
-    return Linear(inner, h, bias), Linear(inner, h, bias), Linear(h, inner, bias)
+        return Linear(2 * inner, h, bias, split="col"), down
+    return Linear(inner, h, bias, split="col"), Linear(inner, h, bias, split="col"), down
 
 
 def _moe(f: ModelFacts) -> tuple[Linear, ...]:

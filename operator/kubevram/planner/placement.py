@@ -48,9 +48,10 @@ from kubevram.api.errors import SpecError
 from kubevram.api.quantity import GiB, MiB
 from kubevram.api.v1alpha1 import LLMDeployment
 from kubevram.planner.calibration import deployment_coefficient
-from kubevram.planner.devicemap import NoFit, ReplicaPlan, min_per_gpu_bytes, plan_replica
+from kubevram.planner.devicemap import NEEDED_UP_TO, NoFit, ReplicaPlan, min_per_gpu_bytes, plan_replica
 from kubevram.planner.estimate import Estimate, Workload, estimate
 from kubevram.planner.facts import ModelFacts
+from kubevram.planner.groups import GroupPlan, plan_group, why_no_group
 from kubevram.planner.inventory import (
     LABEL_COUNT,
     LABEL_MEMORY,
@@ -162,8 +163,26 @@ def offloaded(replica: Mapping[str, Any]) -> dict[str, int]:
     return {where: int(budgets[where]) for where in ("cpu", "disk") if budgets.get(where)}
 
 
+@dataclass(frozen=True)
+class GroupPod:
+    """One pod of a multi-node replica: its node and the node's GPUs it takes whole."""
+
+    node: str
+    gpus: tuple[int, ...]
+    reservation: dict[int, int]  # node GPU index -> bytes
+    product: str
+
+    def to_json(self, index: int) -> dict[str, Any]:
+        return {"index": index, "node": self.node, "gpus": list(self.gpus),
+                "reservation": {str(k): v for k, v in sorted(self.reservation.items())},
+                "gpuProduct": self.product}
+
+
 @dataclass
 class PlacedReplica:
+    """One replica: on one node, or (``group``) one pod per node of a multi-node group, whose pod 0 (the
+    leader) is ``node``/``gpus``/``reservation``."""
+
     node: str
     gpus: list[int]  # node GPU indices
     plan: ReplicaPlan
@@ -171,9 +190,11 @@ class PlacedReplica:
     resource: str
     reservation: dict[int, int]  # node GPU index -> bytes this replica holds there
     product: str
+    group: GroupPlan | None = None
+    pods: tuple[GroupPod, ...] = ()
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        out = {
             "node": self.node,
             "gpus": list(self.gpus),
             **self.plan.to_json(),
@@ -182,6 +203,9 @@ class PlacedReplica:
             "reservation": {str(k): v for k, v in sorted(self.reservation.items())},
             "gpuProduct": self.product,
         }
+        if self.group is not None:
+            out["group"] = {**self.group.to_json(), "pods": [p.to_json(i) for i, p in enumerate(self.pods)]}
+        return out
 
 
 @dataclass
@@ -243,11 +267,14 @@ class _Demand:
     shared: bool
     spread: bool
     gpus_per_replica: int
+    multi_node: str
+    max_group_size: int
     node_selector: dict[str, str]
     tolerations: list[dict[str, Any]]
     order: int
     _need: dict[int, int] = field(default_factory=dict)
     _fewest: dict[tuple[int, int], int | None] = field(default_factory=dict)
+    _shapes: dict[tuple[int, int], list[tuple[int, int, GroupPlan]]] = field(default_factory=dict)
     _constraints: tuple[Any, ...] | None = None
 
     def need(self, n: int) -> int:
@@ -274,6 +301,32 @@ class _Demand:
                     self._fewest[key] = n
                     break
         return self._fewest[key]
+
+    def groups(self) -> bool:
+        """Whether this deployment's replicas may be groups of pods at all."""
+        return self.multi_node != "never" and not self.shared and not why_no_group(self.facts, self.workload)
+
+    def group_shapes(self, device_bytes: int, per_node: int) -> list[tuple[int, int, GroupPlan]]:
+        """(pods, GPUs per pod, plan) of every group of GPUs of ``device_bytes`` (at most ``per_node`` per
+        pod) that holds one replica, fewest GPUs first, then fewest pods."""
+        key = (-device_bytes, per_node)
+        if key not in self._shapes:
+            est = self.plan.estimate
+            spread = (est.weightsBytes + est.kvCacheBytes) if est is not None else 0
+            shapes = []
+            for pods in range(2, self.max_group_size + 1):
+                for per_pod in range(1, per_node + 1):
+                    n = pods * per_pod
+                    if self.gpus_per_replica and n != self.gpus_per_replica:
+                        continue
+                    if spread / n + self.workload.overhead_per_gpu > device_bytes:
+                        continue  # the weights and KV alone do not fit
+                    plan = plan_group(self.facts, self.workload, device_bytes, pods, per_pod)
+                    if plan is not None:
+                        shapes.append((n, pods, per_pod, plan))
+            shapes.sort(key=lambda s: s[:3])
+            self._shapes[key] = [(pods, per_pod, plan) for _, pods, per_pod, plan in shapes]
+        return self._shapes[key]
 
     def floor(self, n: int) -> float:
         """A cheap lower bound of ``need(n)``: n GPUs hold all weights and KV plus n overheads, so one of
@@ -481,6 +534,64 @@ class _Planner:
             node.name, list(c.indices), plan, d.shared, c.resource, reservation, node.product
         )
 
+    # -- one replica over several nodes
+    def single_node_possible(self, d: _Demand) -> bool:
+        """Whether some admitting node, with all its devices of one class free, could hold a replica
+        without offload (what ``multiNode: whenNeeded`` asks before grouping)."""
+        pool = self.pool(d)
+        for ck in pool.buckets:
+            if not (ck[0] == "gpu" and d.shared) and d.fewest(ck[1], pool.max_devices[ck]) is not None:
+                return True
+        if d.shared:
+            return any(
+                d.fewest(ck[1], min(len(self.classes[n.name][ck]), n.allocatable.get(ck[2], 0))) is not None
+                for ck, nodes in pool.sliced.items() for n in nodes
+            )
+        return False
+
+    def group_place(self, d: _Demand, used_nodes: set[str]) -> PlacedReplica | None:
+        """One pod per node on ``pods`` nodes of one whole-GPU class: the shape taking the least VRAM (then
+        the fewest pods, the smaller GPU), on the nodes ``binpack`` fills first (least room that fits),
+        ``spread`` on nodes holding no replica of the deployment yet; ties by node name."""
+        pool = self.pool(d)
+        best: tuple[tuple[Any, ...], _ClassKey, int, GroupPlan, list[str]] | None = None
+        for ck, buckets in pool.buckets.items():
+            kind, mem, _, _ = ck
+            if kind != "gpu":
+                continue
+            for pods, per_pod, plan in d.group_shapes(mem, pool.max_devices[ck]):
+                rooms = sorted(
+                    (room, name)
+                    for room, names in buckets.items() if room >= per_pod
+                    for name in names if not (d.spread and name in used_nodes)
+                )
+                if len(rooms) < pods:
+                    continue
+                chosen = [name for _, name in rooms[:pods]]
+                key = (pods * per_pod * mem, mem, pods, chosen)
+                if best is None or key < best[0]:
+                    best = (key, ck, per_pod, plan, chosen)
+                break  # the class's first shape that finds nodes is its best
+        if best is None:
+            return None
+        _, ck, per_pod, plan, chosen = best
+        group_pods = []
+        for name in chosen:
+            node = pool.by_name[name]
+            indices = _whole_free(node, self.classes[name][ck])[:per_pod]
+            for i in indices:
+                node.hold_whole(i)
+            for p in self._pools.values():
+                if name in p.by_name:
+                    p.refresh(node)
+            group_pods.append(
+                GroupPod(name, tuple(indices), {i: node.devices[i].memory_bytes for i in indices}, node.product)
+            )
+        leader = group_pods[0]
+        pod0 = ReplicaPlan(tuple(range(per_pod)), {}, {}, plan.pod_budgets(0))
+        return PlacedReplica(leader.node, list(leader.gpus), pod0, False, ck[2], dict(leader.reservation),
+                             leader.product, plan, tuple(group_pods))
+
     def offload_place(self, d: _Demand, used_nodes: set[str]) -> PlacedReplica | None:
         """No GPU-only fit: the node with the most free whole-device memory; the map spills the rest."""
         if d.offload == "none" or d.shared:
@@ -509,6 +620,20 @@ class _Planner:
         return self.commit(d, _Choice(node, indices, mem * n, mem, n, ck[2], 0), plan)
 
     # -- why not, with numbers
+    def group_need(self, d: _Demand, device_bytes: int, per_node: int) -> str:
+        """What a group of GPUs of ``device_bytes`` (``per_node`` a node) would take, or why no group can
+        be made ('' when there is nothing to say)."""
+        why = why_no_group(d.facts, d.workload)
+        if why:
+            return why if d.multi_node == "always" else ""
+        shapes = d.group_shapes(device_bytes, per_node) if device_bytes else []
+        if not shapes:
+            return ""
+        pods, per_pod, plan = shapes[0]
+        lay = plan.layout
+        return (f"a group of {pods} pods x {per_pod} GPU{'s' if per_pod > 1 else ''} with >= "
+                f"{_gib(plan.peak)} each (tensor parallel {lay.tp} x {lay.pp} pipeline stages)")
+
     def reason(self, d: _Demand, used_nodes: set[str], biggest_gpu: int = 0) -> str:
         """Why ``d``'s next replica fits nowhere: the per-GPU need for a few GPU counts (those a GPU of
         ``biggest_gpu`` bytes could meet, when any), the most memory free on a device, excluded nodes."""
@@ -527,6 +652,14 @@ class _Planner:
             for i, n in enumerate(options[:3])
         )
         parts = [f"needs {'a VRAM slice of ' if d.shared else ''}{needs}"]
+        if d.multi_node != "never" and not d.shared and not self.single_node_possible(d):
+            # a group of the cluster's own largest GPUs (the autoscaling signal names a class to add)
+            device = self.biggest_device or biggest_gpu
+            per_node = max((len(n.devices) for n in self.nodes
+                            if any(dev.memory_bytes == device for dev in n.devices)), default=NEEDED_UP_TO)
+            group = self.group_need(d, device, per_node)
+            if group:
+                parts[0] += f", or {group}"
         pool = self.pool(d)
         largest: tuple[int, int, str] | None = None  # (bytes, devices, node): the most memory free
         compatible = False
@@ -587,40 +720,65 @@ def _gib(n: int) -> str:
 
 
 def autoscaling_signal(d: _Demand, classes: Sequence[NodeClass]) -> dict[str, Any]:
-    """The smallest class (VRAM taken = GPUs x memory, then memory) that holds one pending replica."""
-    best: tuple[tuple[int, int, str], NodeClass, int] | None = None
-    for cls in classes:
-        if not _class_matches(cls, d.node_selector):
-            continue
-        n = d.fewest(cls.gpu_memory_mib * MiB, cls.gpus_per_node)
-        if n is None:
-            continue
-        key = (n * cls.gpu_memory_mib, cls.gpu_memory_mib, cls.name)
-        if best is None or key < best[0]:
-            best = (key, cls, n)
+    """The smallest class (VRAM taken = GPUs x memory, then memory) that holds one pending replica: on one
+    node, or, where the deployment allows groups and no node of any class holds it (``always``: first),
+    on ``nodeCount`` nodes of the class with ``gpuCount`` GPUs each."""
     selector = [{"key": k, "operator": "In", "values": [v]} for k, v in sorted(d.node_selector.items())]
     if d.shared:  # a VRAM slice needs a GPU that is shared (time-sliced)
         selector.append({"key": LABEL_REPLICAS, "operator": "Gt", "values": ["1"]})
-    if best is None:
-        n = d.gpus_per_replica or 1
+    matching = [cls for cls in classes if _class_matches(cls, d.node_selector)]
+    best: tuple[tuple[int, int, str], NodeClass, int] | None = None
+    if not (d.groups() and d.multi_node == "always"):
+        for cls in matching:
+            n = d.fewest(cls.gpu_memory_mib * MiB, cls.gpus_per_node)
+            if n is None:
+                continue
+            key = (n * cls.gpu_memory_mib, cls.gpu_memory_mib, cls.name)
+            if best is None or key < best[0]:
+                best = (key, cls, n)
+    if best is not None:
+        _, cls, n = best
         mib = math.ceil(d.need(n) / MiB)
         return {
-            "gpuClass": None,
-            "gpuProduct": None,
+            "gpuClass": cls.name,
+            "gpuProduct": cls.gpu_product,
             "minGpuMemoryMiB": mib,
             "gpuCount": n,
+            "nodeCount": 1,
             "nodeAffinity": _affinity(mib, n) + selector,
-            "message": f"no node class{' matching spec.placement.nodeSelector' if d.node_selector else ''} "
-            f"holds a replica; {n} GPU(s) with >= {mib} MiB each would",
         }
-    _, cls, n = best
+    grouped: tuple[tuple[int, int, str], NodeClass, int, int, int] | None = None
+    if d.groups():
+        for cls in matching:
+            shapes = d.group_shapes(cls.gpu_memory_mib * MiB, cls.gpus_per_node)
+            if not shapes:
+                continue
+            pods, per_pod, plan = shapes[0]
+            key = (pods * per_pod * cls.gpu_memory_mib, cls.gpu_memory_mib, cls.name)
+            if grouped is None or key < grouped[0]:
+                grouped = (key, cls, pods, per_pod, plan.peak)
+    if grouped is not None:
+        _, cls, pods, per_pod, peak = grouped
+        mib = math.ceil(peak / MiB)
+        return {
+            "gpuClass": cls.name,
+            "gpuProduct": cls.gpu_product,
+            "minGpuMemoryMiB": mib,
+            "gpuCount": per_pod,
+            "nodeCount": pods,
+            "nodeAffinity": _affinity(mib, per_pod) + selector,
+        }
+    n = d.gpus_per_replica or 1
     mib = math.ceil(d.need(n) / MiB)
     return {
-        "gpuClass": cls.name,
-        "gpuProduct": cls.gpu_product,
+        "gpuClass": None,
+        "gpuProduct": None,
         "minGpuMemoryMiB": mib,
         "gpuCount": n,
+        "nodeCount": 1,
         "nodeAffinity": _affinity(mib, n) + selector,
+        "message": f"no node class{' matching spec.placement.nodeSelector' if d.node_selector else ''} "
+        f"holds a replica; {n} GPU(s) with >= {mib} MiB each would",
     }
 
 
@@ -706,6 +864,8 @@ def plan_cluster(
                 shared=str(p.sharing) == "shared",
                 spread=str(p.packing) == "spread",
                 gpus_per_replica=p.gpusPerReplica,
+                multi_node=str(p.multiNode),
+                max_group_size=p.maxGroupSize,
                 node_selector=dict(p.nodeSelector),
                 tolerations=[*(t.model_dump(exclude_none=True) for t in p.tolerations), GPU_TOLERATION],
                 order=i,
@@ -731,7 +891,8 @@ def plan_cluster(
 
 def _plan_deployment(planner: _Planner, d: _Demand, classes: Sequence[NodeClass]) -> None:
     used: set[str] = set()
-    fail_key = (d.facts, d.workload, d.strategy, d.offload, d.shared, d.gpus_per_replica, d.constraints)
+    fail_key = (d.facts, d.workload, d.strategy, d.offload, d.shared, d.gpus_per_replica, d.multi_node,
+                d.max_group_size, d.constraints)
     for placed_count in range(d.replicas):
         # Capacity only shrinks while planning: what failed for an identical demand fails again (unless
         # spread, whose candidates depend on the deployment's own replicas).
@@ -740,11 +901,15 @@ def _plan_deployment(planner: _Planner, d: _Demand, classes: Sequence[NodeClass]
             d.plan.reason = planner._failed[fail_key]
             break
         replica: PlacedReplica | None = None
-        choice = planner.place(d, used)
-        if choice is not None:
-            rp = planner.replica_plan(d, choice)
-            if isinstance(rp, ReplicaPlan):
-                replica = planner.commit(d, choice, rp)
+        grouped = d.groups() and (d.multi_node == "always" or not planner.single_node_possible(d))
+        if grouped:
+            replica = planner.group_place(d, used)
+        else:
+            choice = planner.place(d, used)
+            if choice is not None:
+                rp = planner.replica_plan(d, choice)
+                if isinstance(rp, ReplicaPlan):
+                    replica = planner.commit(d, choice, rp)
         if replica is None:
             replica = planner.offload_place(d, used)
         if replica is None:
@@ -755,7 +920,7 @@ def _plan_deployment(planner: _Planner, d: _Demand, classes: Sequence[NodeClass]
                 planner._failed[fail_key] = d.plan.reason
             break
         d.plan.replicas.append(replica)
-        used.add(replica.node)
+        used.update([replica.node, *(p.node for p in replica.pods)])
     if d.plan.unscheduled:
         d.plan.autoscaling = autoscaling_signal(d, classes)
 
@@ -764,6 +929,7 @@ __all__ = [
     "KNOWN_PRODUCTS",
     "ClusterPlan",
     "DeploymentPlan",
+    "GroupPod",
     "NodeClass",
     "PlacedReplica",
     "autoscaling_signal",
