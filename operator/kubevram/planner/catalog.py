@@ -236,6 +236,8 @@ _CHATGLM2_6B = {
 _LLAMA31_8B = {**_LLAMA3_8B, "max_position_embeddings": 131072,
                "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                                 "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}}
+_LLAMA31_405B = {**_LLAMA31_8B, "hidden_size": 16384, "intermediate_size": 53248, "num_hidden_layers": 126,
+                 "num_attention_heads": 128}
 _QWEN25_72B = {
     **_QWEN2_7B, "hidden_size": 8192, "intermediate_size": 29568, "num_hidden_layers": 80,
     "num_attention_heads": 64, "num_key_value_heads": 8, "max_window_layers": 70,
@@ -418,6 +420,8 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "thudm/chatglm2-6b": _CHATGLM2_6B,
     "meta-llama/llama-3.1-8b": _LLAMA31_8B,
     "meta-llama/llama-3.1-8b-instruct": _LLAMA31_8B,
+    "meta-llama/llama-3.1-405b": _LLAMA31_405B,
+    "meta-llama/llama-3.1-405b-instruct": _LLAMA31_405B,
     "qwen/qwen2.5-72b-instruct": _QWEN25_72B,
     "qwen/qwen1.5-moe-a2.7b": _QWEN15_MOE,
     "qwen/qwen3-8b": _QWEN3_8B,

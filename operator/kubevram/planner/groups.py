@@ -102,6 +102,7 @@ class Stage:
     index: int
     layers: tuple[int, int]  # decoder layers [first, end)
     modules: tuple[str, ...]  # top-level modules it holds (whole or a tensor-parallel share)
+    ends: tuple[str, ...] = ()  # those besides its decoder layers and the rotary buffers: embeddings, head
 
 
 @dataclass(frozen=True)
@@ -148,7 +149,7 @@ class GroupPlan:
             "pipelineParallel": lay.pp,
             "worldSize": lay.world,
             "stages": [
-                {"stage": s.index, "layers": list(s.layers), "modules": list(s.modules)} for s in self.stages
+                {"stage": s.index, "layers": list(s.layers), "ends": list(s.ends)} for s in self.stages
             ],
             "ranks": [r.to_json() for r in self.ranks],
             "totals": self.totals(),
@@ -393,10 +394,10 @@ def _result(facts: ModelFacts, workload: Workload, layout: Layout, p: _Ranks, bo
     stages = []
     for s in range(layout.pp):
         a, b = bounds[s], bounds[s + 1]
-        names = (lead if s == 0 else []) + layer_names[a:b] + rotary
+        ends = lead if s == 0 else []
         if s == layout.pp - 1:
-            names += [n for n in tied if n not in names and n] + trail
-        stages.append(Stage(s, (a, b), tuple(names)))
+            ends = ends + [n for n in tied if n and n not in ends] + trail
+        stages.append(Stage(s, (a, b), tuple(layer_names[a:b] + rotary + ends), tuple(ends)))
     ranks = []
     for rank in range(layout.world):
         pod, gpu, stage, r = layout.place(rank)

@@ -27,9 +27,17 @@ from kubevram.api.errors import SpecError
 from kubevram.api.load import load_deployments
 from kubevram.api.quantity import GiB
 from kubevram.api.v1alpha1 import LLMDeployment
+from kubevram.planner.estimate import Estimate
 from kubevram.planner.facts import ModelFacts
 from kubevram.planner.inventory import NodeInventory
-from kubevram.planner.placement import ClusterPlan, DeploymentPlan, offloaded, plan_cluster, vram_per_replica
+from kubevram.planner.placement import (
+    ClusterPlan,
+    DeploymentPlan,
+    PlacedReplica,
+    offloaded,
+    plan_cluster,
+    vram_per_replica,
+)
 from kubevram.planner.report import Fallback, resolve_facts
 
 SAMPLE_CLUSTER = "sample_cluster.yaml"
@@ -40,7 +48,8 @@ SEGMENTS = (  # (per-GPU key(s), character, legend)
     (("weights",), "█", "weights"),
     (("kvCache",), "▓", "KV cache"),
     (("activations",), "▒", "activations"),
-    (("overhead", "fragmentation", "offloadBuffer"), "░", "overhead (CUDA context, allocator headroom)"),
+    (("overhead", "fragmentation", "offloadBuffer", "communication"), "░",
+     "overhead (CUDA context, allocator headroom, NCCL buffers)"),
 )
 HELD = "▪"
 FREE = "·"
@@ -150,6 +159,8 @@ def _summary(dp: DeploymentPlan) -> list[str]:
     lines = [f"{head:<36} {size:>11}   {len(dp.replicas)}/{total} placed"]
     where: dict[tuple[str, tuple[int, ...], bool, tuple[tuple[str, int], ...]], int] = {}
     for r in plan["replicas"]:
+        if r.get("group"):
+            continue
         key = (r["node"], tuple(r["gpus"]), r["shared"], tuple(offloaded(r).items()))
         where[key] = where.get(key, 0) + 1
     for (node, gpus, shared, off), count in where.items():
@@ -157,6 +168,9 @@ def _summary(dp: DeploymentPlan) -> list[str]:
         times = f" x{count}" if count > 1 else ""
         spill = "".join(f" + offload to {dev}: {_gib(n)} GiB" for dev, n in off)
         lines.append(f"    {node} GPU {','.join(map(str, gpus))} ({mode}){spill}{times}")
+    for i, replica in enumerate(dp.replicas):
+        if replica.group is not None:
+            lines += _group_lines(i, replica, dp.estimate)
     if dp.unscheduled:
         lines.append(f"    {dp.unscheduled} pending: {dp.reason}")
         sig = dp.autoscaling or {}
@@ -170,6 +184,55 @@ def _summary(dp: DeploymentPlan) -> list[str]:
         elif sig:
             lines.append(f"    autoscaler: {sig.get('message', '')}; pending pods carry [{terms}]")
     return lines
+
+
+def _span(values: Sequence[int]) -> str:
+    """``0-7`` for consecutive numbers, ``0,2,5`` otherwise."""
+    values = list(values)
+    if len(values) > 2 and values == list(range(values[0], values[-1] + 1)):
+        return f"{values[0]}-{values[-1]}"
+    return ",".join(map(str, values))
+
+
+def _group_lines(index: int, r: PlacedReplica, est: Estimate | None) -> list[str]:
+    """A multi-node replica: its pods, stages, per-rank budgets (ranks with equal budgets on one line) and
+    how the ranks add up to the estimate (docs/estimate.md, "Replicas over several nodes")."""
+    group = r.group
+    assert group is not None
+    lay = group.layout
+    lines = [f"    replica {index}: group of {lay.pods} pods, tensor parallel {lay.tp} x {lay.pp} pipeline stages "
+             f"({lay.world} ranks)"]
+    for p, pod in enumerate(r.pods):
+        stages = sorted({rank.stage for rank in group.ranks if rank.pod == p})
+        held = []
+        for st in stages:
+            stage = group.stages[st]
+            a, b = stage.layers
+            held.append(f"stage {st}: layers {a}-{b - 1}" + "".join(f" + {name}" for name in stage.ends))
+        role = "leader" if p == 0 else "worker"
+        lines.append(f"      pod {p} ({role}) {pod.node} GPU {_span(pod.gpus)}: {'; '.join(held)}")
+    runs: list[list[Any]] = []  # [first rank, last rank, budget]
+    for rank in group.ranks:
+        if runs and runs[-1][2] == rank.budget and runs[-1][1] == rank.rank - 1:
+            runs[-1][1] = rank.rank
+        else:
+            runs.append([rank.rank, rank.rank, rank.budget])
+    for first, last, budget in runs:
+        who = f"rank {first}" if first == last else f"ranks {first}-{last}"
+        parts = " + ".join(f"{label} {_gib(budget[key])}" for key, label in _RANK_PARTS)
+        lines.append(f"      {who:<12} {parts} = {_gib(budget['total'])} GiB{' each' if first != last else ''}")
+    totals = group.totals()
+    if est is not None:
+        lines.append(
+            f"      sum of the ranks: weights {_gib(totals['weights'])} GiB = estimate {_gib(est.weightsBytes)} + "
+            f"{_gib(totals['replicatedWeights'])} held by several ranks; KV cache {_gib(totals['kvCache'])} GiB "
+            f"(estimate {_gib(est.kvCacheBytes)}); the rest is per GPU"
+        )
+    return lines
+
+
+_RANK_PARTS = (("weights", "weights"), ("kvCache", "KV"), ("activations", "act"),
+               ("communication", "comm"), ("overhead", "context"), ("fragmentation", "headroom"))
 
 
 def _bar(total: int, parts: Sequence[tuple[str, int]], width: int = BAR_WIDTH) -> str:
@@ -233,6 +296,13 @@ def render_table(plan: ClusterPlan, title: str) -> str:
     planned: dict[str, _Planned] = {}
     for dp in plan.deployments:
         for i, r in enumerate(dp.replicas):
+            if r.group is not None:
+                for p, pod in enumerate(r.pods):
+                    for budget, node_index in zip(r.group.pod_budgets(p), pod.gpus, strict=True):
+                        planned.setdefault(pod.node, {}).setdefault(node_index, []).append(
+                            (f"{dp.namespace}/{dp.name}#{i}/pod{p}", budget, pod.reservation[node_index], False)
+                        )
+                continue
             for pod_index, node_index in enumerate(r.gpus):
                 planned.setdefault(r.node, {}).setdefault(node_index, []).append(
                     (f"{dp.namespace}/{dp.name}#{i}", r.plan.per_gpu[pod_index], r.reservation[node_index],
