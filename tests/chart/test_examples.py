@@ -27,11 +27,12 @@ def example(name: str) -> dict[str, Any]:
     return doc
 
 
-def test_the_five_examples_are_there() -> None:
+def test_the_six_examples_are_there() -> None:
     assert sorted(BY_NAME) == [
         "chatglm-6b-cpu-offload.yaml",
         "chinese-chat.yaml",
         "llama-3-70b-multi-gpu.yaml",
+        "llama-3.1-405b-multi-node.yaml",
         "qwen2-7b.yaml",
         "shared-gpu-small.yaml",
     ]
@@ -73,6 +74,8 @@ def test_inline_configs_agree_with_the_planners_catalogue(path: Path) -> None:
         ("llama-3-70b-multi-gpu.yaml", 70_553_706_496),
         ("chinese-chat.yaml", 6_738_415_616),
         ("shared-gpu-small.yaml", 494_032_768),
+        # the safetensors index's total_size (811,706,777,600 bytes) over 2 bytes a bfloat16 parameter
+        ("llama-3.1-405b-multi-node.yaml", 405_853_388_800),
     ],
 )
 def test_estimate_runs_offline_on_the_example(
@@ -107,6 +110,13 @@ def test_plan_splits_llama_3_70b_over_four_gpus(capsys: pytest.CaptureFixture[st
     # balanced_low_0: GPU 0 gets the smallest share.
     budgets = {int(k): v for k, v in replica["maxMemory"].items()}
     assert budgets[0] == min(budgets.values()) < max(budgets.values())
+
+
+def test_plan_spreads_llama_405b_over_two_nodes(capsys: pytest.CaptureFixture[str]) -> None:
+    (replica,) = plan("llama-3.1-405b-multi-node.yaml", capsys)["replicas"]
+    group = replica["group"]
+    assert group["size"] == 2 and group["worldSize"] == 16
+    assert len({pod["node"] for pod in group["pods"]}) == 2
 
 
 def test_plan_offloads_chatglm_layers_to_cpu(capsys: pytest.CaptureFixture[str]) -> None:

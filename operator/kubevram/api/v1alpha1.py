@@ -228,14 +228,15 @@ class PlacementSpec(_Model):
     multiNode: MultiNode = Field(
         default=MultiNode.whenNeeded,
         description="Whether a replica may be one group of pods on several nodes (a LeaderWorkerSet: "
-        "pipeline stages across the pods, tensor parallel over each pod's GPUs): never; whenNeeded, only when "
-        "no node of the cluster could hold a replica without offload (before any offload); always.",
+        "pipeline stages across the pods, tensor parallel over each pod's GPUs): never; whenNeeded, only "
+        "when no node of the cluster could hold a replica without offload (before any offload); always.",
     )
     maxGroupSize: int = Field(
         default=DEFAULT_MAX_GROUP_SIZE,
         ge=2,
         le=64,
-        description="Most pods (one per node) the group of one replica may span when multiNode allows groups.",
+        description="Most pods (one per node) the group of one replica may span when multiNode allows "
+        "groups.",
     )
     nodeSelector: dict[str, str] = Field(default_factory=dict, description="Labels a node must carry.")
     tolerations: list[Toleration] = Field(default_factory=list, description="Taints the replicas tolerate.")
@@ -300,8 +301,9 @@ class EstimationSpec(_Model):
     )
     communicationPerGPU: Quantity | None = Field(
         default=None,
-        description="NCCL buffers per GPU of a replica spread over several nodes (tensor-parallel all-reduce "
-        f"and pipeline send/receive); unset means {DEFAULT_COMMUNICATION_PER_GPU}. Single-node replicas hold none.",
+        description="NCCL buffers per GPU of a replica spread over several nodes (tensor-parallel "
+        f"all-reduce and pipeline send/receive); unset means {DEFAULT_COMMUNICATION_PER_GPU}. Single-node "
+        "replicas hold none.",
     )
     fragmentation: float = Field(
         default=DEFAULT_FRAGMENTATION,
@@ -390,7 +392,8 @@ class AutoscalingStatus(BaseModel):
     minGpuMemoryMiB: int | None = Field(default=None, description="Per-GPU memory the pending pods ask for.")
     gpuCount: int | None = Field(default=None, description="GPUs per pending replica (per node of a group).")
     nodeCount: int | None = Field(
-        default=None, description="Nodes of the class one pending replica spans (1, or a multi-node group's size)."
+        default=None,
+        description="Nodes of the class one pending replica spans (1, or a multi-node group's size).",
     )
     reason: str | None = Field(default=None, description="Why they could not be placed, with the numbers.")
 

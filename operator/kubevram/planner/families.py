@@ -14,6 +14,7 @@ transformers' own modules and KV cache.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -96,11 +97,13 @@ class Family:
 
     @property
     def pipeline(self) -> bool:
-        """Whether transformers' pipeline parallelism can split it: the layout its ``apply_pipeline_parallelism``
-        reads (``model.embed_tokens``, ``model.layers``, ``model.norm``, ``lm_head``), no remote code, and a
-        base model that takes a stage's hidden states as ``inputs_embeds`` unchanged."""
+        """Whether transformers' pipeline parallelism can split it: the layout its
+        ``apply_pipeline_parallelism`` reads (``model.embed_tokens``, ``model.layers``, ``model.norm``,
+        ``lm_head``), no remote code, and a base model that takes a stage's hidden states as
+        ``inputs_embeds`` unchanged."""
         n = self.names
-        return (n.embed, n.layers, n.norm, n.head) == DEFAULT_LAYOUT and not self.remote_code and self.pipeline_safe
+        layout = (n.embed, n.layers, n.norm, n.head)
+        return layout == DEFAULT_LAYOUT and not self.remote_code and self.pipeline_safe
 
 
 LLAMA = Family(
@@ -413,8 +416,10 @@ def canonical_config(config: Mapping[str, Any]) -> dict[str, Any]:
     ``n_head``, ``n_head_kv`` and ``n_layer``; RefinedWeb is the new decoder architecture (grouped KV
     heads, two layer norms) even without ``new_decoder_architecture``. ChatGLM's remote code covers two
     layouts under one ``model_type``: ChatGLM2/3 configs carry ``ffn_hidden_size``/``padded_vocab_size``.
+    A deep copy: transformers' config classes write into nested dicts they are given (``rope_scaling``
+    gains ``rope_theta``), which must not change the caller's config or the catalogue.
     """
-    out = dict(config)
+    out = copy.deepcopy(dict(config))
     model_type = str(out.get("model_type"))
     if model_type in ALIASES:
         out["model_type"] = ALIASES[model_type]

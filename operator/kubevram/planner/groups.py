@@ -290,7 +290,8 @@ def _ranks(facts: ModelFacts, workload: Workload, tp: int) -> _Ranks:
 
 
 def _parts(p: _Ranks, stage: int, stages: int, r: int, a: int, b: int) -> tuple[int, int, int]:
-    """(weights, KV cache, activations) of tensor rank ``r`` of ``stage`` (of ``stages``), layers ``[a, b)``."""
+    """(weights, KV cache, activations) of tensor rank ``r`` of ``stage`` (of ``stages``), layers
+    ``[a, b)``."""
     weights = p.layer_weights[r][b] - p.layer_weights[r][a] + p.everywhere
     if stage == 0:
         weights += p.first[r]

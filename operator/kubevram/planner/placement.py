@@ -587,9 +587,8 @@ class _Planner:
             for p in self._pools.values():
                 if name in p.by_name:
                     p.refresh(node)
-            group_pods.append(
-                GroupPod(name, tuple(indices), {i: node.devices[i].memory_bytes for i in indices}, node.product)
-            )
+            held = {i: node.devices[i].memory_bytes for i in indices}
+            group_pods.append(GroupPod(name, tuple(indices), held, node.product))
         leader = group_pods[0]
         pod0 = ReplicaPlan(tuple(range(per_pod)), {}, {}, plan.pod_budgets(0))
         return PlacedReplica(leader.node, list(leader.gpus), pod0, False, ck[2], dict(leader.reservation),

@@ -200,8 +200,8 @@ def _group_lines(index: int, r: PlacedReplica, est: Estimate | None) -> list[str
     group = r.group
     assert group is not None
     lay = group.layout
-    lines = [f"    replica {index}: group of {lay.pods} pods, tensor parallel {lay.tp} x {lay.pp} pipeline stages "
-             f"({lay.world} ranks)"]
+    lines = [f"    replica {index}: group of {lay.pods} pods, tensor parallel {lay.tp} x {lay.pp} pipeline "
+             f"stages ({lay.world} ranks)"]
     for p, pod in enumerate(r.pods):
         stages = sorted({rank.stage for rank in group.ranks if rank.pod == p})
         held = []
@@ -220,13 +220,14 @@ def _group_lines(index: int, r: PlacedReplica, est: Estimate | None) -> list[str
     for first, last, budget in runs:
         who = f"rank {first}" if first == last else f"ranks {first}-{last}"
         parts = " + ".join(f"{label} {_gib(budget[key])}" for key, label in _RANK_PARTS)
-        lines.append(f"      {who:<12} {parts} = {_gib(budget['total'])} GiB{' each' if first != last else ''}")
+        each = " each" if first != last else ""
+        lines.append(f"      {who:<12} {parts} = {_gib(budget['total'])} GiB{each}")
     totals = group.totals()
     if est is not None:
         lines.append(
-            f"      sum of the ranks: weights {_gib(totals['weights'])} GiB = estimate {_gib(est.weightsBytes)} + "
-            f"{_gib(totals['replicatedWeights'])} held by several ranks; KV cache {_gib(totals['kvCache'])} GiB "
-            f"(estimate {_gib(est.kvCacheBytes)}); the rest is per GPU"
+            f"      sum of the ranks: weights {_gib(totals['weights'])} GiB = estimate "
+            f"{_gib(est.weightsBytes)} + {_gib(totals['replicatedWeights'])} held by several ranks; KV cache "
+            f"{_gib(totals['kvCache'])} GiB (estimate {_gib(est.kvCacheBytes)}); the rest is per GPU"
         )
     return lines
 
@@ -299,8 +300,9 @@ def render_table(plan: ClusterPlan, title: str) -> str:
             if r.group is not None:
                 for p, pod in enumerate(r.pods):
                     for budget, node_index in zip(r.group.pod_budgets(p), pod.gpus, strict=True):
+                        who = f"{dp.namespace}/{dp.name}#{i}/pod{p}"
                         planned.setdefault(pod.node, {}).setdefault(node_index, []).append(
-                            (f"{dp.namespace}/{dp.name}#{i}/pod{p}", budget, pod.reservation[node_index], False)
+                            (who, budget, pod.reservation[node_index], False)
                         )
                 continue
             for pod_index, node_index in enumerate(r.gpus):
