@@ -139,8 +139,9 @@ def parse_node_classes(raw: Sequence[Any] | None, warnings: list[str]) -> tuple[
 
 def replica_gpu_bytes(replica: Mapping[str, Any]) -> int:
     """GPU memory one placed replica (plan JSON) is planned to use: the sum of its per-GPU totals
-    (weights, KV cache, activations, CUDA context and headroom on each of its GPUs; every rank of every pod
-    of a multi-node group), else of its GPU budgets. Offloaded weights are not in it (``offloaded`` says where they go)."""
+    (weights, KV cache, activations, CUDA context and headroom on each of its GPUs; every rank of every
+    pod of a multi-node group), else of its GPU budgets. Offloaded weights are not in it (``offloaded``
+    says where they go)."""
     group = replica.get("group")
     if isinstance(group, Mapping) and group.get("ranks"):  # every pod of a multi-node replica
         return sum(int(r.get("total") or 0) for r in group["ranks"] if isinstance(r, Mapping))
