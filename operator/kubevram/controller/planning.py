@@ -50,7 +50,8 @@ def plan_deployment(
     placement = deployment.spec.placement
     if placement.multiNode != "never":
         # The operator does not render multi-node groups (LeaderWorkerSets) yet: single-node replicas only.
-        spec = deployment.spec.model_copy(update={"placement": placement.model_copy(update={"multiNode": "never"})})
+        single = placement.model_copy(update={"multiNode": "never"})
+        spec = deployment.spec.model_copy(update={"placement": single})
         deployment = deployment.model_copy(update={"spec": spec})
     configs = {(deployment.namespace, deployment.name): model_config} if model_config is not None else None
     result = plan_cluster(
