@@ -16,9 +16,13 @@ Sections (each prints a table):
   generate     the engine vs plain ``model.generate`` on the same model, greedy, batch 1; also through
                the HTTP API; goal: the engine within 10%
   concurrency  ``--clients`` concurrent HTTP clients on a real server (max batch 8): none lost
+  hostile      ``/healthz`` latency and the process's RSS while one client sends a 50 MB body and
+               another the longest prompt that passes the cheap length bound (issue 14's goal:
+               /healthz within 100 ms whatever a client sends)
   serve        side by side, each in a process of its own, on the same model saved to a directory:
-               ``kubevram worker`` and ``transformers serve`` (with and without its continuous
-               batching), greedy, 1 client then ``--clients`` clients: decode tokens/s and identical text
+               ``kubevram worker`` (max batch ``--clients``) and ``transformers serve`` (with and without
+               its continuous batching), greedy, 1 client then ``--clients`` clients: decode tokens/s
+               and whether the texts are identical
 """
 
 from __future__ import annotations
@@ -368,14 +372,17 @@ def bench_concurrency(model: Any, tokenizer: Any, classes: TokenClasses, args: a
     )
 
 
-def _process(command: list[str], url: str, probe: str) -> Any:
-    """Start ``command``; return it once ``url + probe`` answers 200."""
+def _process(command: list[str], url: str, probe: str, threads: int = 0) -> Any:
+    """Start ``command`` (with ``threads`` OpenMP threads, if given); return it once ``url + probe``
+    answers 200."""
     import os
     import subprocess
 
     import httpx
 
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    if threads:
+        env["OMP_NUM_THREADS"] = str(threads)
     proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, env=env)
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
@@ -475,7 +482,7 @@ def bench_serve(model: Any, tokenizer: Any, args: argparse.Namespace) -> None:
         p = port()
         url = f"http://127.0.0.1:{p}"
         try:
-            proc = _process([*command, str(p)], url, probe)
+            proc = _process([*command, str(p)], url, probe, args.threads)
         except RuntimeError as exc:
             rows.append([name, str(exc), "", "", ""])
             continue
@@ -503,6 +510,76 @@ def bench_serve(model: Any, tokenizer: Any, args: argparse.Namespace) -> None:
             print(f"- {name}, {clients} client(s): {same}/{len(outs)} texts identical to kubevram's")
 
 
+def bench_hostile(model: Any, tokenizer: Any, classes: TokenClasses, args: argparse.Namespace) -> None:
+    """/healthz latency and RSS while hostile requests are served (max sequence 4096)."""
+    import httpx
+    import psutil
+
+    engine = Engine(model, tokenizer, max_batch_size=8, token_classes=classes, eos_token_ids=[EOS])
+    engine.start()
+    server, url = _serve(engine, 8)
+    process = psutil.Process()
+    longest = max(len(piece) for piece in tokenizer.get_vocab())
+    megabyte = b"t1 " * (2**20 // 3)
+
+    def body50() -> Any:
+        yield b'{"prompt": "'
+        for _ in range(args.body_mb):
+            yield megabyte
+        yield b'"}'
+
+    cases = {
+        "idle": None,
+        f"{args.body_mb} MB body": lambda: httpx.post(f"{url}/v1/completions", content=body50(), timeout=600),
+        # Past the cheap bound it is refused untokenised; just under it, it is tokenised on the
+        # preparation thread (then refused as too long in tokens).
+        f"prompt of 4096 x {longest} characters, tokenised": lambda: httpx.post(
+            f"{url}/v1/completions", json={"prompt": "t1 " * (4096 * longest // 3)}, timeout=600
+        ),
+    }
+    rows = []
+    try:
+        for name, send in cases.items():
+            base = process.memory_info().rss
+            peak, latencies, status = base, [], None
+            result: dict[str, Any] = {}
+            thread = None
+            if send is not None:
+                thread = threading.Thread(target=lambda s=send, out=result: out.update(r=s()))
+                thread.start()
+            with httpx.Client(base_url=url, timeout=60) as client:
+                for _ in range(200 if thread is None else 10**6):
+                    t0 = time.perf_counter()
+                    assert client.get("/healthz").status_code == 200
+                    latencies.append(time.perf_counter() - t0)
+                    peak = max(peak, process.memory_info().rss)
+                    if thread is not None and not thread.is_alive():
+                        break
+            if thread is not None:
+                thread.join()
+                status = result["r"].status_code
+            latencies.sort()
+            rows.append(
+                [
+                    name,
+                    status or "",
+                    len(latencies),
+                    latencies[len(latencies) // 2] * 1e3,
+                    latencies[int(len(latencies) * 0.99)] * 1e3,
+                    latencies[-1] * 1e3,
+                    (peak - base) / 2**20,
+                ]
+            )
+    finally:
+        server.should_exit = True
+        engine.stop()
+    table(
+        "/healthz while a hostile request is served (ms; RSS growth of the server's process, MiB)",
+        ["request", "its status", "healthz answers", "p50 ms", "p99 ms", "max ms", "RSS peak +MiB"],
+        rows,
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, default=128, help="tokens generated per request")
@@ -512,7 +589,10 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    parser.add_argument("--only", choices=["processors", "steering", "generate", "concurrency", "serve"])
+    parser.add_argument("--body-mb", type=int, default=50, help="hostile: the large body's size in MB")
+    parser.add_argument(
+        "--only", choices=["processors", "steering", "generate", "concurrency", "hostile", "serve"]
+    )
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -531,6 +611,8 @@ def main() -> None:
         bench_generate(model, tokenizer, classes, args)
     if args.only in (None, "concurrency"):
         bench_concurrency(model, tokenizer, classes, args)
+    if args.only in (None, "hostile"):
+        bench_hostile(model, tokenizer, classes, args)
     if args.only in (None, "serve"):
         bench_serve(model, tokenizer, args)
 

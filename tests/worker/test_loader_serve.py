@@ -320,18 +320,11 @@ def test_kubevram_worker_serves_then_drains_on_sigterm(tiny_model_dir, tmp_path)
     """Serve after loading; on SIGTERM let the running stream finish, remove this pod's status entry
     (kmock's emulator stands for the API server) and exit 0."""
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "operator"))
-    from kubevram_emulator import EmulatedCluster
+    from kubevram_emulator import EmulatedCluster, llm_deployment
 
     cluster = EmulatedCluster(tmp_path).start()
     try:
-        cluster.create_llmd(
-            {
-                "apiVersion": "llm.kubevram.io/v1alpha1",
-                "kind": "LLMDeployment",
-                "metadata": {"name": "tiny"},
-                "spec": {"model": {"id": "tiny"}},
-            }
-        )
+        cluster.create_llmd(llm_deployment("tiny", "tiny"))
         env = {
             "KUBEVRAM_API_URL": cluster.url,
             "KUBEVRAM_POD_NAME": "tiny-0",
