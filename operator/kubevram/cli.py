@@ -79,6 +79,7 @@ def _cmd_operator(args: argparse.Namespace) -> int:
             leader_election=args.leader_elect,
             lease_name=args.lease_name,
             lease_namespace=args.lease_namespace,
+            metrics_port=args.metrics_port,
         )
     except NoCluster as exc:
         raise CliError(str(exc)) from None
@@ -146,6 +147,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--lease-namespace",
         default=None,
         help="the Lease's namespace (default: $KUBEVRAM_OPERATOR_NAMESPACE, else the pod's, else default)",
+    )
+    op.add_argument(
+        "--metrics-port",
+        type=int,
+        default=None,
+        metavar="PORT",
+        help="serve the operator's Prometheus metrics at http://0.0.0.0:PORT/metrics",
     )
     op.set_defaults(func=_cmd_operator)
 

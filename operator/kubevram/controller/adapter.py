@@ -20,6 +20,7 @@ from kubernetes.client.exceptions import ApiException
 
 from kubevram.api.load import parse_config_json
 from kubevram.api.v1alpha1 import API_VERSION, PLURAL
+from kubevram.controller import metrics
 from kubevram.controller.render import LABEL_DEPLOYMENT, LABEL_MANAGED_BY, MANAGED_BY, RESERVATION
 from kubevram.planner.inventory import Reservation
 
@@ -70,6 +71,7 @@ class Cluster:
         response.read()
         text = response.data.decode("utf-8") if response.data else ""
         if not 200 <= response.status < 300:
+            metrics.api_error(response.status)
             raise ApiException(status=response.status, reason=response.reason, body=text)
         return json.loads(text) if text else None
 

@@ -162,6 +162,11 @@ class NodeCache:
         with self._lock:
             return self._nodes.get(name)
 
+    def all(self) -> list[Mapping[str, Any]]:
+        """Every node seen, by name."""
+        with self._lock:
+            return [self._nodes[name] for name in sorted(self._nodes)]
+
     def reset(self) -> None:
         with self._lock:
             self._nodes.clear()

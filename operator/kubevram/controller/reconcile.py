@@ -36,7 +36,7 @@ from kubernetes.client.exceptions import ApiException
 from kubevram.api.errors import SpecError
 from kubevram.api.load import parse_deployment
 from kubevram.api.v1alpha1 import DEFAULT_WORKER_IMAGE, LLMDeployment
-from kubevram.controller import render, status
+from kubevram.controller import metrics, render, status
 from kubevram.controller.adapter import Cluster, ConfigNotReadable
 from kubevram.controller.calibrate import with_calibration
 from kubevram.controller.ledger import LEDGER, Ledger, reservations_of
@@ -63,6 +63,23 @@ Planner = Callable[
 
 PLAN_INPUT = "llm.kubevram.io/plan-input"
 TRANSIENT_STATUSES = {409, 429, 500, 502, 503, 504}
+
+
+class Unschedulable(kopf.TemporaryError):
+    """Replicas fit nowhere now: the retry re-plans against the nodes of that moment."""
+
+
+def reconcile_outcome(exc: BaseException | None) -> str:
+    """How a reconciliation ended, for ``kubevram_reconciles_total`` (``metrics.OUTCOMES``)."""
+    if exc is None:
+        return "planned"
+    if isinstance(exc, Unschedulable):
+        return "pending"
+    if isinstance(exc, kopf.PermanentError):
+        return "invalid"
+    if isinstance(exc, kopf.TemporaryError):
+        return "retry"
+    return "error"
 
 
 @dataclass(frozen=True)
@@ -144,17 +161,18 @@ class Reconciler:
 
     def _fail(self, body: Mapping[str, Any], patch: Any, type_: str, reason: str, message: str) -> None:
         meta = body["metadata"]
-        patch.status.update(
-            status.failed_status(
-                meta["name"],
-                type_,
-                reason,
-                message,
-                generation=meta.get("generation"),
-                old_conditions=(body.get("status") or {}).get("conditions"),
-                now=status.now_rfc3339(),
-            )
+        failed = status.failed_status(
+            meta["name"],
+            type_,
+            reason,
+            message,
+            generation=meta.get("generation"),
+            old_conditions=(body.get("status") or {}).get("conditions"),
+            now=status.now_rfc3339(),
         )
+        patch.status.update(failed)
+        key = (meta.get("namespace") or "default", meta["name"])
+        metrics.STATE.observe_deployment(key, _desired(body), {**(body.get("status") or {}), **failed})
         self.report(reason, message, True)
 
     def _model_config(self, deployment: LLMDeployment) -> dict[str, Any] | None:
@@ -282,7 +300,10 @@ class Reconciler:
         """One reconciliation; never two at once for the same deployment (kopf's handlers, its timer and
         the node-change re-plans all go through the ledger's per-deployment lock)."""
         meta = body["metadata"]
-        with self.ledger.deployment((meta.get("namespace") or "default", meta["name"])):
+        with (
+            metrics.reconciling(reconcile_outcome),
+            self.ledger.deployment((meta.get("namespace") or "default", meta["name"])),
+        ):
             self._plan_and_apply(body, patch)
 
     def replan(self, namespace: str, name: str) -> bool:
@@ -352,9 +373,10 @@ class Reconciler:
                 self.ledger.observe(self.cluster.reservations(workloads), read_started)
                 book = self.ledger.snapshot(exclude=[key])
                 kept = previous if previous_hash == input_hash else None
-                plan, how, moved = self._plan(
-                    deployment, model_config, nodes, pods, book, kept, now=now, avoid=avoid
-                )
+                with metrics.planning():
+                    plan, how, moved = self._plan(
+                        deployment, model_config, nodes, pods, book, kept, now=now, avoid=avoid
+                    )
                 if avoid and _pending(plan):
                     unscheduled = dict(plan.get("unscheduled") or {})
                     unscheduled["reason"] = (
@@ -399,6 +421,9 @@ class Reconciler:
             note=f"re-planned: {'; '.join(dict.fromkeys(moved))}" if moved else "",
         )
         patch.status.update(new_status)
+        metrics.STATE.observe_other_pods(pods)
+        metrics.STATE.observe_deployment(key, deployment.spec.replicas, {**(body.get("status") or {}), **new_status},
+                                         own_pods)
         if moved:
             reasons = "; ".join(dict.fromkeys(moved))
             self.report("Replanned", f"{len(moved)} replica(s) placed anew: {reasons}", True)
@@ -415,7 +440,7 @@ class Reconciler:
         if _pending(plan):
             reason = (plan.get("unscheduled") or {}).get("reason") or "no node has room"
             self.report("Unschedulable", f"{_pending(plan)} replica(s) pending: {reason}", True)
-            raise kopf.TemporaryError(
+            raise Unschedulable(
                 f"{source}: {_pending(plan)} replica(s) pending: {reason}", delay=self.settings.retry_delay
             )
 
@@ -464,6 +489,7 @@ class Reconciler:
             owned = self.cluster.list_owned_workloads(*key)
             self.cluster.delete_workloads(owned)
             self.ledger.forget(key)
+        metrics.STATE.forget(key)
         return len(owned)
 
     def _problems(self, workloads: list[dict[str, Any]], stuck: list[StuckPod]) -> list[tuple[str, str]]:
@@ -522,6 +548,7 @@ class Reconciler:
         now = datetime.datetime.now(tz=datetime.UTC)
         owned = self.cluster.list_owned_workloads(*key)
         pods = self.cluster.list_owned_pods(*key)
+        metrics.STATE.observe_deployment(key, _desired(body), old, pods)  # the workers' latest reports
         stuck = stuck_pods(pods, now)
         moving = self._must_move(list(old.get("placements") or []), stuck, now)
         if moving:
@@ -529,7 +556,7 @@ class Reconciler:
             self._replan(body, patch)
             return
         ready = _ready(owned)
-        desired = int((body.get("spec") or {}).get("replicas") or 0)
+        desired = _desired(body)
         signal = old.get("autoscaling") or {}
         problems = self._problems(owned, stuck)
         generation = meta.get("generation")
@@ -609,6 +636,7 @@ def start_afresh() -> None:
     the nodes avoided, the deployments left waiting); the first reads rebuild it."""
     LEDGER.reset()
     NODES.reset()
+    metrics.reset()
     _AVOIDED.reset()
     with _locks_guard:
         _waiting_here.clear()
@@ -710,6 +738,10 @@ def _ready(workloads: Iterable[Mapping[str, Any]]) -> int:
 
 def _name(obj: Mapping[str, Any]) -> str:
     return str((obj.get("metadata") or {}).get("name") or "")
+
+
+def _desired(body: Mapping[str, Any]) -> int:
+    return int((body.get("spec") or {}).get("replicas") or 0)
 
 
 def _sans_time(cond: Mapping[str, Any]) -> dict[str, Any]:

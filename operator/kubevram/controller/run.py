@@ -3,7 +3,9 @@
 Before kopf starts, one request to the API server checks that there is a cluster to talk to; if
 not, :class:`NoCluster` says in one line what is missing (the CLI prints it and exits 2). With
 ``leader_election`` the process first waits for the Lease (``kubevram.controller.leader``), serving
-its liveness endpoint meanwhile, and plans only while it holds it.
+its liveness endpoint meanwhile, and plans only while it holds it. With ``metrics_port`` the operator's
+Prometheus metrics (``kubevram.controller.metrics``) are served at ``/metrics`` on that port from the
+start, standing by or not.
 """
 
 from __future__ import annotations
@@ -115,6 +117,7 @@ def run_operator(
     leader_election: bool = False,
     lease_name: str = "kubevram-operator",
     lease_namespace: str | None = None,
+    metrics_port: int | None = None,
 ) -> int:
     """Watch the given namespaces (or every namespace) until interrupted; 0 on a clean stop.
 
@@ -126,6 +129,10 @@ def run_operator(
     import kubevram.controller.handlers  # noqa: F401  (registers the handlers)
 
     check_cluster()
+    if metrics_port:
+        from kubevram.controller.metrics import serve
+
+        serve(metrics_port)
     kopf.configure(verbose=verbose)
     logging.getLogger("kubevram").setLevel(logging.DEBUG if verbose else logging.INFO)
     clusterwide = all_namespaces or not namespaces
