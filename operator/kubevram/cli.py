@@ -1,4 +1,4 @@
-"""The ``kubevram`` command: ``estimate``, ``plan``, ``crd``, ``operator`` and ``worker``.
+"""The ``kubevram`` command: ``estimate``, ``plan``, ``top``, ``crd``, ``dashboard``, ``operator`` and ``worker``.
 
 Each sub-command imports what it needs only when it runs, so ``kubevram estimate`` never loads kopf
 or torch. Bad input ends with one line on stderr naming the field and the value, and exit status 2;
@@ -67,6 +67,17 @@ def _cmd_crd(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_dashboard(args: argparse.Namespace) -> int:
+    from kubevram.controller.dashboard import dashboard_json
+
+    text = dashboard_json()
+    for target in args.write or []:
+        Path(target).write_text(text, encoding="utf-8")
+    if not args.write:
+        sys.stdout.write(text)
+    return 0
+
+
 def _cmd_operator(args: argparse.Namespace) -> int:
     from kubevram.controller.run import NoCluster, run_operator
 
@@ -130,6 +141,10 @@ def build_parser() -> argparse.ArgumentParser:
     crd.add_argument("--write", nargs="*", metavar="PATH", help="write it to these files instead")
     crd.add_argument("--reference", action="store_true", help="the field reference in Markdown instead")
     crd.set_defaults(func=_cmd_crd)
+
+    dash = sub.add_parser("dashboard", help="print the Grafana dashboard of the operator's metrics (JSON)")
+    dash.add_argument("--write", nargs="*", metavar="PATH", help="write it to these files instead")
+    dash.set_defaults(func=_cmd_dashboard)
 
     op = sub.add_parser("operator", help="run the kopf operator against the cluster in KUBECONFIG")
     scope = op.add_mutually_exclusive_group()

@@ -33,6 +33,7 @@ from conftest import (
 
 from kubevram.api.v1alpha1 import DEFAULT_WORKER_IMAGE, GROUP, PLURAL
 from kubevram.cli import build_parser
+from kubevram.controller import render
 
 VARIANTS: dict[str, dict[str, Any]] = {
     "default": {},
@@ -126,6 +127,7 @@ def test_default_render_objects(default_render: tuple[Rendered, str]) -> None:
         ("PriorityClass", "kubevram-placeholder"),
         ("Role", "kubevram-leader"),
         ("RoleBinding", "kubevram-leader"),
+        ("Service", "kubevram-metrics"),
         ("ServiceAccount", "kubevram"),
     ]
     for doc in docs:
@@ -169,10 +171,12 @@ def test_operator_arguments_parse_with_the_real_cli(variant: Any) -> None:
         assert args.all_namespaces and args.namespace is None
     liveness = urlsplit(args.liveness)
     assert (liveness.scheme, liveness.hostname, liveness.path) == ("http", "0.0.0.0", "/healthz")
-    (port,) = container["ports"]
-    assert liveness.port == port["containerPort"]
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert liveness.port == ports["health"]
     for probe in ("livenessProbe", "readinessProbe"):
-        assert container[probe]["httpGet"] == {"path": liveness.path, "port": port["name"]}
+        assert container[probe]["httpGet"] == {"path": liveness.path, "port": "health"}
+    assert args.metrics_port == ports.get("metrics")
+    assert set(ports) == {"health", "metrics"} if args.metrics_port else {"health"}
 
 
 def test_images_default_to_the_app_version(default_render: tuple[Rendered, str]) -> None:
@@ -194,7 +198,7 @@ def test_images_by_digest_and_tag() -> None:
 def test_node_classes_reach_the_operator_as_a_json_file(variant: Any) -> None:
     _name, values, docs, _notes = variant
     expected = values.get("nodeClasses") or yaml.safe_load((CHART / "values.yaml").read_text())["nodeClasses"]
-    config_map = one(docs, "ConfigMap")
+    (config_map,) = [c for c in find(docs, "ConfigMap") if "node-classes.json" in c["data"]]
     assert json.loads(config_map["data"]["node-classes.json"]) == expected
     for item in expected:
         assert set(item) == {"name", "gpuProduct", "gpuMemoryMiB", "gpusPerNode"}
@@ -419,7 +423,7 @@ def test_existing_rbac_and_service_account_are_used() -> None:
     values = VARIANTS["existing-rbac"]
     docs, _ = render_chart(values)
     assert find(docs, "ServiceAccount") == []
-    assert {d["kind"] for d in docs} == {"Deployment", "ConfigMap"}
+    assert {d["kind"] for d in docs} == {"Deployment", "ConfigMap", "Service"}
     pod = one(docs, "Deployment")["spec"]["template"]["spec"]
     assert pod["serviceAccountName"] == "kubevram-operator"
 
@@ -434,7 +438,7 @@ def test_service_monitor_is_off_by_default(default_render: tuple[Rendered, str])
 def test_service_monitor_scrapes_the_workers_services() -> None:
     values = VARIANTS["servicemonitor"]
     docs, _ = render_chart(values)
-    monitor = one(docs, "ServiceMonitor")
+    monitor = one(docs, "ServiceMonitor", "kubevram-workers")
     assert monitor["apiVersion"] == "monitoring.coreos.com/v1"
     assert monitor["metadata"]["namespace"] == "monitoring"
     assert monitor["metadata"]["labels"]["release"] == "prometheus"
@@ -448,7 +452,33 @@ def test_service_monitor_scrapes_the_workers_services() -> None:
     assert endpoint["metricRelabelings"][0]["action"] == "drop"
     # Only the watched namespaces when the operator watches some.
     docs, _ = render_chart({**values, "watchNamespaces": ["ai"]})
-    assert one(docs, "ServiceMonitor")["spec"]["namespaceSelector"] == {"matchNames": ["ai"]}
+    assert one(docs, "ServiceMonitor", "kubevram-workers")["spec"]["namespaceSelector"] == {"matchNames": ["ai"]}
+
+
+def test_the_operator_metrics_service_and_its_monitor_reach_the_metrics_port() -> None:
+    values = VARIANTS["servicemonitor"]
+    docs, _ = render_chart(values)
+    pod = one(docs, "Deployment")["spec"]["template"]
+    ports = {p["name"]: p["containerPort"] for p in operator_container(docs)["ports"]}
+    service = one(docs, "Service", "kubevram-metrics")
+    assert service["spec"]["selector"].items() <= pod["metadata"]["labels"].items()
+    (port,) = service["spec"]["ports"]
+    assert (port["name"], port["port"], port["targetPort"]) == ("metrics", ports["metrics"], "metrics")
+    monitor = one(docs, "ServiceMonitor", "kubevram-operator")
+    assert monitor["metadata"]["namespace"] == "monitoring"
+    assert monitor["spec"]["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items()
+    assert monitor["spec"]["namespaceSelector"] == {"matchNames": [NAMESPACE]}
+    (endpoint,) = monitor["spec"]["endpoints"]
+    assert (endpoint["port"], endpoint["path"], endpoint["interval"]) == ("metrics", "/metrics", "15s")
+    # The workers' monitor does not select the operator's Service, nor the operator's a worker's.
+    workers = one(docs, "ServiceMonitor", "kubevram-workers")["spec"]["selector"]["matchLabels"]
+    assert not workers.items() <= service["metadata"]["labels"].items()
+    assert render.LABEL_MANAGED_BY in workers
+    # metricsPort 0: no flag, no port, no Service, no operator monitor.
+    docs, _ = render_chart({**values, "operator": {"healthPort": 8080, "metricsPort": 0}})
+    assert find(docs, "Service") == [] and [m["metadata"]["name"] for m in find(docs, "ServiceMonitor")] == [
+        "kubevram-workers"]
+    assert "--metrics-port" not in operator_container(docs)["args"]
 
 
 # --------------------------------------------------------------------------- values and schema
@@ -530,6 +560,9 @@ def test_schema_covers_every_value() -> None:
         ({"watchNamespaces": ["ai", "ai"]}, "/watchNamespaces"),
         ({"watchNamespaces": ["Not_A_Namespace"]}, "/watchNamespaces/0"),
         ({"operator": {"healthPort": 80}}, "/operator/healthPort"),
+        ({"operator": {"healthPort": 8080, "metricsPort": 81}}, "/operator/metricsPort"),
+        ({"metrics": {"dashboard": {"enabled": True, "labels": {"grafana_dashboard": 1}}}},
+         "/metrics/dashboard/labels/grafana_dashboard"),
         ({"metrics": {"serviceMonitor": {"enabled": True, "interval": "often"}}},
          "/metrics/serviceMonitor/interval"),
         ({"resources": {"requests": {"memory": "lots"}}}, "/resources/requests/memory"),
