@@ -54,6 +54,24 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_top(args: argparse.Namespace) -> int:
+    from kubernetes.client.exceptions import ApiException
+
+    from kubevram.controller.adapter import Cluster
+    from kubevram.controller.run import NoCluster, check_cluster
+    from kubevram.controller.top import top
+
+    if args.interval <= 0:
+        raise CliError(f"--interval: {args.interval} must be more than 0 seconds")
+    try:
+        check_cluster()
+        return top(Cluster(), args.output, watch=args.watch, interval=args.interval)
+    except NoCluster as exc:
+        raise CliError(str(exc)) from None
+    except ApiException as exc:
+        raise CliError(f"the cluster answered HTTP {exc.status} {exc.reason} while reading it") from None
+
+
 def _cmd_crd(args: argparse.Namespace) -> int:
     from kubevram.api.crd import render_crd_yaml
     from kubevram.api.reference import render_reference
@@ -136,6 +154,12 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--model-config", help="the model's Hugging Face config.json")
     plan.add_argument("-o", "--output", choices=["table", "json"], default="table")
     plan.set_defaults(func=_cmd_plan)
+
+    top = sub.add_parser("top", help="GPU memory per node and GPU and per LLMDeployment, from the cluster in KUBECONFIG")
+    top.add_argument("-o", "--output", choices=["table", "json"], default="table")
+    top.add_argument("-w", "--watch", action="store_true", help="redraw until interrupted")
+    top.add_argument("--interval", type=float, default=5.0, help="seconds between redraws with --watch (default 5)")
+    top.set_defaults(func=_cmd_top)
 
     crd = sub.add_parser("crd", help="print the LLMDeployment CRD generated from the API types")
     crd.add_argument("--write", nargs="*", metavar="PATH", help="write it to these files instead")

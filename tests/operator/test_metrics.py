@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 import socket
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import pytest
@@ -80,7 +80,28 @@ def report(pod: str, *, reserved: int, peak: int, **extra: Any) -> dict[str, Any
     return {pod: {"devices": [{"index": 0, "reservedBytes": reserved, "peakReservedBytes": peak}], **extra}}
 
 
-def test_metrics_match_the_plans_and_the_reports(cluster: EmulatedCluster, operator: Any, scrape: Any) -> None:
+def reserved_by_annotations(
+    cluster: EmulatedCluster, names: Iterable[str]
+) -> tuple[dict[tuple[str, int], int], dict[str, int]]:
+    """What the workloads' reservation annotations hold: per (node, GPU index) and per deployment."""
+    per_gpu: dict[tuple[str, int], int] = {}
+    per_deployment: dict[str, int] = {}
+    for name in names:
+        for w in workloads(cluster, name).values():
+            held = held_by(w)
+            if held is None:
+                continue  # the placeholder holds nothing
+            for index, nbytes in held["gpus"].items():
+                key = (held["node"], int(index))
+                per_gpu[key] = per_gpu.get(key, 0) + nbytes * w["spec"]["replicas"]
+                per_deployment[name] = per_deployment.get(name, 0) + nbytes * w["spec"]["replicas"]
+    return per_gpu, per_deployment
+
+
+def populate(cluster: EmulatedCluster) -> dict[str, dict[str, Any]]:
+    """Two L4 nodes, another team's pod holding one GPU, three LLMDeployments (qwen: 2 replicas, llama: 1,
+    extra: 1 that waits for the autoscaler), and the reports of their worker pods; returns the reports per
+    deployment once the operator has calibrated llama from them."""
     cluster.add_node(gpu_node("gpu-l4-0", **L4))
     cluster.add_node(gpu_node("gpu-l4-1", **L4))
     # Another team's pod holds one GPU of gpu-l4-1 (which one, only the device plugin knows).
@@ -117,6 +138,14 @@ def test_metrics_match_the_plans_and_the_reports(cluster: EmulatedCluster, opera
             reports[name].update(entry)
         cluster.patch(cluster.llmd_path(name) + "/status", {"status": {"workers": reports[name]}})
 
+    cluster.wait_for("llama calibrated", lambda: ((cluster.llmd("llama") or {}).get("status") or {}).get(
+        "calibration", {}).get("perGpu"))
+    return reports
+
+
+def test_metrics_match_the_plans_and_the_reports(cluster: EmulatedCluster, operator: Any, scrape: Any) -> None:
+    reports = populate(cluster)
+
     def settled() -> Samples | None:
         samples = scrape()
         ready = value(samples, "kubevram_deployment_estimate_error_ratio", namespace="default",
@@ -128,17 +157,7 @@ def test_metrics_match_the_plans_and_the_reports(cluster: EmulatedCluster, opera
     objs = {n: cluster.llmd(n) or {} for n in ("qwen", "llama", "extra")}
 
     # Per node and GPU: capacity, kubevram's reservations as the workloads' annotations say, free.
-    reserved: dict[tuple[str, int], int] = {}
-    by_deployment: dict[str, int] = {}
-    for name in objs:
-        for w in workloads(cluster, name).values():
-            held = held_by(w)
-            if held is None:
-                continue  # the placeholder holds nothing
-            for index, nbytes in held["gpus"].items():
-                key = (held["node"], int(index))
-                reserved[key] = reserved.get(key, 0) + nbytes * w["spec"]["replicas"]
-                by_deployment[name] = by_deployment.get(name, 0) + nbytes * w["spec"]["replicas"]
+    reserved, by_deployment = reserved_by_annotations(cluster, objs)
     assert len(reserved) == 3  # two qwen replicas and one llama, one L4 each
     capacity = 23034 * MiB
     for node in ("gpu-l4-0", "gpu-l4-1"):

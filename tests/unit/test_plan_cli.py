@@ -12,7 +12,7 @@ from gpu_nodes import L4, gfd_node, kubevram_pod, other_pod
 
 from kubevram.api.errors import SpecError
 from kubevram.cli import main
-from kubevram.planner.plan_cli import BAR_WIDTH, _bar, load_nodes, plan_command
+from kubevram.planner.plan_cli import BAR_WIDTH, bar, load_nodes, plan_command
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
@@ -117,10 +117,10 @@ def test_pods_in_the_cluster_file_hold_their_gpus() -> None:
 
 
 def test_bar_is_fixed_width_and_proportional() -> None:
-    assert _bar(100, [("█", 50), ("▓", 25)], width=8) == "████▓▓··"
-    assert _bar(100, [("█", 1)], width=8) == "█·······"  # a small part stays visible
-    assert _bar(100, [("█", 100), ("▓", 10)], width=8) == "████████"  # never wider
-    assert len(_bar(0, [], width=8)) == 8
+    assert bar(100, [("█", 50), ("▓", 25)], width=8) == "████▓▓··"
+    assert bar(100, [("█", 1)], width=8) == "█·······"  # a small part stays visible
+    assert bar(100, [("█", 100), ("▓", 10)], width=8) == "████████"  # never wider
+    assert len(bar(0, [], width=8)) == 8
 
 
 def test_list_nodelist_documents_and_json_load() -> None:

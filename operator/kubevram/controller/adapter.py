@@ -166,6 +166,18 @@ class Cluster:
                 out.append(pod)
         return out
 
+    def list_llmds(self) -> list[dict[str, Any]]:
+        """Every LLMDeployment, in every namespace."""
+        return list((self._get(f"/apis/{API_VERSION}/{PLURAL}") or {}).get("items") or [])
+
+    def list_worker_pods(self) -> list[dict[str, Any]]:
+        """Every pod kubevram manages, in every namespace (their reservations place the workers' reports)."""
+        data = self._get(f"/api/v1/pods?labelSelector={LABEL_MANAGED_BY}={MANAGED_BY}") or {}
+        return [
+            p for p in data.get("items") or []
+            if ((p.get("metadata") or {}).get("labels") or {}).get(LABEL_MANAGED_BY) == MANAGED_BY
+        ]
+
     def read_config_json(self, namespace: str, name: str, key: str) -> dict[str, Any]:
         """The JSON object under ``key`` of a ConfigMap; ``ConfigNotReadable`` says why not."""
         cm = self._get(f"/api/v1/namespaces/{namespace}/configmaps/{name}")

@@ -236,7 +236,7 @@ _RANK_PARTS = (("weights", "weights"), ("kvCache", "KV"), ("activations", "act")
                ("communication", "comm"), ("overhead", "context"), ("fragmentation", "headroom"))
 
 
-def _bar(total: int, parts: Sequence[tuple[str, int]], width: int = BAR_WIDTH) -> str:
+def bar(total: int, parts: Sequence[tuple[str, int]], width: int = BAR_WIDTH) -> str:
     """``parts`` (character, bytes) laid out in ``width`` cells by cumulative rounding; the rest is free."""
     out = []
     cum, pos = 0, 0
@@ -255,7 +255,8 @@ def _bar(total: int, parts: Sequence[tuple[str, int]], width: int = BAR_WIDTH) -
 _Planned = dict[int, list[tuple[str, dict[str, int], int, bool]]]
 
 
-def _node_lines(node: NodeInventory, planned: _Planned) -> list[str]:
+def node_header(node: NodeInventory) -> str:
+    """A node's line above its GPUs' bars: name, product, devices, sharing, other pods' requests."""
     mem = node.devices[0].memory_bytes if node.devices else 0
     uniform = all(d.memory_bytes == mem for d in node.devices)
     size = f"{len(node.devices)} x {_gib(mem)} GiB" if uniform else f"{len(node.devices)} devices"
@@ -263,7 +264,11 @@ def _node_lines(node: NodeInventory, planned: _Planned) -> list[str]:
                "mps": ", MPS", "mig-single": ", MIG single", "mig-mixed": ", MIG mixed"}[node.sharing]
     foreign = sum(node.foreign.values())
     others = f"; {foreign} requested by other pods (which, the device plugin knows)" if foreign else ""
-    lines = [f"{node.name}  {node.product}  {size}{sharing}{others}"]
+    return f"{node.name}  {node.product}  {size}{sharing}{others}"
+
+
+def _node_lines(node: NodeInventory, planned: _Planned) -> list[str]:
+    lines = [node_header(node)]
     for dev in node.devices:
         here = planned.get(dev.index, [])
         parts: list[tuple[str, int]] = []
@@ -284,9 +289,9 @@ def _node_lines(node: NodeInventory, planned: _Planned) -> list[str]:
         who = ", ".join(dict.fromkeys(name for name, _, _, _ in here))
         if held:
             who = f"{who}, running pods" if who else "running pods"
-        bar = _bar(dev.memory_bytes, parts)
+        drawn = bar(dev.memory_bytes, parts)
         figures = f"{_gib(used):>6}/{_gib(dev.memory_bytes)} GiB"
-        lines.append(f"  GPU {dev.index:<2} [{bar}] {figures}  {who}".rstrip())
+        lines.append(f"  GPU {dev.index:<2} [{drawn}] {figures}  {who}".rstrip())
     return lines
 
 
@@ -322,4 +327,6 @@ def render_table(plan: ClusterPlan, title: str) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["load_cluster", "load_nodes", "plan_command", "render_table", "sample_cluster_text"]
+__all__ = [
+    "bar", "load_cluster", "load_nodes", "node_header", "plan_command", "render_table", "sample_cluster_text"
+]
