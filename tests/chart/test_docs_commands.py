@@ -5,9 +5,12 @@ unlabelled blocks (lines starting ``$ ``, the lines after them being the output 
 ``&&`` list, ``$(...)`` and ``<(...)`` is split into simple commands, and each goes to the checker of its
 program:
 
-* ``kubevram estimate|plan|crd ...`` runs for real (in a scratch copy of the repository's examples);
-  when the docs show its output, the output must be what it prints. ``kubevram operator|worker`` (servers)
-  are parsed by the real CLI parser.
+* ``kubevram estimate|plan|crd|dashboard ...`` runs for real (in a scratch copy of the repository's
+  examples); when the docs show its output, the output must be what it prints. ``kubevram top`` runs against
+  an emulated cluster (kmock, tests/operator/kubevram_emulator.py): the EKS nodes of tests/data,
+  examples/qwen2-7b.yaml in namespace ``ai`` planned by the operator's reconciler, one worker pod and its
+  report (:func:`emulated_cluster`). ``kubevram operator|worker`` (servers) and ``kubevram top --watch`` are
+  parsed by the real CLI parser.
 * ``helm install|upgrade|template`` renders the chart offline (helm-python-sdk) with the values the
   command gives (``-f`` files the docs show, ``--set``), ``helm uninstall`` must name that release.
 * ``kubectl apply|create -f FILE`` validates the file: LLMDeployments against the CRD's schema, other
@@ -28,10 +31,12 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import os
 import re
 import shlex
 import shutil
 import subprocess
+import sys
 import tomllib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -238,20 +243,88 @@ def workspace(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return here
 
 
+#: What the docs' `kubevram top` example shows the worker of ai/qwen2-7b reporting (torch allocator bytes).
+WORKER_REPORT = {"index": 0, "reservedBytes": 16_106_127_360, "peakReservedBytes": 17_716_740_096}
+WORKER_SAMPLES = [  # prefill peaks (tokens, bytes): the operator's calibration fits them
+    (512, 15_320_000_000), (2048, 15_700_000_000), (4096, 16_240_000_000), (8192, 17_310_000_000)]
+
+
+@pytest.fixture(scope="module")
+def emulated_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """A Kubernetes API (kmock's emulator over HTTP) holding what the docs' `kubevram top` reads: the EKS
+    nodes, examples/qwen2-7b.yaml in namespace ai as the operator's reconciler planned and applied it, its
+    worker pod (what the ReplicaSet makes) and that worker's report, calibrated as the operator's timer
+    does; the kubeconfig's path."""
+    sys.path.append(str(ROOT / "tests" / "operator"))
+    from kubevram_emulator import EmulatedCluster
+
+    from kubevram.controller.adapter import Cluster as Adapter
+    from kubevram.controller.calibrate import calibration_status
+    from kubevram.controller.reconcile import Reconciler, Settings
+
+    emulated = EmulatedCluster(tmp_path_factory.mktemp("top")).start()
+    try:
+        for node in yaml.safe_load(EKS_NODES.read_text(encoding="utf-8"))["items"]:
+            emulated.add_node(node)
+        emulated.create("/api/v1/namespaces", {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "ai"}})
+        body = yaml.safe_load(EXAMPLE.read_text(encoding="utf-8"))
+        emulated.create_llmd(body, namespace="ai")
+        name = body["metadata"]["name"]
+        with _kubeconfig(emulated.kubeconfig):  # the adapter's client is made from KUBECONFIG
+            assert Reconciler(Adapter(), Settings()).replan("ai", name)
+        (workload,) = emulated.deployments("ai")
+        template = workload["spec"]["template"]
+        held = json.loads(template["metadata"]["annotations"][render.RESERVATION])
+        pod = f"{workload['metadata']['name']}-7d9c5b6f4-x2k8q"
+        emulated.create("/api/v1/namespaces/ai/pods", {
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": pod, "labels": template["metadata"]["labels"],
+                         "annotations": {render.RESERVATION: template["metadata"]["annotations"][render.RESERVATION]}},
+            "spec": {"nodeName": held["node"], "containers": [{"name": "worker", "image": "w"}]},
+        })
+        samples = [{"tokens": t, "batch": 1, "peakAllocatedBytes": b} for t, b in WORKER_SAMPLES]
+        report = {"model": body["spec"]["model"]["id"], "weights": "bfloat16", "devices": [WORKER_REPORT],
+                  "samples": samples}
+        emulated.patch(emulated.llmd_path(name, "ai") + "/status", {"status": {"workers": {pod: report}}})
+        calibration = calibration_status(emulated.llmd(name, "ai") or {}, "2026-11-21T10:31:00Z")
+        emulated.patch(emulated.llmd_path(name, "ai") + "/status", {"status": {"calibration": calibration}})
+        yield emulated.kubeconfig
+    finally:
+        emulated.stop()
+
+
+@contextlib.contextmanager
+def _kubeconfig(path: Path | None) -> Iterator[None]:
+    """``KUBECONFIG`` set to ``path`` inside the block (nothing changes when ``path`` is None)."""
+    before = os.environ.get("KUBECONFIG")
+    if path is not None:
+        os.environ["KUBECONFIG"] = str(path)
+    try:
+        yield
+    finally:
+        if path is not None:
+            if before is None:
+                os.environ.pop("KUBECONFIG", None)
+            else:
+                os.environ["KUBECONFIG"] = before
+
+
 @dataclass
 class Context:
     workspace: Path
     helm_releases: dict[str, str] = field(default_factory=dict)  # release -> namespace
+    kubeconfig: Path | None = None  # the emulated cluster `kubevram top` reads
 
 
 def run_kubevram(argv: list[str], shown: Shown, ctx: Context) -> None:
     args = argv[1:]
     command = next((a for a in args if not a.startswith("-")), "")
-    if command in ("operator", "worker"):
-        build_parser().parse_args(args)  # a server: its arguments must parse
+    if command in ("operator", "worker") or (command == "top" and {"-w", "--watch"} & set(args)):
+        build_parser().parse_args(args)  # a server, or a loop until Ctrl-C: its arguments must parse
         return
     out, err = io.StringIO(), io.StringIO()
-    with contextlib.chdir(ctx.workspace), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+    with contextlib.chdir(ctx.workspace), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), \
+            _kubeconfig(ctx.kubeconfig if command == "top" else None):
         try:
             code = main(args)
         except SystemExit as exc:  # argparse
@@ -587,9 +660,9 @@ def check_python(argv: list[str], shown: Shown) -> None:
 
 
 def test_every_documented_command_runs_or_checks_out(
-    workspace: Path, cluster: Cluster, crd_validator: Any
+    workspace: Path, cluster: Cluster, crd_validator: Any, emulated_cluster: Path
 ) -> None:
-    ctx = Context(workspace)
+    ctx = Context(workspace, kubeconfig=emulated_cluster)
     checked = 0
     for shown in SHOWN:
         for command in split(shown.text):
