@@ -1,4 +1,4 @@
-"""The ``kubevram`` command: ``estimate``, ``plan``, ``top``, ``crd``, ``dashboard``, ``operator`` and ``worker``.
+"""The ``kubevram`` command: estimate, plan, top, crd, dashboard, operator and worker.
 
 Each sub-command imports what it needs only when it runs, so ``kubevram estimate`` never loads kopf
 or torch. Bad input ends with one line on stderr naming the field and the value, and exit status 2;
@@ -155,10 +155,14 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("-o", "--output", choices=["table", "json"], default="table")
     plan.set_defaults(func=_cmd_plan)
 
-    top = sub.add_parser("top", help="GPU memory per node and GPU and per LLMDeployment, from the cluster in KUBECONFIG")
+    top = sub.add_parser(
+        "top", help="GPU memory per node and GPU and per LLMDeployment, from the cluster in KUBECONFIG"
+    )
     top.add_argument("-o", "--output", choices=["table", "json"], default="table")
     top.add_argument("-w", "--watch", action="store_true", help="redraw until interrupted")
-    top.add_argument("--interval", type=float, default=5.0, help="seconds between redraws with --watch (default 5)")
+    top.add_argument(
+        "--interval", type=float, default=5.0, help="seconds between redraws with --watch (default 5)"
+    )
     top.set_defaults(func=_cmd_top)
 
     crd = sub.add_parser("crd", help="print the LLMDeployment CRD generated from the API types")

@@ -452,7 +452,8 @@ def test_service_monitor_scrapes_the_workers_services() -> None:
     assert endpoint["metricRelabelings"][0]["action"] == "drop"
     # Only the watched namespaces when the operator watches some.
     docs, _ = render_chart({**values, "watchNamespaces": ["ai"]})
-    assert one(docs, "ServiceMonitor", "kubevram-workers")["spec"]["namespaceSelector"] == {"matchNames": ["ai"]}
+    workers = one(docs, "ServiceMonitor", "kubevram-workers")
+    assert workers["spec"]["namespaceSelector"] == {"matchNames": ["ai"]}
 
 
 def test_the_operator_metrics_service_and_its_monitor_reach_the_metrics_port() -> None:

@@ -68,16 +68,21 @@ def test_every_query_names_series_the_operator_exports(shipped: dict[str, Any]) 
     assert label_values in EXPORTED
     # Every state the operator exports is on the dashboard (the process and bucket series need not be).
     gauges = {s.name for s in metrics.SERIES if s.kind == "gauge"} - {
-        metrics.GPU_FREE.name, metrics.REPLICAS_DESIRED.name, metrics.REPLICAS_PLACED.name,
-        metrics.REPLICAS_READY.name, metrics.LEDGER_DEPLOYMENTS.name,
+        metrics.GPU_FREE.name,
+        metrics.REPLICAS_DESIRED.name,
+        metrics.REPLICAS_PLACED.name,
+        metrics.REPLICAS_READY.name,
+        metrics.LEDGER_DEPLOYMENTS.name,
     }
     assert gauges <= used, sorted(gauges - used)
 
 
 def test_the_parser_finds_the_names_and_rejects_what_is_not_promql() -> None:
     assert metric_names('sum by (le) (rate(a_bucket{x=~"$product"}[$__rate_interval])) / on(x) b') == {
-        "a_bucket", "b"}
-    with pytest.raises(ValueError):  # noqa: PT011 (the parser's own error)
+        "a_bucket",
+        "b",
+    }
+    with pytest.raises(ValueError):
         metric_names("sum by (product (a)")
 
 
@@ -86,11 +91,16 @@ def test_the_panels_the_issue_asks_for(shipped: dict[str, Any]) -> None:
     assert "Cluster VRAM by GPU class" in titles
     legends = {t["legendFormat"] for t in titles["Cluster VRAM by GPU class"]["targets"]}
     assert {f"{{{{product}}}} {what}" for what in ("capacity", "reserved", "used", "free")} <= legends
-    assert [p["type"] for p in shipped["panels"] if "per node and GPU" in p["title"]] == ["heatmap", "heatmap"]
+    assert [p["type"] for p in shipped["panels"] if "per node and GPU" in p["title"]] == [
+        "heatmap",
+        "heatmap",
+    ]
     top = titles["Top deployments by reserved minus used"]["targets"][0]
     assert top["expr"].startswith("topk(10,") and top["instant"]
     assert titles["Pending replicas"]["type"] == "table"
-    assert {"reason", "gpu_class"} <= set(re.findall(r"\w+", titles["Pending replicas"]["targets"][0]["expr"]))
+    assert {"reason", "gpu_class"} <= set(
+        re.findall(r"\w+", titles["Pending replicas"]["targets"][0]["expr"])
+    )
     assert "Estimate vs measured peak" in titles and "Estimate error" in titles
     # Grafana's model: unique ids, panels inside the 24-column grid, the data source as a variable.
     assert len({p["id"] for p in shipped["panels"]}) == len(shipped["panels"])
@@ -98,15 +108,24 @@ def test_the_panels_the_issue_asks_for(shipped: dict[str, Any]) -> None:
         grid = panel["gridPos"]
         assert grid["x"] + grid["w"] <= 24 and grid["w"] > 0 and grid["h"] > 0, panel["title"]
         assert panel["datasource"] == {"type": "prometheus", "uid": "${datasource}"}
-    assert any(v["type"] == "datasource" and v["query"] == "prometheus" for v in shipped["templating"]["list"])
+    assert any(
+        v["type"] == "datasource" and v["query"] == "prometheus" for v in shipped["templating"]["list"]
+    )
 
 
 def test_the_chart_ships_it_for_grafanas_sidecar_only_when_asked() -> None:
     docs, _ = render_chart({})
     assert [c["metadata"]["name"] for c in find(docs, "ConfigMap")] == ["kubevram-node-classes"]
-    values = {"metrics": {"dashboard": {"enabled": True, "namespace": "monitoring",
-                                        "annotations": {"grafana_folder": "kubevram"}}},
-              "commonAnnotations": {"team": "ml"}}
+    values = {
+        "metrics": {
+            "dashboard": {
+                "enabled": True,
+                "namespace": "monitoring",
+                "annotations": {"grafana_folder": "kubevram"},
+            }
+        },
+        "commonAnnotations": {"team": "ml"},
+    }
     docs, _ = render_chart(values)
     config_map = one(docs, "ConfigMap", "kubevram-dashboard")
     meta = config_map["metadata"]

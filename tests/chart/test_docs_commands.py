@@ -266,7 +266,8 @@ def emulated_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]
     try:
         for node in yaml.safe_load(EKS_NODES.read_text(encoding="utf-8"))["items"]:
             emulated.add_node(node)
-        emulated.create("/api/v1/namespaces", {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "ai"}})
+        namespace = {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "ai"}}
+        emulated.create("/api/v1/namespaces", namespace)
         body = yaml.safe_load(EXAMPLE.read_text(encoding="utf-8"))
         emulated.create_llmd(body, namespace="ai")
         name = body["metadata"]["name"]
@@ -274,12 +275,13 @@ def emulated_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]
             assert Reconciler(Adapter(), Settings()).replan("ai", name)
         (workload,) = emulated.deployments("ai")
         template = workload["spec"]["template"]
-        held = json.loads(template["metadata"]["annotations"][render.RESERVATION])
+        raw = template["metadata"]["annotations"][render.RESERVATION]
+        held = json.loads(raw)
         pod = f"{workload['metadata']['name']}-7d9c5b6f4-x2k8q"
         emulated.create("/api/v1/namespaces/ai/pods", {
             "apiVersion": "v1", "kind": "Pod",
             "metadata": {"name": pod, "labels": template["metadata"]["labels"],
-                         "annotations": {render.RESERVATION: template["metadata"]["annotations"][render.RESERVATION]}},
+                         "annotations": {render.RESERVATION: raw}},
             "spec": {"nodeName": held["node"], "containers": [{"name": "worker", "image": "w"}]},
         })
         samples = [{"tokens": t, "batch": 1, "peakAllocatedBytes": b} for t, b in WORKER_SAMPLES]

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 from kubevram_emulator import EmulatedCluster, gpu_node, llm_deployment
 from prometheus_client.parser import text_string_to_metric_families
-from test_calibrate import LLAMA, MODEL, true_line, worker_entry
+from test_calibrate import MODEL, true_line, worker_entry
 from test_operator import L4, workloads
 
 from kubevram.controller import metrics, render
@@ -63,9 +63,13 @@ def worker_pod(workload: dict[str, Any], suffix: str) -> dict[str, Any]:
     template = workload["spec"]["template"]
     held = json.loads(template["metadata"]["annotations"][render.RESERVATION])
     return {
-        "apiVersion": "v1", "kind": "Pod",
-        "metadata": {"name": f"{workload['metadata']['name']}-{suffix}", "labels": template["metadata"]["labels"],
-                     "annotations": {render.RESERVATION: template["metadata"]["annotations"][render.RESERVATION]}},
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {
+            "name": f"{workload['metadata']['name']}-{suffix}",
+            "labels": template["metadata"]["labels"],
+            "annotations": {render.RESERVATION: template["metadata"]["annotations"][render.RESERVATION]},
+        },
         "spec": {"nodeName": held["node"], "containers": [{"name": "worker", "image": "w"}]},
     }
 
@@ -105,15 +109,24 @@ def populate(cluster: EmulatedCluster) -> dict[str, dict[str, Any]]:
     cluster.add_node(gpu_node("gpu-l4-0", **L4))
     cluster.add_node(gpu_node("gpu-l4-1", **L4))
     # Another team's pod holds one GPU of gpu-l4-1 (which one, only the device plugin knows).
-    cluster.create("/api/v1/namespaces/default/pods", {
-        "apiVersion": "v1", "kind": "Pod", "metadata": {"name": "notebook"},
-        "spec": {"nodeName": "gpu-l4-1", "containers": [
-            {"name": "jupyter", "image": "j", "resources": {"limits": {"nvidia.com/gpu": "1"}}}]},
-        "status": {"phase": "Running"},
-    })
+    cluster.create(
+        "/api/v1/namespaces/default/pods",
+        {
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {"name": "notebook"},
+            "spec": {
+                "nodeName": "gpu-l4-1",
+                "containers": [
+                    {"name": "jupyter", "image": "j", "resources": {"limits": {"nvidia.com/gpu": "1"}}}
+                ],
+            },
+            "status": {"phase": "Running"},
+        },
+    )
 
     def status(name: str, phase: str) -> dict[str, Any] | None:
-        st = ((cluster.llmd(name) or {}).get("status") or {})
+        st = (cluster.llmd(name) or {}).get("status") or {}
         return st if st.get("phase") == phase else None
 
     cluster.create_llmd(llm_deployment("qwen", replicas=2))
@@ -138,18 +151,26 @@ def populate(cluster: EmulatedCluster) -> dict[str, dict[str, Any]]:
             reports[name].update(entry)
         cluster.patch(cluster.llmd_path(name) + "/status", {"status": {"workers": reports[name]}})
 
-    cluster.wait_for("llama calibrated", lambda: ((cluster.llmd("llama") or {}).get("status") or {}).get(
-        "calibration", {}).get("perGpu"))
+    cluster.wait_for(
+        "llama calibrated",
+        lambda: ((cluster.llmd("llama") or {}).get("status") or {}).get("calibration", {}).get("perGpu"),
+    )
     return reports
 
 
-def test_metrics_match_the_plans_and_the_reports(cluster: EmulatedCluster, operator: Any, scrape: Any) -> None:
+def test_metrics_match_the_plans_and_the_reports(
+    cluster: EmulatedCluster, operator: Any, scrape: Any
+) -> None:
     reports = populate(cluster)
 
     def settled() -> Samples | None:
         samples = scrape()
-        ready = value(samples, "kubevram_deployment_estimate_error_ratio", namespace="default",
-                      deployment="llama") is not None
+        ready = (
+            value(
+                samples, "kubevram_deployment_estimate_error_ratio", namespace="default", deployment="llama"
+            )
+            is not None
+        )
         used = len(series(samples, "kubevram_gpu_memory_used_bytes")) == 3
         return samples if ready and used else None
 
@@ -169,7 +190,9 @@ def test_metrics_match_the_plans_and_the_reports(cluster: EmulatedCluster, opera
             assert value(samples, "kubevram_gpu_memory_free_bytes", **labels) == (0 if held else capacity)
     node_labels = {"node": "gpu-l4-1", "product": "NVIDIA-L4"}
     assert value(samples, "kubevram_node_gpu_memory_other_pods_bytes", **node_labels) == capacity
-    assert value(samples, "kubevram_node_gpu_memory_free_bytes", **node_labels) == 0  # 1 held, 1 the notebook's
+    assert (
+        value(samples, "kubevram_node_gpu_memory_free_bytes", **node_labels) == 0
+    )  # 1 held, 1 the notebook's
 
     # What the workers report, on the GPU their pod's reservation names.
     pods = {p["metadata"]["name"]: p for p in cluster.items("/api/v1/namespaces/default/pods")}
@@ -178,13 +201,21 @@ def test_metrics_match_the_plans_and_the_reports(cluster: EmulatedCluster, opera
             held = json.loads(pods[pod]["metadata"]["annotations"][render.RESERVATION])
             (index,) = held["gpus"]
             labels = {"node": held["node"], "gpu": index, "product": "NVIDIA-L4"}
-            assert value(samples, "kubevram_gpu_memory_used_bytes", **labels) == entry["devices"][0]["reservedBytes"]
+            assert (
+                value(samples, "kubevram_gpu_memory_used_bytes", **labels)
+                == entry["devices"][0]["reservedBytes"]
+            )
 
     # Per deployment: the estimate, replicas, reservations, use, peak and the estimate's error.
     for name, obj in objs.items():
         st, d = obj["status"], {"namespace": "default", "deployment": name}
-        parts = {"weights": "weightsBytes", "kv_cache": "kvCacheBytes", "activations": "activationBytes",
-                 "overhead_per_gpu": "overheadBytesPerGPU", "total": "totalBytes"}
+        parts = {
+            "weights": "weightsBytes",
+            "kv_cache": "kvCacheBytes",
+            "activations": "activationBytes",
+            "overhead_per_gpu": "overheadBytesPerGPU",
+            "total": "totalBytes",
+        }
         for part, key in parts.items():
             assert value(samples, "kubevram_deployment_estimate_bytes", **d, part=part) == st["estimate"][key]
         assert value(samples, "kubevram_deployment_replicas_desired", **d) == obj["spec"]["replicas"]
@@ -192,19 +223,35 @@ def test_metrics_match_the_plans_and_the_reports(cluster: EmulatedCluster, opera
         assert value(samples, "kubevram_deployment_reserved_bytes", **d) == by_deployment.get(name, 0)
         pending = series(samples, "kubevram_deployment_replicas_pending", **d)
         if name == "extra":
-            assert pending == {tuple(sorted({**d, "reason": "InsufficientGPUMemory",
-                                             "gpu_class": st["autoscaling"]["gpuClass"]}.items())): 1}
+            assert pending == {
+                tuple(
+                    sorted(
+                        {
+                            **d,
+                            "reason": "InsufficientGPUMemory",
+                            "gpu_class": st["autoscaling"]["gpuClass"],
+                        }.items()
+                    )
+                ): 1
+            }
             assert value(samples, "kubevram_deployment_used_bytes", **d) is None  # no worker reports
             continue
         assert list(pending.values()) == [0]
         devices = [e["devices"][0] for e in reports[name].values()]
-        assert value(samples, "kubevram_deployment_used_bytes", **d) == sum(x["reservedBytes"] for x in devices)
+        assert value(samples, "kubevram_deployment_used_bytes", **d) == sum(
+            x["reservedBytes"] for x in devices
+        )
         assert value(samples, "kubevram_deployment_measured_peak_bytes", **d) == max(
-            x["peakReservedBytes"] for x in devices)
+            x["peakReservedBytes"] for x in devices
+        )
     (row,) = objs["llama"]["status"]["calibration"]["perGpu"]
-    assert value(samples, "kubevram_deployment_estimate_error_ratio", namespace="default",
-                 deployment="llama") == pytest.approx(row["errorPct"] / 100)
-    assert value(samples, "kubevram_deployment_estimate_error_ratio", namespace="default", deployment="qwen") is None
+    assert value(
+        samples, "kubevram_deployment_estimate_error_ratio", namespace="default", deployment="llama"
+    ) == pytest.approx(row["errorPct"] / 100)
+    assert (
+        value(samples, "kubevram_deployment_estimate_error_ratio", namespace="default", deployment="qwen")
+        is None
+    )
 
     # The operator's own work: the ledger, reconciles by outcome, latencies, API errors.
     assert sum(series(samples, "kubevram_ledger_reservations").values()) == 3

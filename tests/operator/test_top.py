@@ -64,37 +64,52 @@ def test_top_shows_the_cluster_the_operator_planned(cluster: EmulatedCluster, op
     for name, d in deployments.items():
         st = objs[name]["status"]
         assert d["estimateBytes"]["total"] == st["estimate"]["totalBytes"]
-        assert d["replicas"] == {"desired": objs[name]["spec"]["replicas"], "placed": len(st["placements"]),
-                                 "ready": 0, "pending": st["autoscaling"]["pendingReplicas"]}
+        assert d["replicas"] == {
+            "desired": objs[name]["spec"]["replicas"],
+            "placed": len(st["placements"]),
+            "ready": 0,
+            "pending": st["autoscaling"]["pendingReplicas"],
+        }
         assert d["reservedBytes"] == by_deployment.get(name, 0)
     assert deployments["extra"]["pendingReason"] == "InsufficientGPUMemory"
     assert deployments["extra"]["gpuClass"] == objs["extra"]["status"]["autoscaling"]["gpuClass"]
     (row,) = objs["llama"]["status"]["calibration"]["perGpu"]
     assert deployments["llama"]["estimateErrorRatio"] == row["errorPct"] / 100
     assert deployments["qwen"]["measuredPeakBytes"] == max(
-        e["devices"][0]["peakReservedBytes"] for e in reports["qwen"].values())
+        e["devices"][0]["peakReservedBytes"] for e in reports["qwen"].values()
+    )
 
     code, out, err = run()
     assert (code, err) == (0, "")
     lines = out.splitlines()
     total_used = sum(used.values())
-    assert f"{'NVIDIA-L4':<34} {4:>4} {gib(4 * CAPACITY):>11} {gib(3 * CAPACITY):>11} {gib(total_used):>11} " \
-           f"{gib(0):>11}" in lines
+    assert (
+        f"{'NVIDIA-L4':<34} {4:>4} {gib(4 * CAPACITY):>11} {gib(3 * CAPACITY):>11} {gib(total_used):>11} "
+        f"{gib(0):>11}" in lines
+    )
     extra = objs["extra"]["status"]["autoscaling"]
-    assert (f"    1 pending (InsufficientGPUMemory): {extra['reason']}; autoscaler: grow node class "
-            f"{extra['gpuClass']}") in lines
+    assert (
+        f"    1 pending (InsufficientGPUMemory): {extra['reason']}; autoscaler: grow node class "
+        f"{extra['gpuClass']}"
+    ) in lines
     llama = next(line for line in lines if line.startswith("default/llama "))
     assert f"{row['errorPct']:+.1f}%" in llama and "0/1/1" in llama
-    assert "gpu-l4-1  NVIDIA-L4  2 x 22.5 GiB; 1 requested by other pods (which, the device plugin knows)" in lines
+    assert (
+        "gpu-l4-1  NVIDIA-L4  2 x 22.5 GiB; 1 requested by other pods (which, the device plugin knows)"
+        in lines
+    )
     for (node, index), nbytes in used.items():
         # Drawn as `kubevram plan` draws: 40 cells, used then reserved-but-unused, by cumulative rounding.
         cells = round(nbytes * 40 / CAPACITY)
         owner = next(n for n in NAMES if (node, index) in reserved_by_annotations(cluster, [n])[0])
-        assert (f"  GPU {index:<2} [{'█' * cells}{'░' * (40 - cells)}] used {gib(nbytes)}, reserved "
-                f"{gib(CAPACITY)}, free {gib(0)} of {gib(CAPACITY)}  default/{owner}") in lines
+        assert (
+            f"  GPU {index:<2} [{'█' * cells}{'░' * (40 - cells)}] used {gib(nbytes)}, reserved "
+            f"{gib(CAPACITY)}, free {gib(0)} of {gib(CAPACITY)}  default/{owner}"
+        ) in lines
     (idle,) = [line for line in lines if line.startswith("  GPU ") and "default/" not in line]
-    assert idle.startswith(f"  GPU 1  [{'·' * 40}] used -, reserved {gib(0)}, free {gib(CAPACITY)}") or \
-        idle.startswith(f"  GPU 0  [{'·' * 40}] used -, reserved {gib(0)}, free {gib(CAPACITY)}")
+    assert idle.startswith(
+        f"  GPU 1  [{'·' * 40}] used -, reserved {gib(0)}, free {gib(CAPACITY)}"
+    ) or idle.startswith(f"  GPU 0  [{'·' * 40}] used -, reserved {gib(0)}, free {gib(CAPACITY)}")
 
 
 def test_top_watches_until_interrupted(cluster: EmulatedCluster) -> None:
@@ -103,8 +118,10 @@ def test_top_watches_until_interrupted(cluster: EmulatedCluster) -> None:
     cluster.add_node(gpu_node("gpu-a100-0", gpus=1))
     process = subprocess.Popen(
         [sys.executable, "-m", "kubevram.cli", "top", "--watch", "--interval", "0.2", "-o", "json"],
-        env={**os.environ, "KUBECONFIG": str(cluster.kubeconfig)}, stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "KUBECONFIG": str(cluster.kubeconfig)},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     try:
         assert process.stdout is not None

@@ -48,8 +48,13 @@ def _target(ref: str, expr: str, legend: str = "", *, instant: bool = False) -> 
 
 
 def _panel(
-    kind: str, title: str, description: str, targets: list[dict[str, Any]], grid: tuple[int, int, int, int],
-    unit: str = "bytes", **extra: Any,
+    kind: str,
+    title: str,
+    description: str,
+    targets: list[dict[str, Any]],
+    grid: tuple[int, int, int, int],
+    unit: str = "bytes",
+    **extra: Any,
 ) -> dict[str, Any]:
     x, y, w, h = grid
     return {
@@ -68,10 +73,31 @@ def _by_class(series: str) -> str:
     return f"sum by (product) ({series}{PRODUCT})"
 
 
+def _heatmap(title: str, description: str, series: str, x: int, scheme: str) -> dict[str, Any]:
+    """``series`` over each GPU's capacity, one row per node and GPU."""
+    share = f"{series}{PRODUCT} / {GPU_CAPACITY.name}{PRODUCT}"
+    return _panel(
+        "heatmap",
+        title,
+        description,
+        [_target("A", share, "{{node}} GPU {{gpu}}")],
+        (x, 12, 12, 10),
+        unit="percentunit",
+        options={
+            "calculate": False,
+            "yAxis": {"unit": "short"},
+            "color": {"scheme": scheme},
+            "cellValues": {"unit": "percentunit"},
+        },
+    )
+
+
 def _quantiles(series: str, what: str) -> list[dict[str, Any]]:
     rate = f"sum by (le) (rate({series}_bucket[$__rate_interval]))"
-    return [_target(ref, f"histogram_quantile({q}, {rate})", f"{what} p{int(q * 100)}")
-            for ref, q in (("A", 0.5), ("B", 0.99))]
+    return [
+        _target(ref, f"histogram_quantile({q}, {rate})", f"{what} p{int(q * 100)}")
+        for ref, q in (("A", 0.5), ("B", 0.99))
+    ]
 
 
 def _panels() -> list[dict[str, Any]]:
@@ -79,89 +105,146 @@ def _panels() -> list[dict[str, Any]]:
     free = NODE_FREE.name
     totals = [
         ("Capacity", capacity, "GPU memory of every GPU node kubevram sees."),
-        ("Reserved by kubevram", reserved, "What kubevram's plans reserve (an exclusive replica: its whole GPUs)."),
+        (
+            "Reserved by kubevram",
+            reserved,
+            "What kubevram's plans reserve (an exclusive replica: its whole GPUs).",
+        ),
         ("Used by workers", used, "What the workers' torch allocators hold, as they report it."),
         ("Free", free, "What a new plan could still take, less what other pods request."),
     ]
     panels = [
-        _panel("stat", title, description, [_target("A", f"sum({series}{PRODUCT})")], (6 * i, 0, 6, 4),
-               options={"reduceOptions": {"calcs": ["lastNotNull"]}, "colorMode": "value"})
+        _panel(
+            "stat",
+            title,
+            description,
+            [_target("A", f"sum({series}{PRODUCT})")],
+            (6 * i, 0, 6, 4),
+            options={"reduceOptions": {"calcs": ["lastNotNull"]}, "colorMode": "value"},
+        )
         for i, (title, series, description) in enumerate(totals)
     ]
     panels += [
         _panel(
-            "timeseries", "Cluster VRAM by GPU class",
+            "timeseries",
+            "Cluster VRAM by GPU class",
             "Per GPU product: capacity, what kubevram reserves, what its workers use, what is free.",
-            [_target("A", _by_class(capacity), "{{product}} capacity"),
-             _target("B", _by_class(reserved), "{{product}} reserved"),
-             _target("C", _by_class(used), "{{product}} used"),
-             _target("D", _by_class(free), "{{product}} free"),
-             _target("E", _by_class(NODE_OTHER.name), "{{product}} other pods")],
+            [
+                _target("A", _by_class(capacity), "{{product}} capacity"),
+                _target("B", _by_class(reserved), "{{product}} reserved"),
+                _target("C", _by_class(used), "{{product}} used"),
+                _target("D", _by_class(free), "{{product}} free"),
+                _target("E", _by_class(NODE_OTHER.name), "{{product}} other pods"),
+            ],
             (0, 4, 24, 8),
         ),
-        _panel(
-            "heatmap", "Reserved share per node and GPU",
+        _heatmap(
+            "Reserved share per node and GPU",
             "kubevram's reservations over each GPU's memory: one row per node and GPU.",
-            [_target("A", f"{reserved}{PRODUCT} / {capacity}{PRODUCT}", "{{node}} GPU {{gpu}}")],
-            (0, 12, 12, 10), unit="percentunit",
-            options={"calculate": False, "yAxis": {"unit": "short"}, "color": {"scheme": "Oranges"},
-                     "cellValues": {"unit": "percentunit"}},
+            reserved,
+            0,
+            "Oranges",
         ),
-        _panel(
-            "heatmap", "Used share per node and GPU",
+        _heatmap(
+            "Used share per node and GPU",
             "What the workers' allocators hold over each GPU's memory: how close each GPU is to OOM.",
-            [_target("A", f"{used}{PRODUCT} / {capacity}{PRODUCT}", "{{node}} GPU {{gpu}}")],
-            (12, 12, 12, 10), unit="percentunit",
-            options={"calculate": False, "yAxis": {"unit": "short"}, "color": {"scheme": "Reds"},
-                     "cellValues": {"unit": "percentunit"}},
+            used,
+            12,
+            "Reds",
         ),
         _panel(
-            "bargauge", "Top deployments by reserved minus used",
-            "GPU memory each LLMDeployment reserves beyond what its workers use (all of it before they report).",
-            [_target("A", f"topk(10, {DEPLOYMENT_RESERVED.name} - on({DEPLOYMENT}) "
-                          f"({DEPLOYMENT_USED.name} or on({DEPLOYMENT}) {DEPLOYMENT_RESERVED.name} * 0))",
-                     "{{namespace}}/{{deployment}}", instant=True)],
-            (0, 22, 12, 9), options={"orientation": "horizontal", "displayMode": "gradient"},
+            "bargauge",
+            "Top deployments by reserved minus used",
+            "GPU memory each LLMDeployment reserves beyond what its workers use (all of it until they do).",
+            [
+                _target(
+                    "A",
+                    f"topk(10, {DEPLOYMENT_RESERVED.name} - on({DEPLOYMENT}) "
+                    f"({DEPLOYMENT_USED.name} or on({DEPLOYMENT}) {DEPLOYMENT_RESERVED.name} * 0))",
+                    "{{namespace}}/{{deployment}}",
+                    instant=True,
+                )
+            ],
+            (0, 22, 12, 9),
+            options={"orientation": "horizontal", "displayMode": "gradient"},
         ),
         _panel(
-            "table", "Pending replicas",
+            "table",
+            "Pending replicas",
             "Replicas no node can hold now: the Scheduled condition's reason and the GPU node class the "
             "autoscaling signal asks for (kubectl describe llmd NAME says the numbers).",
-            [_target("A", f"sum by ({DEPLOYMENT}, reason, gpu_class) ({REPLICAS_PENDING.name}) > 0", instant=True)],
-            (12, 22, 12, 9), unit="short",
-            transformations=[{"id": "organize", "options": {"excludeByName": {"Time": True},
-                                                            "renameByName": {"Value": "pending"}}}],
+            [
+                _target(
+                    "A",
+                    f"sum by ({DEPLOYMENT}, reason, gpu_class) ({REPLICAS_PENDING.name}) > 0",
+                    instant=True,
+                )
+            ],
+            (12, 22, 12, 9),
+            unit="short",
+            transformations=[
+                {
+                    "id": "organize",
+                    "options": {"excludeByName": {"Time": True}, "renameByName": {"Value": "pending"}},
+                }
+            ],
         ),
         _panel(
-            "timeseries", "Estimate vs measured peak",
+            "timeseries",
+            "Estimate vs measured peak",
             "The estimate of one replica against the largest allocator peak one of its workers reported.",
-            [_target("A", f'{DEPLOYMENT_ESTIMATE.name}{{part="total"}}', "{{namespace}}/{{deployment}} estimate"),
-             _target("B", DEPLOYMENT_PEAK.name, "{{namespace}}/{{deployment}} measured peak")],
+            [
+                _target(
+                    "A",
+                    f'{DEPLOYMENT_ESTIMATE.name}{{part="total"}}',
+                    "{{namespace}}/{{deployment}} estimate",
+                ),
+                _target("B", DEPLOYMENT_PEAK.name, "{{namespace}}/{{deployment}} measured peak"),
+            ],
             (0, 31, 12, 8),
         ),
         _panel(
-            "timeseries", "Estimate error",
+            "timeseries",
+            "Estimate error",
             "(estimate - measured) / measured allocator peak at the largest prefill measured "
             "(status.calibration); positive: the estimate is above.",
             [_target("A", DEPLOYMENT_ERROR.name, "{{namespace}}/{{deployment}}")],
-            (12, 31, 12, 8), unit="percentunit",
+            (12, 31, 12, 8),
+            unit="percentunit",
         ),
         _panel(
-            "timeseries", "Reconciles by outcome", "Reconciliations per second: planned, pending, invalid, retry, "
-            "error.",
-            [_target("A", f"sum by (outcome) (rate({RECONCILES_SERIES.name}[$__rate_interval]))", "{{outcome}}")],
-            (0, 39, 6, 8), unit="ops",
+            "timeseries",
+            "Reconciles by outcome",
+            "Reconciliations per second: planned, pending, invalid, retry, error.",
+            [
+                _target(
+                    "A", f"sum by (outcome) (rate({RECONCILES_SERIES.name}[$__rate_interval]))", "{{outcome}}"
+                )
+            ],
+            (0, 39, 6, 8),
+            unit="ops",
         ),
-        _panel("timeseries", "Reconcile latency", "Read, plan, apply, report.",
-               _quantiles(RECONCILE_SECONDS_SERIES.name, "reconcile"), (6, 39, 6, 8), unit="s"),
-        _panel("timeseries", "Planning latency", "The planner, inside the placement ledger's lock.",
-               _quantiles(PLANNING_SECONDS_SERIES.name, "planning"), (12, 39, 6, 8), unit="s"),
+        *(
+            _panel("timeseries", title, description, _quantiles(series.name, what), (x, 39, 6, 8), unit="s")
+            for title, description, series, what, x in (
+                ("Reconcile latency", "Read, plan, apply, report.", RECONCILE_SECONDS_SERIES, "reconcile", 6),
+                ("Planning latency", "The planner, in the ledger lock.", PLANNING_SECONDS_SERIES, "plan", 12),
+            )
+        ),
         _panel(
-            "timeseries", "Ledger and API errors",
+            "timeseries",
+            "Ledger and API errors",
             "Reservations in the placement ledger by state; API errors per second by HTTP status.",
-            [_target("A", f"sum by (state) ({LEDGER_RESERVATIONS.name})", "ledger {{state}}"),
-             _target("B", f"sum by (status) (rate({API_ERRORS_SERIES.name}[$__rate_interval]))", "HTTP {{status}}")],
-            (18, 39, 6, 8), unit="short",
+            [
+                _target("A", f"sum by (state) ({LEDGER_RESERVATIONS.name})", "ledger {{state}}"),
+                _target(
+                    "B",
+                    f"sum by (status) (rate({API_ERRORS_SERIES.name}[$__rate_interval]))",
+                    "HTTP {{status}}",
+                ),
+            ],
+            (18, 39, 6, 8),
+            unit="short",
         ),
     ]
     for number, panel in enumerate(panels, start=1):
@@ -183,10 +266,18 @@ def dashboard() -> dict[str, Any]:
         "templating": {
             "list": [
                 {"name": "datasource", "label": "Data source", "type": "datasource", "query": "prometheus"},
-                {"name": "product", "label": "GPU class", "type": "query", "datasource": DATASOURCE,
-                 "query": {"query": f"label_values({GPU_CAPACITY.name}, product)", "refId": "product"},
-                 "refresh": 2, "multi": True, "includeAll": True, "allValue": ".*",
-                 "current": {"text": "All", "value": "$__all"}},
+                {
+                    "name": "product",
+                    "label": "GPU class",
+                    "type": "query",
+                    "datasource": DATASOURCE,
+                    "query": {"query": f"label_values({GPU_CAPACITY.name}, product)", "refId": "product"},
+                    "refresh": 2,
+                    "multi": True,
+                    "includeAll": True,
+                    "allValue": ".*",
+                    "current": {"text": "All", "value": "$__all"},
+                },
             ]
         },
         "panels": _panels(),

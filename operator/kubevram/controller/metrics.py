@@ -55,60 +55,140 @@ GPU = ("node", "gpu", "product")
 NODE = ("node", "product")
 DEPLOYMENT = ("namespace", "deployment")
 
-GPU_CAPACITY = Series("kubevram_gpu_memory_capacity_bytes", "gauge",
-                      "GPU memory of the device, as GPU Feature Discovery labels it.", GPU)
-GPU_RESERVED = Series("kubevram_gpu_memory_reserved_bytes", "gauge",
-                      "GPU memory kubevram's plans reserve on the device (an exclusive replica: all of it).", GPU)
-GPU_USED = Series("kubevram_gpu_memory_used_bytes", "gauge",
-                  "GPU memory the torch allocators of the kubevram workers placed on the device hold, as they "
-                  "report it (status.workers); absent until one reports.", GPU)
-GPU_FREE = Series("kubevram_gpu_memory_free_bytes", "gauge",
-                  "GPU memory a new plan could still take on the device (0 when held whole).", GPU)
-NODE_OTHER = Series("kubevram_node_gpu_memory_other_pods_bytes", "gauge",
-                    "GPU memory of the devices other pods request on the node (which devices, only the device "
-                    "plugin knows).", NODE)
-NODE_FREE = Series("kubevram_node_gpu_memory_free_bytes", "gauge",
-                   "GPU memory a new plan could still take on the node, less what other pods request.", NODE)
-DEPLOYMENT_ESTIMATE = Series("kubevram_deployment_estimate_bytes", "gauge",
-                             "The estimate of one replica by part (weights, kv_cache, activations, "
-                             "overhead_per_gpu, total).", (*DEPLOYMENT, "part"))
+GPU_CAPACITY = Series(
+    "kubevram_gpu_memory_capacity_bytes",
+    "gauge",
+    "GPU memory of the device, as GPU Feature Discovery labels it.",
+    GPU,
+)
+GPU_RESERVED = Series(
+    "kubevram_gpu_memory_reserved_bytes",
+    "gauge",
+    "GPU memory kubevram's plans reserve on the device (an exclusive replica: all of it).",
+    GPU,
+)
+GPU_USED = Series(
+    "kubevram_gpu_memory_used_bytes",
+    "gauge",
+    "GPU memory the torch allocators of the kubevram workers placed on the device hold, as they "
+    "report it (status.workers); absent until one reports.",
+    GPU,
+)
+GPU_FREE = Series(
+    "kubevram_gpu_memory_free_bytes",
+    "gauge",
+    "GPU memory a new plan could still take on the device (0 when held whole).",
+    GPU,
+)
+NODE_OTHER = Series(
+    "kubevram_node_gpu_memory_other_pods_bytes",
+    "gauge",
+    "GPU memory of the devices other pods request on the node (which devices, only the device plugin knows).",
+    NODE,
+)
+NODE_FREE = Series(
+    "kubevram_node_gpu_memory_free_bytes",
+    "gauge",
+    "GPU memory a new plan could still take on the node, less what other pods request.",
+    NODE,
+)
+DEPLOYMENT_ESTIMATE = Series(
+    "kubevram_deployment_estimate_bytes",
+    "gauge",
+    "The estimate of one replica by part (weights, kv_cache, activations, overhead_per_gpu, total).",
+    (*DEPLOYMENT, "part"),
+)
 REPLICAS_DESIRED = Series("kubevram_deployment_replicas_desired", "gauge", "spec.replicas.", DEPLOYMENT)
-REPLICAS_PLACED = Series("kubevram_deployment_replicas_placed", "gauge",
-                         "Replicas the plan placed on nodes and GPUs.", DEPLOYMENT)
+REPLICAS_PLACED = Series(
+    "kubevram_deployment_replicas_placed", "gauge", "Replicas the plan placed on nodes and GPUs.", DEPLOYMENT
+)
 REPLICAS_READY = Series("kubevram_deployment_replicas_ready", "gauge", "Replicas serving.", DEPLOYMENT)
-REPLICAS_PENDING = Series("kubevram_deployment_replicas_pending", "gauge",
-                          "Replicas no node can hold now, by the Scheduled condition's reason and the GPU node "
-                          "class the autoscaling signal asks for.", (*DEPLOYMENT, "reason", "gpu_class"))
-DEPLOYMENT_RESERVED = Series("kubevram_deployment_reserved_bytes", "gauge",
-                             "GPU memory the deployment's replicas reserve, all GPUs together.", DEPLOYMENT)
-DEPLOYMENT_USED = Series("kubevram_deployment_used_bytes", "gauge",
-                         "GPU memory its workers' torch allocators hold now, as they report it.", DEPLOYMENT)
-DEPLOYMENT_PEAK = Series("kubevram_deployment_measured_peak_bytes", "gauge",
-                         "The largest allocator peak one of its workers reported, its GPUs together.", DEPLOYMENT)
-DEPLOYMENT_ERROR = Series("kubevram_deployment_estimate_error_ratio", "gauge",
-                          "(estimate - measured) / measured allocator peak at the largest prefill measured "
-                          "(status.calibration); positive: the estimate is above.", DEPLOYMENT)
-LEDGER_DEPLOYMENTS = Series("kubevram_ledger_deployments", "gauge",
-                            "LLMDeployments in the placement ledger, by state.", ("state",))
-LEDGER_RESERVATIONS = Series("kubevram_ledger_reservations", "gauge",
-                             "Reservations (one per placed replica) in the placement ledger, by state.", ("state",))
-RECONCILES_SERIES = Series("kubevram_reconciles_total", "counter",
-                           "Reconciliations of LLMDeployments by outcome (planned, pending, invalid, retry, "
-                           "error).", ("outcome",))
-RECONCILE_SECONDS_SERIES = Series("kubevram_reconcile_duration_seconds", "histogram",
-                                  "Duration of one reconciliation: read, plan, apply, report.")
-PLANNING_SECONDS_SERIES = Series("kubevram_planning_duration_seconds", "histogram",
-                                 "Duration of the planner's part of a reconciliation (inside the ledger's lock).")
-API_ERRORS_SERIES = Series("kubevram_api_errors_total", "counter",
-                           "Kubernetes API requests of the operator answered with an error, by HTTP status.",
-                           ("status",))
+REPLICAS_PENDING = Series(
+    "kubevram_deployment_replicas_pending",
+    "gauge",
+    "Replicas no node can hold now, by the Scheduled condition's reason and the GPU node "
+    "class the autoscaling signal asks for.",
+    (*DEPLOYMENT, "reason", "gpu_class"),
+)
+DEPLOYMENT_RESERVED = Series(
+    "kubevram_deployment_reserved_bytes",
+    "gauge",
+    "GPU memory the deployment's replicas reserve, all GPUs together.",
+    DEPLOYMENT,
+)
+DEPLOYMENT_USED = Series(
+    "kubevram_deployment_used_bytes",
+    "gauge",
+    "GPU memory its workers' torch allocators hold now, as they report it.",
+    DEPLOYMENT,
+)
+DEPLOYMENT_PEAK = Series(
+    "kubevram_deployment_measured_peak_bytes",
+    "gauge",
+    "The largest allocator peak one of its workers reported, its GPUs together.",
+    DEPLOYMENT,
+)
+DEPLOYMENT_ERROR = Series(
+    "kubevram_deployment_estimate_error_ratio",
+    "gauge",
+    "(estimate - measured) / measured allocator peak at the largest prefill measured "
+    "(status.calibration); positive: the estimate is above.",
+    DEPLOYMENT,
+)
+LEDGER_DEPLOYMENTS = Series(
+    "kubevram_ledger_deployments", "gauge", "LLMDeployments in the placement ledger, by state.", ("state",)
+)
+LEDGER_RESERVATIONS = Series(
+    "kubevram_ledger_reservations",
+    "gauge",
+    "Reservations (one per placed replica) in the placement ledger, by state.",
+    ("state",),
+)
+RECONCILES_SERIES = Series(
+    "kubevram_reconciles_total",
+    "counter",
+    "Reconciliations of LLMDeployments by outcome (planned, pending, invalid, retry, error).",
+    ("outcome",),
+)
+RECONCILE_SECONDS_SERIES = Series(
+    "kubevram_reconcile_duration_seconds",
+    "histogram",
+    "Duration of one reconciliation: read, plan, apply, report.",
+)
+PLANNING_SECONDS_SERIES = Series(
+    "kubevram_planning_duration_seconds",
+    "histogram",
+    "Duration of the planner's part of a reconciliation (inside the ledger's lock).",
+)
+API_ERRORS_SERIES = Series(
+    "kubevram_api_errors_total",
+    "counter",
+    "Kubernetes API requests of the operator answered with an error, by HTTP status.",
+    ("status",),
+)
 
 SERIES: tuple[Series, ...] = (
-    GPU_CAPACITY, GPU_RESERVED, GPU_USED, GPU_FREE, NODE_OTHER, NODE_FREE,
-    DEPLOYMENT_ESTIMATE, REPLICAS_DESIRED, REPLICAS_PLACED, REPLICAS_READY, REPLICAS_PENDING,
-    DEPLOYMENT_RESERVED, DEPLOYMENT_USED, DEPLOYMENT_PEAK, DEPLOYMENT_ERROR,
-    LEDGER_DEPLOYMENTS, LEDGER_RESERVATIONS,
-    RECONCILES_SERIES, RECONCILE_SECONDS_SERIES, PLANNING_SECONDS_SERIES, API_ERRORS_SERIES,
+    GPU_CAPACITY,
+    GPU_RESERVED,
+    GPU_USED,
+    GPU_FREE,
+    NODE_OTHER,
+    NODE_FREE,
+    DEPLOYMENT_ESTIMATE,
+    REPLICAS_DESIRED,
+    REPLICAS_PLACED,
+    REPLICAS_READY,
+    REPLICAS_PENDING,
+    DEPLOYMENT_RESERVED,
+    DEPLOYMENT_USED,
+    DEPLOYMENT_PEAK,
+    DEPLOYMENT_ERROR,
+    LEDGER_DEPLOYMENTS,
+    LEDGER_RESERVATIONS,
+    RECONCILES_SERIES,
+    RECONCILE_SECONDS_SERIES,
+    PLANNING_SECONDS_SERIES,
+    API_ERRORS_SERIES,
 )
 
 OUTCOMES = ("planned", "pending", "invalid", "retry", "error")
@@ -225,12 +305,16 @@ class StateCollector(Collector):
 # ------------------------------------------------------------------------------------ the events
 
 REGISTRY = CollectorRegistry()
-RECONCILES = Counter(RECONCILES_SERIES.name, RECONCILES_SERIES.help, RECONCILES_SERIES.labels, registry=REGISTRY)
+RECONCILES = Counter(
+    RECONCILES_SERIES.name, RECONCILES_SERIES.help, RECONCILES_SERIES.labels, registry=REGISTRY
+)
 RECONCILE_SECONDS = Histogram(RECONCILE_SECONDS_SERIES.name, RECONCILE_SECONDS_SERIES.help, registry=REGISTRY)
 PLANNING_SECONDS = Histogram(
     PLANNING_SECONDS_SERIES.name, PLANNING_SECONDS_SERIES.help, buckets=PLANNING_BUCKETS, registry=REGISTRY
 )
-API_ERRORS = Counter(API_ERRORS_SERIES.name, API_ERRORS_SERIES.help, API_ERRORS_SERIES.labels, registry=REGISTRY)
+API_ERRORS = Counter(
+    API_ERRORS_SERIES.name, API_ERRORS_SERIES.help, API_ERRORS_SERIES.labels, registry=REGISTRY
+)
 for _outcome in OUTCOMES:  # every outcome from the start, at 0 (rate() sees the first one)
     RECONCILES.labels(_outcome)
 REGISTRY.register(StateCollector(STATE, LEDGER, NODES.all))

@@ -422,8 +422,8 @@ class Reconciler:
         )
         patch.status.update(new_status)
         metrics.STATE.observe_other_pods(pods)
-        metrics.STATE.observe_deployment(key, deployment.spec.replicas, {**(body.get("status") or {}), **new_status},
-                                         own_pods)
+        seen = {**(body.get("status") or {}), **new_status}
+        metrics.STATE.observe_deployment(key, deployment.spec.replicas, seen, own_pods)
         if moved:
             reasons = "; ".join(dict.fromkeys(moved))
             self.report("Replanned", f"{len(moved)} replica(s) placed anew: {reasons}", True)

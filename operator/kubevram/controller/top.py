@@ -23,7 +23,9 @@ from kubevram.planner.plan_cli import FREE, HELD, SEGMENTS, bar, node_header
 from kubevram.planner.usage import ClusterUsage, DeploymentState, DeploymentUsage, GpuUsage, cluster_usage
 
 USED, RESERVED = SEGMENTS[0][1], SEGMENTS[3][1]  # █ and ░, as `kubevram plan` draws weights and headroom
-LEGEND = f"legend: {USED} used by workers  {RESERVED} reserved by kubevram, unused  {HELD} held whole  {FREE} free"
+LEGEND = (
+    f"legend: {USED} used by workers  {RESERVED} reserved by kubevram, unused  {HELD} held whole  {FREE} free"
+)
 CLEAR = "\x1b[H\x1b[2J"
 
 
@@ -68,8 +70,10 @@ def _classes(usage: ClusterUsage) -> list[str]:
         row[4] += node.free_bytes
     lines = [f"{'GPU CLASS':<34} {'GPUS':>4} {'CAPACITY':>11} {'RESERVED':>11} {'USED':>11} {'FREE':>11}"]
     for product, (gpus, capacity, reserved, used, free) in sorted(totals.items()):
-        lines.append(f"{product:<34} {gpus:>4} {_gib(capacity):>11} {_gib(reserved):>11} {_gib(used):>11} "
-                     f"{_gib(free):>11}")
+        lines.append(
+            f"{product:<34} {gpus:>4} {_gib(capacity):>11} {_gib(reserved):>11} {_gib(used):>11} "
+            f"{_gib(free):>11}"
+        )
     return lines
 
 
@@ -89,40 +93,57 @@ def _deployment_lines(d: DeploymentUsage) -> list[str]:
 def _gpu_line(gpu: GpuUsage) -> str:
     used = gpu.used_bytes or 0
     stranded = max(0, gpu.capacity_bytes - gpu.reserved_bytes - gpu.free_bytes)
-    drawn = bar(gpu.capacity_bytes, [(USED, used), (RESERVED, max(0, gpu.reserved_bytes - used)), (HELD, stranded)])
-    figures = (f"used {_gib(gpu.used_bytes)}, reserved {_gib(gpu.reserved_bytes)}, free {_gib(gpu.free_bytes)} "
-               f"of {_gib(gpu.capacity_bytes)}")
+    drawn = bar(
+        gpu.capacity_bytes, [(USED, used), (RESERVED, max(0, gpu.reserved_bytes - used)), (HELD, stranded)]
+    )
+    figures = (
+        f"used {_gib(gpu.used_bytes)}, reserved {_gib(gpu.reserved_bytes)}, free {_gib(gpu.free_bytes)} "
+        f"of {_gib(gpu.capacity_bytes)}"
+    )
     return f"  GPU {gpu.index:<2} [{drawn}] {figures}  {', '.join(gpu.deployments)}".rstrip()
 
 
 def render_top(usage: ClusterUsage) -> str:
     """The table ``kubevram top`` prints."""
-    lines = [*_classes(usage), "",
-             f"{'DEPLOYMENT':<34} {'REPLICAS':>8} {'ESTIMATE':>11} {'PEAK':>11} {'ERROR':>7} {'RESERVED':>11} "
-             f"{'USED':>11}"]
+    lines = [
+        *_classes(usage),
+        "",
+        f"{'DEPLOYMENT':<34} {'REPLICAS':>8} {'ESTIMATE':>11} {'PEAK':>11} {'ERROR':>7} {'RESERVED':>11} "
+        f"{'USED':>11}",
+    ]
     for d in usage.deployments:
         lines += _deployment_lines(d)
     if not usage.deployments:
         lines.append("(no LLMDeployment)")
-    busy = [n for n in usage.nodes
-            if n.other_pods_devices or any(g.reserved_bytes or g.used_bytes for g in n.gpus)]
+    busy = [
+        n
+        for n in usage.nodes
+        if n.other_pods_devices or any(g.reserved_bytes or g.used_bytes for g in n.gpus)
+    ]
     lines += ["", "GPUS (per node)"]
     for node in busy:
         lines.append(node_header(node.inventory))
         lines += [_gpu_line(g) for g in node.gpus]
     idle = len(usage.nodes) - len(busy)
     if idle:
-        lines.append(f"({idle} more GPU node{'s' if idle > 1 else ''} with nothing reserved, used or requested "
-                     "by other pods)")
-    lines += ["", LEGEND, "REPLICAS: ready/placed/desired; ESTIMATE: one replica; PEAK: the largest allocator "
-              "peak one worker reported; ERROR: the estimate's, at the largest prefill measured"]
+        lines.append(
+            f"({idle} more GPU node{'s' if idle > 1 else ''} with nothing reserved, used or requested "
+            "by other pods)"
+        )
+    lines += [
+        "",
+        LEGEND,
+        "REPLICAS: ready/placed/desired; ESTIMATE: one replica; PEAK: the largest allocator "
+        "peak one worker reported; ERROR: the estimate's, at the largest prefill measured",
+    ]
     return "\n".join(lines)
 
 
 def render(usage: ClusterUsage, output: str, *, watching: bool = False) -> str:
     if output == "json":
-        return json.dumps(usage.to_json(), separators=(",", ":") if watching else None, indent=None if watching
-                          else 2)
+        return json.dumps(
+            usage.to_json(), separators=(",", ":") if watching else None, indent=None if watching else 2
+        )
     return render_top(usage)
 
 

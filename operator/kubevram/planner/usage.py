@@ -143,8 +143,12 @@ class DeploymentUsage:
         return {
             "namespace": self.namespace,
             "name": self.name,
-            "replicas": {"desired": self.desired, "placed": self.placed, "ready": self.ready,
-                         "pending": self.pending},
+            "replicas": {
+                "desired": self.desired,
+                "placed": self.placed,
+                "ready": self.ready,
+                "pending": self.pending,
+            },
             "pendingReason": self.pending_reason,
             "pendingMessage": self.pending_message,
             "gpuClass": self.gpu_class,
@@ -164,7 +168,10 @@ class ClusterUsage:
     warnings: tuple[str, ...] = ()
 
     def to_json(self) -> dict[str, Any]:
-        return {"nodes": [n.to_json() for n in self.nodes], "deployments": [d.to_json() for d in self.deployments]}
+        return {
+            "nodes": [n.to_json() for n in self.nodes],
+            "deployments": [d.to_json() for d in self.deployments],
+        }
 
 
 # ------------------------------------------------------------------------------------ the reports
@@ -232,6 +239,10 @@ def estimate_error_ratio(calibration: Any) -> float | None:
     return float(row["errorPct"]) / 100.0
 
 
+def _mapping(value: Any) -> Mapping[str, Any]:
+    return value if isinstance(value, Mapping) else {}
+
+
 def _scheduled(status: Mapping[str, Any]) -> Mapping[str, Any]:
     for cond in status.get("conditions") or []:
         if isinstance(cond, Mapping) and cond.get("type") == "Scheduled":
@@ -242,9 +253,13 @@ def _scheduled(status: Mapping[str, Any]) -> Mapping[str, Any]:
 def deployment_usage(state: DeploymentState, reserved_bytes: int) -> DeploymentUsage:
     """One deployment's figures from its status (see the module docstring)."""
     status = state.status
-    raw_estimate = status.get("estimate") if isinstance(status.get("estimate"), Mapping) else {}
-    estimate = {part: int(raw_estimate[key]) for key, part in ESTIMATE_PARTS if _int(raw_estimate.get(key)) is not None}
-    signal = status.get("autoscaling") if isinstance(status.get("autoscaling"), Mapping) else {}
+    raw_estimate = _mapping(status.get("estimate"))
+    estimate = {
+        part: int(raw_estimate[key])
+        for key, part in ESTIMATE_PARTS
+        if _int(raw_estimate.get(key)) is not None
+    }
+    signal = _mapping(status.get("autoscaling"))
     pending = _int(signal.get("pendingReplicas")) or 0
     scheduled = _scheduled(status)
     reports = [e for e in (status.get("workers") or {}).values() if isinstance(e, Mapping)]
@@ -316,8 +331,17 @@ def cluster_usage(
             )
             for d in node.devices
         )
-        out_nodes.append(NodeUsage(node.name, node.product, node.sharing, gpus, sum(node.foreign.values()),
-                                   _other_pods_bytes(node), node))
+        out_nodes.append(
+            NodeUsage(
+                node.name,
+                node.product,
+                node.sharing,
+                gpus,
+                sum(node.foreign.values()),
+                _other_pods_bytes(node),
+                node,
+            )
+        )
     states = sorted(deployments, key=lambda s: s.key)
     return ClusterUsage(
         tuple(out_nodes),
