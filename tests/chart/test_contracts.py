@@ -55,7 +55,7 @@ def test_operator_settings_come_from_the_chart() -> None:
 
 def test_service_monitor_selects_the_worker_service() -> None:
     docs, _ = render_chart({"metrics": {"serviceMonitor": {"enabled": True}}})
-    monitor = one(docs, "ServiceMonitor")
+    monitor = one(docs, "ServiceMonitor", "kubevram-workers")
     service = render_service(an_llm_deployment())
     labels = service["metadata"]["labels"]
     for key, value in monitor["spec"]["selector"]["matchLabels"].items():
