@@ -160,8 +160,20 @@ def _merged(base: Any, patch: Any) -> Any:
     return out
 
 
-def declare_resources(emulator: kmock.KubernetesEmulator) -> None:
-    """The resources the operator discovers, watches and writes."""
+#: Kubernetes' DRA kinds (resource.k8s.io/v1, 1.34+): served unless a test says otherwise.
+DRA_RESOURCES = [
+    ("resource.k8s.io/v1/resourceslices", "ResourceSlice", False),
+    ("resource.k8s.io/v1/resourceclaims", "ResourceClaim", True),
+    ("resource.k8s.io/v1/resourceclaimtemplates", "ResourceClaimTemplate", True),
+    ("resource.k8s.io/v1/deviceclasses", "DeviceClass", False),
+]
+#: The Gateway API Inference Extension's InferencePool: served unless a test says otherwise.
+INFERENCE_POOL_RESOURCES = [("inference.networking.k8s.io/v1/inferencepools", "InferencePool", True)]
+
+
+def declare_resources(emulator: kmock.KubernetesEmulator, *, dra: bool = True, inference_pool: bool = True) -> None:
+    """The resources the operator discovers, watches and writes; ``dra`` and ``inference_pool`` serve those
+    APIs too (a cluster without them answers 404 to their discovery and paths)."""
     info = emulator.resources[LLMD]
     info.kind = KIND
     info.singular = SINGULAR
@@ -183,6 +195,8 @@ def declare_resources(emulator: kmock.KubernetesEmulator) -> None:
         ("rbac.authorization.k8s.io/v1/roles", "Role", True),
         ("networking.k8s.io/v1/networkpolicies", "NetworkPolicy", True),
         ("coordination.k8s.io/v1/leases", "Lease", True),
+        *(DRA_RESOURCES if dra else []),
+        *(INFERENCE_POOL_RESOURCES if inference_pool else []),
     ]:
         info = emulator.resources[resource]
         info.kind = kind
@@ -193,9 +207,12 @@ def declare_resources(emulator: kmock.KubernetesEmulator) -> None:
 class EmulatedCluster:
     """The emulator on a local port, in a background thread, with a kubeconfig pointing at it."""
 
-    def __init__(self, directory: Path, *, keep_requests: bool = True) -> None:
+    def __init__(
+        self, directory: Path, *, keep_requests: bool = True, dra: bool = True, inference_pool: bool = True
+    ) -> None:
         self.directory = directory
         self.keep_requests = keep_requests
+        self.serves = {"dra": dra, "inference_pool": inference_pool}
         self.kubeconfig = directory / "kubeconfig"
         self.emulator: MendedEmulator | None = None
         self.url = ""
@@ -212,7 +229,7 @@ class EmulatedCluster:
     async def _main(self) -> None:
         self._stop = asyncio.Event()
         async with MendedEmulator() as emulator, kmock.Server(emulator) as server:
-            declare_resources(emulator)
+            declare_resources(emulator, **self.serves)
             emulator.keep_requests = self.keep_requests
             self.emulator = emulator
             self.url = str(server.url).rstrip("/")

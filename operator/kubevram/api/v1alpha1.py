@@ -99,6 +99,21 @@ class MultiNode(StrEnum):
     always = "always"
 
 
+class ResourceAPI(StrEnum):
+    """How worker pods ask for GPUs: device-plugin counts or DRA ResourceClaims."""
+
+    auto = "auto"
+    devicePlugin = "devicePlugin"
+    dra = "dra"
+
+
+class FailureMode(StrEnum):
+    """What an Inference Gateway does when its Endpoint Picker does not answer."""
+
+    FailOpen = "FailOpen"
+    FailClose = "FailClose"
+
+
 class Packing(StrEnum):
     """How replicas are spread over nodes."""
 
@@ -185,11 +200,41 @@ class PrecisionSpec(_Model):
         return value
 
 
+class EndpointPickerRef(_Model):
+    name: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=253,
+        description="Service of the Endpoint Picker (EPP) that routes the pool's requests; unset means "
+        "<name>-epp.",
+    )
+    port: int = Field(default=9002, ge=1, le=65535, description="The EPP Service's gRPC port.")
+    failureMode: FailureMode = Field(
+        default=FailureMode.FailClose,
+        description="FailClose drops requests while the EPP does not answer; FailOpen routes them anyway.",
+    )
+
+
+class InferencePoolSpec(_Model):
+    enabled: bool | None = Field(
+        default=None,
+        description="Create an InferencePool (inference.networking.k8s.io/v1) selecting the workers; unset "
+        "follows the operator's default (the chart's inferencePool.enabled).",
+    )
+    endpointPickerRef: EndpointPickerRef = Field(
+        default_factory=EndpointPickerRef, description="The Endpoint Picker the pool names."
+    )
+
+
 class ServingSpec(_Model):
     maxSequenceLength: int = Field(
         default=4096, ge=1, le=10_000_000, description="Longest prompt plus generated tokens served."
     )
     maxBatchSize: int = Field(default=1, ge=1, le=4096, description="Most sequences decoded together.")
+    inferencePool: InferencePoolSpec = Field(
+        default_factory=InferencePoolSpec,
+        description="Serve behind a Gateway API Inference Extension gateway (an InferencePool).",
+    )
 
 
 class Toleration(_Model):
@@ -237,6 +282,12 @@ class PlacementSpec(_Model):
         le=64,
         description="Most pods (one per node) the group of one replica may span when multiNode allows "
         "groups.",
+    )
+    resourceAPI: ResourceAPI = Field(
+        default=ResourceAPI.auto,
+        description="devicePlugin asks for nvidia.com/gpu counts; dra for ResourceClaims that select GPUs "
+        "by memory (resource.k8s.io/v1); auto uses DRA where the cluster serves it and a GPU driver "
+        "publishes ResourceSlices (the operator's default decides).",
     )
     nodeSelector: dict[str, str] = Field(default_factory=dict, description="Labels a node must carry.")
     tolerations: list[Toleration] = Field(default_factory=list, description="Taints the replicas tolerate.")
@@ -429,6 +480,9 @@ class LLMDeploymentStatus(BaseModel):
     )
     autoscaling: AutoscalingStatus | None = Field(
         default=None, description="Signal for the cluster autoscaler."
+    )
+    resourceAPI: str | None = Field(
+        default=None, description="How the workers ask for GPUs now: devicePlugin or dra."
     )
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import threading
+import time
 from collections.abc import Iterable
 from typing import Any
 
@@ -28,6 +29,10 @@ MERGE_PATCH = "application/merge-patch+json"
 
 _config_lock = threading.Lock()
 _configured: dict[str, client.ApiClient] = {}
+#: Discovery answers per (API server, group/version): (when read, the resources served).
+_discovered: dict[tuple[str, str], tuple[float, frozenset[str]]] = {}
+#: Seconds a discovery answer is trusted (a CRD installed later is seen within this long).
+DISCOVERY_TTL = 30.0
 
 
 def api_client() -> client.ApiClient:
@@ -125,6 +130,33 @@ class Cluster:
 
     def get_node(self, name: str) -> dict[str, Any] | None:
         return self._get(f"/api/v1/nodes/{name}")
+
+    def serves(self, group_version: str, plural: str) -> bool:
+        """Whether the API server serves ``plural`` in ``group_version`` (discovery, remembered a while)."""
+        key = (self.api.configuration.host, group_version)
+        now = time.monotonic()
+        with _config_lock:
+            cached = _discovered.get(key)
+        if cached is None or now - cached[0] > DISCOVERY_TTL:
+            data = self._get(f"/apis/{group_version}") or {}
+            names = frozenset(str(r.get("name")) for r in data.get("resources") or [] if isinstance(r, dict))
+            cached = (now, names)
+            with _config_lock:
+                _discovered[key] = cached
+        return plural in cached[1]
+
+    def list_resource_slices(self) -> list[dict[str, Any]]:
+        """Every ResourceSlice (resource.k8s.io/v1): the DRA drivers' devices."""
+        return list((self._get("/apis/resource.k8s.io/v1/resourceslices") or {}).get("items") or [])
+
+    def list_resource_claims(self) -> list[dict[str, Any]]:
+        """Every ResourceClaim, in every namespace: what is allocated of the devices."""
+        return list((self._get("/apis/resource.k8s.io/v1/resourceclaims") or {}).get("items") or [])
+
+    def list_owned_claim_templates(self, namespace: str, name: str) -> list[dict[str, Any]]:
+        """The ResourceClaimTemplates of one LLMDeployment's workers and placeholders (DRA mode)."""
+        return self._owned("/apis/resource.k8s.io/v1/namespaces/{namespace}/resourceclaimtemplates", namespace,
+                           name)
 
     @staticmethod
     def reservations(workloads: Iterable[dict[str, Any]]) -> dict[tuple[str, str], list[Reservation]]:
@@ -313,4 +345,6 @@ _PLURALS = {
     "Node": "nodes",
     "Namespace": "namespaces",
     "Pod": "pods",
+    "ResourceClaimTemplate": "resourceclaimtemplates",
+    "InferencePool": "inferencepools",
 }

@@ -46,9 +46,12 @@ def _condition(obj: Mapping[str, Any], type_: str) -> Mapping[str, Any] | None:
     return None
 
 
-def node_problem(name: str, node: Mapping[str, Any] | None, now: datetime.datetime, grace: float) -> str:
+def node_problem(
+    name: str, node: Mapping[str, Any] | None, now: datetime.datetime, grace: float, *, gpu_labels: bool = True
+) -> str:
     """Why no replica may stay on node ``name`` (``node``: the Node object, None when it is gone);
-    empty when it may. NotReady counts only after ``grace`` seconds."""
+    empty when it may. NotReady counts only after ``grace`` seconds. ``gpu_labels``: the node must still
+    advertise GPUs by GFD labels and allocatable (device-plugin mode; in DRA mode its ResourceSlices do)."""
     if node is None:
         return f"node {name} is gone"
     if (node.get("spec") or {}).get("unschedulable"):
@@ -59,23 +62,32 @@ def node_problem(name: str, node: Mapping[str, Any] | None, now: datetime.dateti
         if since is None or _for(now, since) >= grace:
             state = f"Ready={ready.get('status')}" if ready else "no Ready condition"
             return f"node {name} is NotReady ({state}) for {_for(now, since):.0f}s (grace {grace:.0f}s)"
-    if node_inventory(node, []) is None:
+    if gpu_labels and node_inventory(node, []) is None:
         return f"node {name} no longer advertises GPUs (nvidia.com/gpu labels or allocatable)"
     return ""
+
+
+def advertises_gpus(node: Mapping[str, Any]) -> bool:
+    """Whether a Node carries any NVIDIA label or allocatable resource (GFD, the device plugin)."""
+    labels = (node.get("metadata") or {}).get("labels") or {}
+    allocatable = (node.get("status") or {}).get("allocatable") or {}
+    return any(str(k).startswith("nvidia.com/") for k in [*labels, *allocatable])
 
 
 def placement_problem(
     replica: Mapping[str, Any], node: Mapping[str, Any] | None, now: datetime.datetime, grace: float
 ) -> str:
     """Why a placed replica (plan JSON: ``node``, ``gpus``, ``maxMemory``, ``resource``) must move;
-    empty when it may stay on ``node``."""
+    empty when it may stay on ``node``. A replica of DRA devices (``resource`` a DeviceClass, no ``/`` in
+    it) is checked for its node only: the scheduler checks its claim against the node's ResourceSlices."""
     name = str(replica.get("node") or "")
-    problem = node_problem(name, node, now, grace)
-    if problem or node is None:
+    resource = str(replica.get("resource") or "")  # status.placements do not carry it
+    dra = bool(resource) and "/" not in resource
+    problem = node_problem(name, node, now, grace, gpu_labels=not dra)
+    if problem or node is None or dra:
         return problem
     inventory = node_inventory(node, [])
     assert inventory is not None  # node_problem said it advertises GPUs
-    resource = str(replica.get("resource") or "")  # status.placements do not carry it
     if resource and inventory.allocatable.get(resource, 0) <= 0:
         return f"node {name} has no allocatable {resource} any more"
     budgets = replica.get("maxMemory") or {}

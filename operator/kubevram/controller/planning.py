@@ -18,6 +18,7 @@ from typing import Any
 from kubevram.api.errors import SpecError
 from kubevram.api.v1alpha1 import LLMDeployment
 from kubevram.planner.inventory import Reservation
+from kubevram.planner.placement import DraInput
 
 
 @lru_cache(maxsize=4)
@@ -42,9 +43,12 @@ def plan_deployment(
     pods: list[dict[str, Any]],
     model_config: dict[str, Any] | None,
     reservations: Sequence[Reservation] = (),
+    *,
+    dra: DraInput | None = None,
 ) -> dict[str, Any]:
     """The plan of ``deployment`` (``kubevram plan -o json`` form) given ``nodes`` and what ``pods`` (other
-    pods' GPU requests) and ``reservations`` (kubevram's, from the placement ledger) hold."""
+    pods' GPU requests) and ``reservations`` (kubevram's, from the placement ledger) hold; with ``dra``, the
+    GPUs its ResourceSlices publish minus what its ResourceClaims hold."""
     from kubevram.planner.placement import plan_cluster
 
     placement = deployment.spec.placement
@@ -55,7 +59,8 @@ def plan_deployment(
         deployment = deployment.model_copy(update={"spec": spec})
     configs = {(deployment.namespace, deployment.name): model_config} if model_config is not None else None
     result = plan_cluster(
-        [deployment], nodes, pods, configs=configs, node_classes=node_classes(), reservations=reservations
+        [deployment], nodes, pods, configs=configs, node_classes=node_classes(), reservations=reservations,
+        dra=dra,
     )
     (plan,) = result.deployments
     if plan.error is not None:

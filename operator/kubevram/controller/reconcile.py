@@ -27,7 +27,7 @@ import secrets
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import kopf
@@ -42,6 +42,7 @@ from kubevram.controller.calibrate import with_calibration
 from kubevram.controller.ledger import LEDGER, Ledger, reservations_of
 from kubevram.controller.nodes import (
     NODES,
+    advertises_gpus,
     StuckPod,
     failed_creates,
     node_problem,
@@ -49,8 +50,9 @@ from kubevram.controller.nodes import (
     stuck_pods,
 )
 from kubevram.controller.planning import node_classes
+from kubevram.planner.dra import DRIVER, GPU_CLASS, has_gpu_slices
 from kubevram.planner.inventory import Reservation, node_inventory
-from kubevram.planner.placement import KNOWN_PRODUCTS, parse_node_classes
+from kubevram.planner.placement import KNOWN_PRODUCTS, DraInput, parse_node_classes
 
 log = logging.getLogger(__name__)
 
@@ -98,6 +100,12 @@ class Settings:
     #: What the placeholders of pending replicas run, and their (negative) PriorityClass.
     placeholder_image: str = render.PAUSE_IMAGE
     placeholder_priority_class: str = render.PLACEHOLDER_PRIORITY_CLASS
+    #: What ``spec.placement.resourceAPI: auto`` means here: auto (DRA where the GPU driver publishes
+    #: ResourceSlices), devicePlugin or dra; and the DRA driver whose devices are GPUs.
+    resource_api: str = "auto"
+    dra_driver: str = DRIVER
+    #: Whether deployments that leave ``spec.serving.inferencePool.enabled`` unset get an InferencePool.
+    inference_pool: bool = False
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -112,6 +120,9 @@ class Settings:
             placeholder_image=env.get("KUBEVRAM_PLACEHOLDER_IMAGE") or render.PAUSE_IMAGE,
             placeholder_priority_class=env.get("KUBEVRAM_PLACEHOLDER_PRIORITY_CLASS")
             or render.PLACEHOLDER_PRIORITY_CLASS,
+            resource_api=env.get("KUBEVRAM_RESOURCE_API") or "auto",
+            dra_driver=env.get("KUBEVRAM_DRA_DRIVER") or DRIVER,
+            inference_pool=(env.get("KUBEVRAM_INFERENCE_POOL") or "").lower() in ("1", "true", "yes"),
         )
 
     def image_for(self, deployment: LLMDeployment) -> str:
@@ -132,11 +143,18 @@ def default_planner() -> Planner:
     return plan_deployment
 
 
-def plan_input_hash(deployment: LLMDeployment, model_config: Mapping[str, Any] | None) -> str:
-    """Everything a placement depends on except the replica count: equal hashes mean 'only scaled'."""
+def plan_input_hash(
+    deployment: LLMDeployment, model_config: Mapping[str, Any] | None, resource_api: str = "devicePlugin"
+) -> str:
+    """Everything a placement depends on except the replica count: equal hashes mean 'only scaled'. The
+    resource API is part of it (a plan of device-plugin GPUs is no plan of DRA devices); the InferencePool
+    is not (it moves no replica)."""
     spec = deployment.spec.model_dump(mode="json")
     spec.pop("replicas", None)
-    return render._digest({"spec": spec, "config": model_config}, 16)
+    spec["serving"].pop("inferencePool", None)
+    spec["placement"].pop("resourceAPI", None)  # the mode it resolved to counts, below
+    extra = {"resourceAPI": resource_api} if resource_api != "devicePlugin" else {}
+    return render._digest({"spec": spec, "config": model_config, **extra}, 16)
 
 
 class Reconciler:
@@ -156,6 +174,9 @@ class Reconciler:
         self.planner = planner or default_planner()
         self.report = report or (lambda reason, message, warning: None)
         self._existing_plan_cm: dict[str, Any] | None = None
+        #: The DRA objects this reconciliation plans with (None: device-plugin mode).
+        self._dra: DraInput | None = None
+        self._dra_before = False  # whether the last plan was made in DRA mode (its templates may linger)
 
     # ------------------------------------------------------------------------------ the steps
 
@@ -198,6 +219,7 @@ class Reconciler:
             plan = json.loads((cm.get("data") or {}).get("plan.json") or "null")
         except json.JSONDecodeError:
             return None, None
+        self._dra_before = isinstance(plan, dict) and render.is_dra(plan)
         return plan, ((cm.get("metadata") or {}).get("annotations") or {}).get(PLAN_INPUT)
 
     def _plan(
@@ -226,7 +248,7 @@ class Reconciler:
         avoid = set(avoid)
         usable = [n for n in nodes if _name(n) not in avoid]
         if previous is None:
-            return self.planner(deployment, usable, pods, model_config, book), "full", []
+            return self._call_planner(deployment, usable, pods, model_config, book), "full", []
         now = now or datetime.datetime.now(tz=datetime.UTC)
         by_name = {_name(n): n for n in nodes}
         kept: list[dict[str, Any]] = []
@@ -253,18 +275,56 @@ class Reconciler:
         delta = deployment.model_copy(
             update={"spec": deployment.spec.model_copy(update={"replicas": desired - len(kept)})}
         )
-        extra = self.planner(delta, usable, pods, model_config, book + held)
+        extra = self._call_planner(delta, usable, pods, model_config, book + held)
         plan = {**extra, "replicas": kept + list(extra.get("replicas") or [])}
         if moved:
             return plan, "re-planned", moved
         grew = desired > len(kept) + _pending(previous) or extra.get("replicas")
         return plan, "scaled-up" if grew else "kept", moved
 
+    def _call_planner(
+        self,
+        deployment: LLMDeployment,
+        nodes: list[dict[str, Any]],
+        pods: list[dict[str, Any]],
+        model_config: dict[str, Any] | None,
+        book: list[Reservation],
+        dra: Any = ...,
+    ) -> dict[str, Any]:
+        """The planner, given the DRA objects when this reconciliation plans in DRA mode."""
+        dra = self._dra if dra is ... else dra
+        if dra is None:
+            return self.planner(deployment, nodes, pods, model_config, book)
+        return self.planner(deployment, nodes, pods, model_config, book, dra=dra)  # type: ignore[call-arg]
+
+    def resource_api(self, deployment: LLMDeployment) -> str:
+        """``dra`` or ``devicePlugin``: the spec's choice; for ``auto`` the operator's default, and for an
+        ``auto`` default DRA where the cluster serves resource.k8s.io/v1 and the GPU driver publishes
+        ResourceSlices. ``SpecError`` for ``dra`` on a cluster without DRA."""
+        wanted = str(deployment.spec.placement.resourceAPI)
+        if wanted == "auto":
+            wanted = self.settings.resource_api
+        served = wanted != "devicePlugin" and self.cluster.serves("resource.k8s.io/v1", "resourceslices")
+        if wanted == "dra" and not served:
+            raise SpecError(
+                "spec.placement.resourceAPI",
+                "'dra', but the cluster does not serve resource.k8s.io/v1 ResourceSlices (Kubernetes 1.34+ with "
+                "a DRA driver); use devicePlugin or auto",
+            )
+        if not served:
+            return "devicePlugin"
+        slices = self.cluster.list_resource_slices()
+        if wanted == "auto" and not has_gpu_slices(slices, self.settings.dra_driver):
+            return "devicePlugin"
+        self._dra = DraInput(slices, self.cluster.list_resource_claims(), self.settings.dra_driver)
+        return "dra"
+
     def _fits_empty_cluster(
         self, deployment: LLMDeployment, model_config: dict[str, Any] | None, nodes: list[dict[str, Any]]
     ) -> bool:
         one = deployment.model_copy(update={"spec": deployment.spec.model_copy(update={"replicas": 1})})
-        return bool(self.planner(one, nodes, [], model_config, []).get("replicas"))
+        empty = replace(self._dra, claims=()) if self._dra is not None else None
+        return bool(self._call_planner(one, nodes, [], model_config, [], empty).get("replicas"))
 
     def _check_fits(
         self,
@@ -350,9 +410,10 @@ class Reconciler:
             model_config = self._model_config(deployment)
             # Read the API outside the ledger's lock; the ledger's own entries win over older reads.
             read_started = self.ledger.clock()
+            mode = self.resource_api(deployment)
             nodes = self.cluster.list_nodes()
             workloads = self.cluster.list_workloads()
-            pods = self.cluster.foreign_gpu_pods()
+            pods = self.cluster.foreign_gpu_pods() if mode == "devicePlugin" else []
             previous, previous_hash = self._previous_plan(namespace, name)
             owned = [
                 w
@@ -368,7 +429,7 @@ class Reconciler:
                 {p.node for p in stuck if p.node and p.seconds >= self.settings.unschedulable_grace},
                 self.settings.unschedulable_grace * AVOID_FACTOR,
             )
-            input_hash = plan_input_hash(deployment, model_config)
+            input_hash = plan_input_hash(deployment, model_config, mode)
             with self.ledger.deciding():
                 self.ledger.observe(self.cluster.reservations(workloads), read_started)
                 book = self.ledger.snapshot(exclude=[key])
@@ -420,6 +481,16 @@ class Reconciler:
             problems=problems,
             note=f"re-planned: {'; '.join(dict.fromkeys(moved))}" if moved else "",
         )
+        pool = self._inference_pool(body, deployment)
+        if pool is not None:
+            new_status["conditions"] = status.merge_conditions(
+                new_status["conditions"], [pool], status.now_rfc3339()
+            )
+            if pool["status"] == "False" and pool["reason"] == "APINotServed" and (
+                status.condition_of(old_conditions, status.INFERENCE_POOL).get("reason") != "APINotServed"
+            ):
+                self.report("InferencePoolNotServed", pool["message"], True)
+        new_status["resourceAPI"] = mode
         patch.status.update(new_status)
         metrics.STATE.observe_other_pods(pods)
         seen = {**(body.get("status") or {}), **new_status}
@@ -464,9 +535,12 @@ class Reconciler:
             operator_labels=self.settings.operator_labels,
             placeholder_image=self.settings.placeholder_image,
             priority_class=self.settings.placeholder_priority_class,
+            dra_driver=self.settings.dra_driver,
         )
         for child in children:
-            if child["kind"] == "ConfigMap":
+            if child["kind"] == "ResourceClaimTemplate":
+                self.cluster.create_if_absent(child)  # named by its spec, which the API keeps immutable
+            elif child["kind"] == "ConfigMap":
                 child["metadata"]["annotations"] = {PLAN_INPUT: input_hash}
                 self.cluster.apply(child, self._existing_plan_cm)
             elif child["kind"] == "Deployment":
@@ -478,6 +552,36 @@ class Reconciler:
                 self.cluster.apply(child)
         wanted = {c["metadata"]["name"] for c in children if c["kind"] == "Deployment"}
         self.cluster.delete_workloads([w for n, w in current.items() if n not in wanted])
+        if render.is_dra(plan) or self._dra_before:
+            templates = {c["metadata"]["name"] for c in children if c["kind"] == "ResourceClaimTemplate"}
+            for old in self.cluster.list_owned_claim_templates(deployment.namespace, deployment.name):
+                if old["metadata"]["name"] not in templates:
+                    self.cluster.delete(old)
+
+    def _inference_pool(self, body: Mapping[str, Any], deployment: LLMDeployment) -> dict[str, Any] | None:
+        """Create (or update) the InferencePool when the spec (or the operator's default) asks for one:
+        the ``InferencePool`` condition to report, None when none is wanted and none was made."""
+        generation = body["metadata"].get("generation")
+        wanted = deployment.spec.serving.inferencePool.enabled
+        wanted = self.settings.inference_pool if wanted is None else wanted
+        before = status.condition_of((body.get("status") or {}).get("conditions"), status.INFERENCE_POOL) or None
+        pool = render.render_inference_pool(body, deployment.spec)
+        if not wanted:
+            if before is not None and before.get("status") == "True":
+                self.cluster.delete(pool)
+            return None if before is None else status.condition(
+                status.INFERENCE_POOL, False, "NotRequested", "spec.serving.inferencePool.enabled is false",
+                generation)
+        if not self.cluster.serves(render.INFERENCE_POOL_API_VERSION, "inferencepools"):
+            message = (f"the cluster does not serve {render.INFERENCE_POOL_API_VERSION} InferencePools (install "
+                       "the Gateway API Inference Extension CRDs); the workers serve through Service "
+                       f"{pool['metadata']['name']}")
+            return status.condition(status.INFERENCE_POOL, False, "APINotServed", message, generation)
+        self.cluster.apply(pool)
+        ref = pool["spec"]["endpointPickerRef"]
+        message = (f"InferencePool {pool['metadata']['name']} selects the workers on port {render.API_PORT}; "
+                   f"Endpoint Picker {ref['name']}:{ref['port']['number']}")
+        return status.condition(status.INFERENCE_POOL, True, "Created", message, generation)
 
     def release(self, body: Mapping[str, Any]) -> int:
         """On deletion: remove the workloads now and drop the ledger's entry, so the GPUs are free for
@@ -523,13 +627,14 @@ class Reconciler:
         return dict(cached) if cached is not None else self.cluster.get_node(name)
 
     def _must_move(
-        self, placements: list[dict[str, Any]], stuck: list[StuckPod], now: datetime.datetime
+        self, placements: list[dict[str, Any]], stuck: list[StuckPod], now: datetime.datetime, dra: bool = False
     ) -> list[str]:
         """Why placed replicas must go elsewhere now (their nodes; pods unschedulable past the grace)."""
         out = [p.describe() for p in stuck if p.node and p.seconds >= self.settings.unschedulable_grace]
         for placement in placements:
             node = str(placement.get("node") or "")
-            replica = {"node": node, "gpus": placement.get("gpus"), "maxMemory": placement.get("budgets")}
+            replica = {"node": node, "gpus": placement.get("gpus"), "maxMemory": placement.get("budgets"),
+                       "resource": GPU_CLASS if dra else ""}
             why = placement_problem(replica, self._node(node), now, self.settings.node_grace)
             if why:
                 out.append(why)
@@ -550,7 +655,7 @@ class Reconciler:
         pods = self.cluster.list_owned_pods(*key)
         metrics.STATE.observe_deployment(key, _desired(body), old, pods)  # the workers' latest reports
         stuck = stuck_pods(pods, now)
-        moving = self._must_move(list(old.get("placements") or []), stuck, now)
+        moving = self._must_move(list(old.get("placements") or []), stuck, now, old.get("resourceAPI") == "dra")
         if moving:
             log.info("%s/%s: re-planning: %s", *key, "; ".join(moving))
             self._replan(body, patch)
@@ -721,7 +826,10 @@ def node_event(
     if not holders:
         return
     now = datetime.datetime.now(tz=datetime.UTC)
-    problem = node_problem(name, None if event_type == "DELETED" else node, now, settings.node_grace)
+    # A node without any NVIDIA label or allocatable is a DRA node (its ResourceSlices list its GPUs): its
+    # replicas move when it goes, is cordoned or stays NotReady; the periodic check sees the rest.
+    problem = node_problem(name, None if event_type == "DELETED" else node, now, settings.node_grace,
+                           gpu_labels=event_type == "DELETED" or advertises_gpus(node))
     if problem:
         log.info("%s: re-planning %d deployment(s) with replicas there", problem, len(holders))
         replan_waiting(cluster, settings, holders)

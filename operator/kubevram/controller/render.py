@@ -41,6 +41,8 @@ from typing import Any
 from kubevram.api.quantity import GiB, MiB
 from kubevram.api.v1alpha1 import API_VERSION, GROUP, KIND, PLURAL, LLMDeploymentSpec
 from kubevram.api.workerplan import DEFAULT_OFFLOAD_FOLDER, WorkerPlan
+from kubevram.controller import claims
+from kubevram.planner.dra import DRIVER
 
 MANAGED_BY = "kubevram"
 LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
@@ -55,6 +57,11 @@ PLACEHOLDER = "placeholder"
 PAUSE_IMAGE = "registry.k8s.io/pause:3.10"
 #: The chart creates it (value -1: above the cluster autoscaler's expendable-pods cutoff of -10).
 PLACEHOLDER_PRIORITY_CLASS = "kubevram-placeholder"
+#: The Gateway API Inference Extension's Endpoint Picker reads each pod's engine type from this label to
+#: know which metric names to scrape; ``vllm`` is its built-in mapping for vllm:num_requests_waiting,
+#: vllm:num_requests_running, vllm:kv_cache_usage_perc and vllm:cache_config_info: what the worker serves.
+LABEL_ENGINE_TYPE = "inference.networking.k8s.io/engine-type"
+ENGINE_TYPE = "vllm"
 
 PLAN_DIR = "/etc/kubevram"
 MODEL_DIR = "/models"
@@ -222,7 +229,7 @@ def worker_plan(
             },
             "model": {"id": spec.model.id, "trustRemoteCode": spec.model.trustRemoteCode},
             "precision": spec.precision.model_dump(),
-            "serving": spec.serving.model_dump(),
+            "serving": spec.serving.model_dump(exclude={"inferencePool"}),
             "generation": spec.generation.model_dump(),
             "memoryRelease": spec.memoryRelease.model_dump(),
             "deviceMap": device_map,
@@ -285,19 +292,26 @@ def _affinity(replica: Mapping[str, Any] | None, plan: Mapping[str, Any]) -> dic
     }
 
 
+def is_dra(plan: Mapping[str, Any]) -> bool:
+    """Whether the plan was made from DRA ResourceSlices (its pods claim GPUs by ResourceClaim)."""
+    return plan.get("resourceAPI") == "dra"
+
+
 def _resources(
     spec: LLMDeploymentSpec, replica: Mapping[str, Any] | None, plan: Mapping[str, Any],
     volumes: list[dict[str, Any]],
 ) -> dict[str, Any]:
-    """GPUs from the plan; memory (limit = request), CPU and ephemeral storage unless the spec sets them."""
+    """GPUs from the plan (device-plugin mode; in DRA mode the pod's claim holds them); memory (limit =
+    request), CPU and ephemeral storage unless the spec sets them."""
     user = spec.worker.resources or {}
     requests = {k: str(v) for k, v in (user.get("requests") or {}).items()}
     limits = {k: str(v) for k, v in (user.get("limits") or {}).items()}
-    gpus = str(_gpu_count(replica, plan, spec))
-    # nvidia.com/gpu, or the MIG device resource the planner chose (nvidia.com/mig-1g.10gb, ...).
-    resource = str((replica or {}).get("resource") or GPU_RESOURCE)
-    requests[resource] = gpus
-    limits[resource] = gpus
+    if not is_dra(plan):
+        gpus = str(_gpu_count(replica, plan, spec))
+        # nvidia.com/gpu, or the MIG device resource the planner chose (nvidia.com/mig-1g.10gb, ...).
+        resource = str((replica or {}).get("resource") or GPU_RESOURCE)
+        requests[resource] = gpus
+        limits[resource] = gpus
     # CPU-offloaded layers live in the pod's memory: ask the scheduler for it, and no more.
     cpu_budget = int(((replica or {}).get("maxMemory") or {}).get("cpu") or 0)
     # The emptyDirs' size limits: what the kubelet must find free on the node's disk.
@@ -421,6 +435,7 @@ def render_workload(
     replica: Mapping[str, Any] | None,
     count: int,
     image: str,
+    dra_driver: str = DRIVER,
 ) -> dict[str, Any]:
     """One Deployment: ``count`` replicas alike (``replica`` None: the pending ones)."""
     name = body["metadata"]["name"]
@@ -482,6 +497,9 @@ def render_workload(
     }
     if spec.placement.nodeSelector:
         pod_spec["nodeSelector"] = dict(spec.placement.nodeSelector)
+    if is_dra(plan) and replica is not None:
+        template = claim_template(body, spec, plan, replica, dra_driver)
+        pod_spec["resourceClaims"], container["resources"]["claims"] = claims.pod_claim(template)
     return {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
@@ -493,7 +511,8 @@ def render_workload(
             "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 0, "maxUnavailable": 1}},
             "template": {
                 "metadata": {
-                    "labels": {"app.kubernetes.io/name": "kubevram-worker", **labels},
+                    "labels": {"app.kubernetes.io/name": "kubevram-worker", **labels,
+                               LABEL_ENGINE_TYPE: ENGINE_TYPE},
                     "annotations": template_annotations,
                 },
                 "spec": pod_spec,
@@ -521,6 +540,7 @@ def render_placeholder(
     count: int,
     image: str = PAUSE_IMAGE,
     priority_class: str = PLACEHOLDER_PRIORITY_CLASS,
+    dra_driver: str = DRIVER,
 ) -> dict[str, Any]:
     """``<name>-placeholder``: ``count`` pause pods asking what a node must offer the pending replicas.
 
@@ -530,7 +550,8 @@ def render_placeholder(
     ``nvidia.com/gpu.count``, ``nvidia.com/gpu.replicas`` for shared replicas, the spec's node
     selector), and the CPU, memory and ephemeral storage a worker asks for. A node that can run it
     is a node the planner can place the replica on; when it joins, the replica is placed there and
-    the placeholder goes.
+    the placeholder goes. In DRA mode the GPUs are a claim instead (``claims.pending_requests``), which
+    the autoscaler satisfies from a node group whose template lists such devices.
     """
     name = body["metadata"]["name"]
     labels = {LABEL_MANAGED_BY: MANAGED_BY, LABEL_PLACEHOLDER: name, LABEL_SHAPE: PLACEHOLDER}
@@ -556,6 +577,10 @@ def render_placeholder(
     }
     if spec.placement.nodeSelector:
         pod_spec["nodeSelector"] = dict(spec.placement.nodeSelector)
+    if is_dra(plan):
+        del pod_spec["affinity"]  # GFD labels are no promise on a DRA node: the claim says what it needs
+        template = pending_claim_template(body, spec, plan, dra_driver)
+        pod_spec["resourceClaims"], pod_spec["containers"][0]["resources"]["claims"] = claims.pod_claim(template)
     return {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
@@ -577,17 +602,56 @@ def render_workloads(
     image: str,
     placeholder_image: str = PAUSE_IMAGE,
     priority_class: str = PLACEHOLDER_PRIORITY_CLASS,
+    dra_driver: str = DRIVER,
 ) -> list[dict[str, Any]]:
     """One Deployment per placement shape, plus ``<name>-placeholder`` when replicas are unscheduled."""
     out = [
-        render_workload(body, spec, plan, shape=shape, replica=replicas[0], count=len(replicas), image=image)
+        render_workload(body, spec, plan, shape=shape, replica=replicas[0], count=len(replicas), image=image,
+                        dra_driver=dra_driver)
         for shape, replicas in group_replicas(plan)
     ]
     pending = int((plan.get("unscheduled") or {}).get("count") or 0)
     if pending:
         out.append(render_placeholder(
-            body, spec, plan, count=pending, image=placeholder_image, priority_class=priority_class
+            body, spec, plan, count=pending, image=placeholder_image, priority_class=priority_class,
+            dra_driver=dra_driver,
         ))
+    return out
+
+
+def claim_template(
+    body: Mapping[str, Any], spec: LLMDeploymentSpec, plan: Mapping[str, Any], replica: Mapping[str, Any],
+    driver: str = DRIVER,
+) -> dict[str, Any]:
+    """The ResourceClaimTemplate of one placement shape's pods (DRA mode)."""
+    name = body["metadata"]["name"]
+    return claims.claim_template(
+        _metadata(body, "", **{LABEL_SHAPE: placement_shape(replica)}), _base_name(name),
+        claims.replica_requests(replica, driver), selector_labels(name),
+    )
+
+
+def pending_claim_template(
+    body: Mapping[str, Any], spec: LLMDeploymentSpec, plan: Mapping[str, Any], driver: str = DRIVER
+) -> dict[str, Any]:
+    """The ResourceClaimTemplate of the placeholders of pending replicas (DRA mode); its claims carry no
+    ``llm.kubevram.io/deployment`` label, like the placeholders: they hold no planned capacity."""
+    name = body["metadata"]["name"]
+    return claims.claim_template(
+        _metadata(body, "", **{LABEL_SHAPE: PLACEHOLDER}), f"{_base_name(name)}-{PENDING}",
+        claims.pending_requests(spec, plan, driver), {LABEL_MANAGED_BY: MANAGED_BY, LABEL_PLACEHOLDER: name},
+    )
+
+
+def render_claim_templates(
+    body: Mapping[str, Any], spec: LLMDeploymentSpec, plan: Mapping[str, Any], driver: str = DRIVER
+) -> list[dict[str, Any]]:
+    """Every ResourceClaimTemplate the workloads name (none in device-plugin mode)."""
+    if not is_dra(plan):
+        return []
+    out = [claim_template(body, spec, plan, replicas[0], driver) for _, replicas in group_replicas(plan)]
+    if int((plan.get("unscheduled") or {}).get("count") or 0):
+        out.append(pending_claim_template(body, spec, plan, driver))
     return out
 
 
@@ -706,8 +770,10 @@ def render_children(
     operator_labels: Mapping[str, str] | None = None,
     placeholder_image: str = PAUSE_IMAGE,
     priority_class: str = PLACEHOLDER_PRIORITY_CLASS,
+    dra_driver: str = DRIVER,
 ) -> list[dict[str, Any]]:
-    """Every child but the Secret (which is created once, with a random token, by the caller)."""
+    """Every child but the Secret (which is created once, with a random token, by the caller) and the
+    InferencePool (which the caller makes where the cluster serves that API)."""
     return [
         render_service_account(body),
         render_role(body),
@@ -715,7 +781,34 @@ def render_children(
         render_config_map(body, spec, plan),
         render_service(body),
         render_network_policy(body, operator_namespace, operator_labels),
+        *render_claim_templates(body, spec, plan, dra_driver),
         *render_workloads(
-            body, spec, plan, image=image, placeholder_image=placeholder_image, priority_class=priority_class
+            body, spec, plan, image=image, placeholder_image=placeholder_image, priority_class=priority_class,
+            dra_driver=dra_driver,
         ),
     ]
+
+
+def render_inference_pool(body: Mapping[str, Any], spec: LLMDeploymentSpec) -> dict[str, Any]:
+    """``InferencePool`` ``<name>`` (inference.networking.k8s.io/v1): the deployment's worker pods (not the
+    placeholders) on the API port, routed by the Endpoint Picker ``spec.serving.inferencePool`` names."""
+    name = body["metadata"]["name"]
+    ref = spec.serving.inferencePool.endpointPickerRef
+    return {
+        "apiVersion": INFERENCE_POOL_API_VERSION,
+        "kind": "InferencePool",
+        "metadata": _metadata(body, _base_name(name)),
+        "spec": {
+            "selector": {"matchLabels": selector_labels(name)},
+            "targetPorts": [{"number": API_PORT}],
+            "endpointPickerRef": {
+                "kind": "Service",
+                "name": ref.name or f"{_base_name(name)}-epp",
+                "port": {"number": ref.port},
+                "failureMode": str(ref.failureMode),
+            },
+        },
+    }
+
+
+INFERENCE_POOL_API_VERSION = "inference.networking.k8s.io/v1"

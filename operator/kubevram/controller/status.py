@@ -15,6 +15,8 @@ from kubevram.controller.render import selector_string
 from kubevram.planner.placement import vram_per_replica
 
 PLANNED, SCHEDULED, READY = "Planned", "Scheduled", "Ready"
+#: Whether the InferencePool spec.serving.inferencePool asks for exists (or why not).
+INFERENCE_POOL = "InferencePool"
 CONDITION_TYPES = (PLANNED, SCHEDULED, READY)
 ESTIMATE_KEYS = (
     "parameters",
@@ -41,6 +43,11 @@ def condition(
         "message": message,
         "observedGeneration": generation,
     }
+
+
+def condition_of(conditions: Sequence[Mapping[str, Any]] | None, type_: str) -> Mapping[str, Any]:
+    """The condition of ``type_`` among ``conditions`` (empty when there is none)."""
+    return next((c for c in conditions or [] if isinstance(c, Mapping) and c.get("type") == type_), {})
 
 
 def merge_conditions(

@@ -97,8 +97,15 @@ class Device:
     index: int  # the node's own numbering, as the plan's ``gpus`` lists it
     memory_bytes: int
     kind: str  # "gpu" | "timeslice" | "mig" | "mps"
-    resource: str = GPU_RESOURCE  # what a pod requests to get it
+    resource: str = GPU_RESOURCE  # what a pod requests to get it (DRA: the DeviceClass)
     slots: int = 1  # time-slices it offers (time-sliced GPUs only)
+    name: str = ""  # DRA: the device's name in its pool (gpu-0, gpu-0-mig-1g10gb-19-0)
+    product: str = ""  # DRA: the productName attribute (the node's product otherwise)
+    step: int = 1  # DRA shared devices: bytes a slice is rounded up to (the capacity's requestPolicy step)
+
+    def slice_bytes(self, nbytes: int) -> int:
+        """What a VRAM slice of ``nbytes`` consumes on this device (rounded up to its step)."""
+        return -(-max(0, nbytes) // self.step) * self.step
 
 
 @dataclass(frozen=True)

@@ -49,6 +49,7 @@ from kubevram.api.quantity import GiB, MiB
 from kubevram.api.v1alpha1 import LLMDeployment
 from kubevram.planner.calibration import deployment_coefficient
 from kubevram.planner.devicemap import NEEDED_UP_TO, NoFit, ReplicaPlan, min_per_gpu_bytes, plan_replica
+from kubevram.planner.dra import DRIVER, build_dra_inventory
 from kubevram.planner.estimate import Estimate, Workload, estimate
 from kubevram.planner.facts import ModelFacts
 from kubevram.planner.groups import GroupPlan, plan_group, why_no_group
@@ -137,6 +138,15 @@ def parse_node_classes(raw: Sequence[Any] | None, warnings: list[str]) -> tuple[
 # ------------------------------------------------------------------------------------------ results
 
 
+@dataclass(frozen=True)
+class DraInput:
+    """What a DRA cluster shows of its GPUs: ResourceSlice and ResourceClaim objects, and the driver."""
+
+    slices: Sequence[Mapping[str, Any]]
+    claims: Sequence[Mapping[str, Any]] = ()
+    driver: str = DRIVER
+
+
 def replica_gpu_bytes(replica: Mapping[str, Any]) -> int:
     """GPU memory one placed replica (plan JSON) is planned to use: the sum of its per-GPU totals
     (weights, KV cache, activations, CUDA context and headroom on each of its GPUs; every rank of every
@@ -196,6 +206,7 @@ class PlacedReplica:
     product: str
     group: GroupPlan | None = None
     pods: tuple[GroupPod, ...] = ()
+    device_kind: str = "gpu"  # the kind of its devices: gpu | timeslice (VRAM slices) | mig | mps
 
     def to_json(self) -> dict[str, Any]:
         out = {
@@ -206,6 +217,7 @@ class PlacedReplica:
             "resource": self.resource,
             "reservation": {str(k): v for k, v in sorted(self.reservation.items())},
             "gpuProduct": self.product,
+            "deviceKind": self.device_kind,
         }
         if self.group is not None:
             out["group"] = {**self.group.to_json(), "pods": [p.to_json(i) for i, p in enumerate(self.pods)]}
@@ -222,6 +234,7 @@ class DeploymentPlan:
     reason: str | None = None
     autoscaling: dict[str, Any] | None = None
     error: SpecError | None = None
+    resource_api: str = "devicePlugin"  # how the inventory was read: devicePlugin | dra
 
     @property
     def key(self) -> tuple[str, str]:
@@ -231,6 +244,7 @@ class DeploymentPlan:
         out: dict[str, Any] = {
             "name": self.name,
             "namespace": self.namespace,
+            "resourceAPI": self.resource_api,
             "estimate": self.estimate.to_json() if self.estimate is not None else None,
             "replicas": [r.to_json() for r in self.replicas],
             "unscheduled": {
@@ -468,7 +482,7 @@ class _Planner:
         room = node.requestable(resource)
         open_ = [i for i in indices if i not in node.held_whole and node.slots_used.get(i, 0) < slots]
         for n in d.counts(min(len(open_), room)):
-            need = d.need(n)
+            need = node.devices[indices[0]].slice_bytes(d.need(n))
             fits = sorted((node.free_bytes(i), i) for i in open_ if node.free_bytes(i) >= need)
             if len(fits) >= n:
                 picked = sorted(i for _, i in fits[:n])
@@ -526,6 +540,7 @@ class _Planner:
         for pod_index, node_index in enumerate(c.indices):
             if node.devices[node_index].kind == "timeslice":
                 nbytes = min(d.need(c.n), max(plan.per_gpu[pod_index]["total"], 0))
+                nbytes = node.devices[node_index].slice_bytes(nbytes)  # DRA: what the scheduler books
                 node.add_slice(node_index, nbytes)
                 reservation[node_index] = nbytes
             else:
@@ -534,8 +549,10 @@ class _Planner:
         for pool in self._pools.values():
             if node.name in pool.by_name:
                 pool.refresh(node)
+        first = node.devices[c.indices[0]]
         return PlacedReplica(
-            node.name, list(c.indices), plan, d.shared, c.resource, reservation, node.product
+            node.name, list(c.indices), plan, d.shared, c.resource, reservation, first.product or node.product,
+            first.kind,
         )
 
     # -- one replica over several nodes
@@ -816,9 +833,12 @@ def plan_cluster(
     node_classes: Sequence[Mapping[str, Any]] | None = None,
     resolve: FactsResolver | None = None,
     reservations: Sequence[Reservation] = (),
+    dra: DraInput | None = None,
 ) -> ClusterPlan:
     """Place every replica of ``deployments`` on ``nodes`` (Node objects) given what ``pods`` and
     ``reservations`` (the operator's ledger: decided, maybe not visible in the API yet) hold.
+    With ``dra`` the GPUs are the devices its ResourceSlices publish (``kubevram.planner.dra``) minus what
+    its allocated ResourceClaims hold, instead of the nodes' GFD labels and the pods' GPU requests.
 
     ``configs`` maps (namespace, name) to the config.json read from the deployment's ConfigMap;
     ``model_config`` (``--model-config``) serves every deployment without its own. A deployment whose
@@ -875,9 +895,14 @@ def plan_cluster(
             )
         )
 
-    inventory = build_inventory(
-        nodes, pods, replanned=[d.plan.key for d in demands], reservations=reservations
-    )
+    replanned = [d.plan.key for d in demands]
+    if dra is not None:
+        inventory = build_dra_inventory(nodes, dra.slices, dra.claims, driver=dra.driver, replanned=replanned,
+                                        reservations=reservations)
+        for plan in plans:
+            plan.resource_api = "dra"
+    else:
+        inventory = build_inventory(nodes, pods, replanned=replanned, reservations=reservations)
     warnings = list(inventory.warnings)
     classes = parse_node_classes(node_classes, warnings) or KNOWN_PRODUCTS
     planner = _Planner(inventory)
@@ -932,6 +957,7 @@ __all__ = [
     "KNOWN_PRODUCTS",
     "ClusterPlan",
     "DeploymentPlan",
+    "DraInput",
     "GroupPod",
     "NodeClass",
     "PlacedReplica",
