@@ -280,6 +280,10 @@ OPERATOR_RULES = {
     *(("", "nodes", v) for v in ("get", "list", "watch")),
     ("", "namespaces", "list"), ("", "namespaces", "watch"),
     *(("apiextensions.k8s.io", "customresourcedefinitions", v) for v in ("get", "list", "watch")),
+    # DRA mode: the devices and their allocations (read), the workers' claim templates (written).
+    ("resource.k8s.io", "resourceslices", "list"), ("resource.k8s.io", "resourceclaims", "list"),
+    *(("resource.k8s.io", "resourceclaimtemplates", v) for v in ("list", "create", "delete")),
+    *(("inference.networking.k8s.io", "inferencepools", v) for v in ("get", "create", "patch", "delete")),
 }
 
 

@@ -154,3 +154,24 @@ async def test_the_workers_role_grants_every_request_of_the_reporter_and_nothing
 
     assert denied(role_rules("qwen"), log) == []
     assert denied(role_rules("other"), log) == ["patch llm.kubevram.io/llmdeployments/status qwen in ai"]
+
+
+def test_the_chart_grants_every_request_of_dra_mode_and_the_inference_pool(
+    cluster: EmulatedCluster, operator: Any
+) -> None:
+    from test_dra_operator import dra_cluster
+
+    dra_cluster(cluster)
+    serving = {"maxSequenceLength": 4096, "maxBatchSize": 1, "inferencePool": {"enabled": True}}
+    cluster.create_llmd(llm_deployment("qwen", replicas=4, serving=serving))
+    cluster.wait_for("qwen waiting for a GPU", lambda: phase(cluster, "qwen", "Scheduling"))
+    cluster.patch(cluster.llmd_path("qwen"), {"spec": {"replicas": 1, "serving": {"inferencePool": {"enabled": False}}}})
+    cluster.wait_for("qwen planned", lambda: phase(cluster, "qwen", "Planned"))
+    pools = "/apis/inference.networking.k8s.io/v1/namespaces/default/inferencepools"
+    cluster.wait_for("the pool deleted", lambda: not cluster.items(pools))
+    log = cluster.requests()
+    verbs = {(r.resource, r.verb) for m, p, _ in log for r in attributes(m, p) if "resource" in p or "inference" in p}
+    assert {("resourceslices", "list"), ("resourceclaims", "list"), ("resourceclaimtemplates", "create"),
+            ("resourceclaimtemplates", "delete"), ("inferencepools", "create"), ("inferencepools", "delete")} <= verbs
+    watched = cluster.call(lambda: set(cluster.emulator.watched))  # type: ignore[union-attr]
+    assert denied(chart_rules(), log, watched) == []
