@@ -31,7 +31,9 @@ def scaled_deployment() -> dict[str, Any]:
 
 
 def keda_validator() -> jsonschema.Draft4Validator:
-    crd = yaml.safe_load((ROOT / "tests" / "data" / "schemas" / "keda-scaledobject-v1alpha1.yaml").read_text())
+    crd = yaml.safe_load(
+        (ROOT / "tests" / "data" / "schemas" / "keda-scaledobject-v1alpha1.yaml").read_text()
+    )
     (version,) = crd["spec"]["versions"]
     schema = openapi_to_jsonschema(copy.deepcopy(version["schema"]["openAPIV3Schema"]))
     schema["properties"]["apiVersion"] = {"enum": [f"{crd['spec']['group']}/{version['name']}"]}
@@ -40,15 +42,21 @@ def keda_validator() -> jsonschema.Draft4Validator:
     return jsonschema.Draft4Validator(schema)
 
 
-def test_the_hpa_is_a_valid_autoscaling_v2_object_on_the_llmdeployments_scale_subresource(crd: dict[str, Any]) -> None:
+def test_the_hpa_is_a_valid_autoscaling_v2_object_on_the_llmdeployments_scale_subresource(
+    crd: dict[str, Any],
+) -> None:
     hpa = load("hpa.yaml")
     kubernetes_validate.validate(hpa, "1.34", strict=True)
     target = hpa["spec"]["scaleTargetRef"]
     assert (target["apiVersion"], target["kind"], target["name"]) == (
-        API_VERSION, KIND, scaled_deployment()["metadata"]["name"])
+        API_VERSION,
+        KIND,
+        scaled_deployment()["metadata"]["name"],
+    )
     (version,) = [v for v in crd["spec"]["versions"] if v.get("served")]
     assert version["subresources"]["scale"] == {
-        "specReplicasPath": ".spec.replicas", "statusReplicasPath": ".status.replicas",
+        "specReplicasPath": ".spec.replicas",
+        "statusReplicasPath": ".status.replicas",
         "labelSelectorPath": ".status.selector",
     }
     (metric,) = hpa["spec"]["metrics"]

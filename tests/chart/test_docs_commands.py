@@ -482,6 +482,11 @@ def _validate_file(path: Path, shown: Shown, crd_validator: Any) -> None:
         if doc.get("kind") == KIND:
             errors = [e.message for e in crd_validator.iter_errors(doc)]
             assert errors == [], f"{shown.source}: {path.name}: {errors}"
+        elif doc.get("kind") == "ScaledObject":  # KEDA's CRD, from its published schema
+            from test_autoscaling_examples import keda_validator
+
+            errors = [e.message for e in keda_validator().iter_errors(doc)]
+            assert errors == [], f"{shown.source}: {path.name}: {errors}"
         else:
             kubernetes_validate.validate(doc, KUBE_VERSION, strict=True)
 

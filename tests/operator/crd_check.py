@@ -78,7 +78,9 @@ def crd_errors(crd: dict[str, Any], obj: dict[str, Any]) -> list[str]:
     structural = _chart_conftest().openapi_to_jsonschema(copy.deepcopy(schema))
     structural["properties"]["metadata"] = {"type": "object"}
     validator = jsonschema.Draft4Validator(structural)
-    errors = [f"{'.'.join(map(str, e.path)) or '<root>'}: {e.message}" for e in validator.iter_errors(defaulted)]
+    errors = [
+        f"{'.'.join(map(str, e.path)) or '<root>'}: {e.message}" for e in validator.iter_errors(defaulted)
+    ]
     if not errors:
         _rules(schema, defaulted, "", errors)
     return errors

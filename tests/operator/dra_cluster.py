@@ -30,25 +30,49 @@ from kubernetes.utils import parse_quantity
 DRIVER = "gpu.nvidia.com"
 MiB, GiB = 2**20, 2**30
 
-A100_80 = {"productName": "NVIDIA A100-SXM4-80GB", "architecture": "Ampere", "cc": "8.0.0", "memory": 81920 * MiB}
+A100_80 = {
+    "productName": "NVIDIA A100-SXM4-80GB",
+    "architecture": "Ampere",
+    "cc": "8.0.0",
+    "memory": 81920 * MiB,
+}
 L4 = {"productName": "NVIDIA L4", "architecture": "Ada Lovelace", "cc": "8.9.0", "memory": 23034 * MiB}
-H100 = {"productName": "NVIDIA H100 80GB HBM3", "architecture": "Hopper", "cc": "9.0.0", "memory": 81559 * MiB}
+H100 = {
+    "productName": "NVIDIA H100 80GB HBM3",
+    "architecture": "Hopper",
+    "cc": "9.0.0",
+    "memory": 81559 * MiB,
+}
 
 DEVICE_CLASSES = [
     {
         "apiVersion": "resource.k8s.io/v1",
         "kind": "DeviceClass",
         "metadata": {"name": name},
-        "spec": {"selectors": [{"cel": {"expression": (
-            f"device.driver == '{DRIVER}' && device.attributes['{DRIVER}'].type == '{kind}'"
-        )}}]},
+        "spec": {
+            "selectors": [
+                {
+                    "cel": {
+                        "expression": (
+                            f"device.driver == '{DRIVER}' && device.attributes['{DRIVER}'].type == '{kind}'"
+                        )
+                    }
+                }
+            ]
+        },
     }
     for name, kind in (("gpu.nvidia.com", "gpu"), ("mig.nvidia.com", "mig"))
 ]
 
 
-def dra_node(name: str, *, cpu: str = "64", memory: str = "512Gi", labels: dict[str, str] | None = None,
-             taints: list[dict[str, str]] | None = None) -> dict[str, Any]:
+def dra_node(
+    name: str,
+    *,
+    cpu: str = "64",
+    memory: str = "512Gi",
+    labels: dict[str, str] | None = None,
+    taints: list[dict[str, str]] | None = None,
+) -> dict[str, Any]:
     """A Node of a DRA cluster: no GFD labels, no nvidia.com/gpu allocatable (the device plugin is off)."""
     return {
         "apiVersion": "v1",
@@ -113,8 +137,16 @@ def _consumable(device: dict[str, Any], shares: str | None) -> dict[str, Any]:
     return device
 
 
-def mig_device(minor: int, parent: dict[str, Any], profile: str, profile_id: int, start: int, memory_mib: int,
-               *, shares: str | None = None) -> dict[str, Any]:
+def mig_device(
+    minor: int,
+    parent: dict[str, Any],
+    profile: str,
+    profile_id: int,
+    start: int,
+    memory_mib: int,
+    *,
+    shares: str | None = None,
+) -> dict[str, Any]:
     """One MIG device as ``MigDeviceInfo.GetDevice`` publishes it."""
     device = {
         "name": f"gpu-{minor}-mig-{profile.replace('.', '')}-{profile_id}-{start}",
@@ -159,8 +191,15 @@ def resource_slice(node: str, devices: list[dict[str, Any]], *, generation: int 
     }
 
 
-def allocated_claim(name: str, node: str, devices: list[str], *, namespace: str = "default",
-                    consumed: dict[str, str] | None = None, labels: dict[str, str] | None = None) -> dict[str, Any]:
+def allocated_claim(
+    name: str,
+    node: str,
+    devices: list[str],
+    *,
+    namespace: str = "default",
+    consumed: dict[str, str] | None = None,
+    labels: dict[str, str] | None = None,
+) -> dict[str, Any]:
     """A ResourceClaim the scheduler allocated: ``devices`` of ``node`` (``consumed``: device ->
     consumedCapacity memory, for shared devices)."""
     results = []
@@ -174,13 +213,24 @@ def allocated_claim(name: str, node: str, devices: list[str], *, namespace: str 
         "apiVersion": "resource.k8s.io/v1",
         "kind": "ResourceClaim",
         "metadata": {"name": name, "namespace": namespace, "labels": labels or {}},
-        "spec": {"devices": {"requests": [{"name": f"gpu-{i}", "exactly": {"deviceClassName": "gpu.nvidia.com"}}
-                                          for i in range(len(devices))]}},
-        "status": {"allocation": {
-            "devices": {"results": results},
-            "nodeSelector": {"nodeSelectorTerms": [{"matchFields": [
-                {"key": "metadata.name", "operator": "In", "values": [node]}]}]},
-        }},
+        "spec": {
+            "devices": {
+                "requests": [
+                    {"name": f"gpu-{i}", "exactly": {"deviceClassName": "gpu.nvidia.com"}}
+                    for i in range(len(devices))
+                ]
+            }
+        },
+        "status": {
+            "allocation": {
+                "devices": {"results": results},
+                "nodeSelector": {
+                    "nodeSelectorTerms": [
+                        {"matchFields": [{"key": "metadata.name", "operator": "In", "values": [node]}]}
+                    ]
+                },
+            }
+        },
     }
 
 
@@ -270,12 +320,16 @@ def device_activation(device: dict[str, Any], driver: str = DRIVER) -> dict[str,
     def cel_map(values: dict[str, Any]) -> ct.MapType:
         return ct.MapType({ct.StringType(k): v for k, v in values.items()})
 
-    return {"device": cel_map({
-        "driver": ct.StringType(driver),
-        "attributes": cel_map({d: cel_map(v) for d, v in attributes.items()}),
-        "capacity": cel_map({d: cel_map(v) for d, v in capacity.items()}),
-        "allowMultipleAllocations": ct.BoolType(bool(device.get("allowMultipleAllocations"))),
-    })}
+    return {
+        "device": cel_map(
+            {
+                "driver": ct.StringType(driver),
+                "attributes": cel_map({d: cel_map(v) for d, v in attributes.items()}),
+                "capacity": cel_map({d: cel_map(v) for d, v in capacity.items()}),
+                "allowMultipleAllocations": ct.BoolType(bool(device.get("allowMultipleAllocations"))),
+            }
+        )
+    }
 
 
 def evaluate(expression: str, device: dict[str, Any], driver: str = DRIVER) -> bool:
@@ -288,8 +342,12 @@ def evaluate(expression: str, device: dict[str, Any], driver: str = DRIVER) -> b
     return bool(result)
 
 
-def selects(exactly: dict[str, Any], device: dict[str, Any], classes: list[dict[str, Any]] = DEVICE_CLASSES,
-            driver: str = DRIVER) -> bool:
+def selects(
+    exactly: dict[str, Any],
+    device: dict[str, Any],
+    classes: list[dict[str, Any]] = DEVICE_CLASSES,
+    driver: str = DRIVER,
+) -> bool:
     """Whether a request's ``exactly`` (its DeviceClass's selectors and its own) selects ``device``."""
     (cls,) = [c for c in classes if c["metadata"]["name"] == exactly["deviceClassName"]]
     selectors = [*cls["spec"]["selectors"], *(exactly.get("selectors") or [])]

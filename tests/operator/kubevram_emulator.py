@@ -171,7 +171,9 @@ DRA_RESOURCES = [
 INFERENCE_POOL_RESOURCES = [("inference.networking.k8s.io/v1/inferencepools", "InferencePool", True)]
 
 
-def declare_resources(emulator: kmock.KubernetesEmulator, *, dra: bool = True, inference_pool: bool = True) -> None:
+def declare_resources(
+    emulator: kmock.KubernetesEmulator, *, dra: bool = True, inference_pool: bool = True
+) -> None:
     """The resources the operator discovers, watches and writes; ``dra`` and ``inference_pool`` serve those
     APIs too (a cluster without them answers 404 to their discovery and paths)."""
     info = emulator.resources[LLMD]

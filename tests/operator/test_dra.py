@@ -33,17 +33,35 @@ from kubevram.planner.placement import DraInput, plan_cluster
 
 KUBE_VERSION = "1.34"
 QWEN_7B = {
-    "model_type": "qwen2", "hidden_size": 3584, "intermediate_size": 18944, "num_hidden_layers": 28,
-    "num_attention_heads": 28, "num_key_value_heads": 4, "vocab_size": 152064, "max_position_embeddings": 32768,
+    "model_type": "qwen2",
+    "hidden_size": 3584,
+    "intermediate_size": 18944,
+    "num_hidden_layers": 28,
+    "num_attention_heads": 28,
+    "num_key_value_heads": 4,
+    "vocab_size": 152064,
+    "max_position_embeddings": 32768,
 }
 QWEN_05B = {
-    "model_type": "qwen2", "hidden_size": 896, "intermediate_size": 4864, "num_hidden_layers": 24,
-    "num_attention_heads": 14, "num_key_value_heads": 2, "vocab_size": 151936, "max_position_embeddings": 32768,
+    "model_type": "qwen2",
+    "hidden_size": 896,
+    "intermediate_size": 4864,
+    "num_hidden_layers": 24,
+    "num_attention_heads": 14,
+    "num_key_value_heads": 2,
+    "vocab_size": 151936,
+    "max_position_embeddings": 32768,
     "tie_word_embeddings": True,
 }
 LLAMA_70B = {
-    "model_type": "llama", "hidden_size": 8192, "intermediate_size": 28672, "num_hidden_layers": 80,
-    "num_attention_heads": 64, "num_key_value_heads": 8, "vocab_size": 128256, "max_position_embeddings": 8192,
+    "model_type": "llama",
+    "hidden_size": 8192,
+    "intermediate_size": 28672,
+    "num_hidden_layers": 80,
+    "num_attention_heads": 64,
+    "num_key_value_heads": 8,
+    "vocab_size": 128256,
+    "max_position_embeddings": 8192,
 }
 
 
@@ -65,20 +83,29 @@ NODES = [dra_node("a100-0"), dra_node("mixed-0"), dra_node("l4-shared-0")]
 SLICES = [
     resource_slice("a100-0", [gpu_device(i, A100_80) for i in range(4)]),
     # A node whose first A100 runs MIG (two 3g.40gb instances), beside a whole H100.
-    resource_slice("mixed-0", [
-        mig_device(0, A100_80, "3g.40gb", 9, 0, 40192),
-        mig_device(0, A100_80, "3g.40gb", 9, 4, 40192),
-        gpu_device(1, H100),
-    ]),
+    resource_slice(
+        "mixed-0",
+        [
+            mig_device(0, A100_80, "3g.40gb", 9, 0, 40192),
+            mig_device(0, A100_80, "3g.40gb", 9, 4, 40192),
+            gpu_device(1, H100),
+        ],
+    ),
     resource_slice("l4-shared-0", [gpu_device(0, L4, shares="memory"), gpu_device(1, L4, shares="memory")]),
 ]
 ALL_DEVICES = [(s["spec"]["nodeName"], d) for s in SLICES for d in s["spec"]["devices"]]
 
 
-def plan(bodies: list[dict[str, Any]], claims: list[dict[str, Any]] = (), slices: list[dict[str, Any]] = SLICES,
-         reservations: list[Reservation] = ()) -> list[dict[str, Any]]:
+def plan(
+    bodies: list[dict[str, Any]],
+    claims: list[dict[str, Any]] = (),
+    slices: list[dict[str, Any]] = SLICES,
+    reservations: list[Reservation] = (),
+) -> list[dict[str, Any]]:
     deployments = [parse_deployment(b) for b in bodies]
-    result = plan_cluster(deployments, NODES, [], dra=DraInput(slices, list(claims)), reservations=reservations)
+    result = plan_cluster(
+        deployments, NODES, [], dra=DraInput(slices, list(claims)), reservations=reservations
+    )
     return result.to_json()
 
 
@@ -100,13 +127,15 @@ def test_the_inventory_reads_whole_gpus_mig_devices_and_shareable_ones_as_the_dr
     assert a100.product == "NVIDIA A100-SXM4-80GB" and a100.allocatable == {"gpu.nvidia.com": 4}
     mixed = by_name["mixed-0"]
     assert [(d.kind, d.resource, d.memory_bytes // MiB) for d in mixed.devices] == [
-        ("mig", "mig.nvidia.com", 40192), ("mig", "mig.nvidia.com", 40192), ("gpu", "gpu.nvidia.com", 81559)
+        ("mig", "mig.nvidia.com", 40192),
+        ("mig", "mig.nvidia.com", 40192),
+        ("gpu", "gpu.nvidia.com", 81559),
     ]
     shared = by_name["l4-shared-0"]
     assert {(d.kind, d.step, d.memory_bytes) for d in shared.devices} == {("timeslice", MiB, 23034 * MiB)}
 
 
-def test_allocated_claims_hold_devices_whole_or_their_consumed_memory_and_kubevrams_own_are_left_to_the_ledger() -> None:
+def test_claims_hold_devices_whole_or_their_consumed_memory_and_kubevrams_own_are_the_ledgers() -> None:
     claims = [
         allocated_claim("training", "a100-0", ["gpu-1", "gpu-3"]),
         allocated_claim("notebook", "l4-shared-0", ["gpu-0"], consumed={"gpu-0": "6Gi"}),
@@ -121,7 +150,9 @@ def test_allocated_claims_hold_devices_whole_or_their_consumed_memory_and_kubevr
 
 def test_old_generations_partitionable_devices_and_unknown_nodes_are_left_out_with_warnings() -> None:
     stale = resource_slice("a100-0", [gpu_device(i, A100_80) for i in range(8)], generation=0)
-    partitionable = resource_slice("mixed-0", [{**gpu_device(0, H100), "consumesCounters": [{"counterSet": "x"}]}])
+    partitionable = resource_slice(
+        "mixed-0", [{**gpu_device(0, H100), "consumesCounters": [{"counterSet": "x"}]}]
+    )
     partitionable["spec"]["pool"]["generation"] = 2
     ghost = resource_slice("gone-0", [gpu_device(0, L4)])
     inventory = build_dra_inventory(NODES, [*SLICES, stale, partitionable, ghost])
@@ -139,7 +170,7 @@ def _requests(template: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def _budget(replica: dict[str, Any], pod_index: int) -> int:
-    """What the GPU at ``pod_index`` must hold: the plan's per-GPU total (weights, KV, activations, context)."""
+    """What the GPU at ``pod_index`` must hold: the plan's per-GPU total (weights, KV, activations, ...)."""
     return int(replica["perGpu"][pod_index]["total"])
 
 
@@ -178,7 +209,8 @@ def test_every_request_selects_exactly_the_devices_that_could_hold_its_gpus_budg
             exactly = request["exactly"]
             sliced = replica["deviceKind"] == "timeslice"
             need = max(
-                replica["reservation"][str(replica["gpus"][i])] if sliced else _budget(replica, i) for i in indices
+                replica["reservation"][str(replica["gpus"][i])] if sliced else _budget(replica, i)
+                for i in indices
             )
             chosen = {(node, d["name"]) for node, d in ALL_DEVICES if selects(exactly, d)}
             truth = {
@@ -227,8 +259,13 @@ def test_shared_replicas_request_exactly_their_slice_and_never_overcommit_a_devi
 
 
 def test_the_pending_claim_asks_a_new_node_for_the_per_gpu_need_and_the_pinned_product() -> None:
-    b = body("llama-70b", LLAMA_70B, replicas=2, gpusPerReplica=2, nodeSelector={
-        "nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"})
+    b = body(
+        "llama-70b",
+        LLAMA_70B,
+        replicas=2,
+        gpusPerReplica=2,
+        nodeSelector={"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"},
+    )
     # Only mixed-0 (one H100) carries the label; two GPUs of it are needed.
     nodes = [dra_node("mixed-0", labels={"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"}), *NODES[::2]]
     deployment = parse_deployment(b)
@@ -239,12 +276,14 @@ def test_the_pending_claim_asks_a_new_node_for_the_per_gpu_need_and_the_pinned_p
     mib = p["unscheduled"]["autoscaling"]["minGpuMemoryMiB"]
     assert request["exactly"]["count"] == 2
     h100_node_template = gpu_device(0, H100)  # what a node group's template lists
-    assert selects(request["exactly"], h100_node_template) == (81559 >= mib)
+    assert selects(request["exactly"], h100_node_template) == (mib <= 81559)
     assert not selects(request["exactly"], gpu_device(0, A100_80))  # the product the spec pins
     assert not selects(request["exactly"], gpu_device(0, {**H100, "memory": (mib - 1) * MiB}))
     placeholder = render.render_placeholder(b, deployment.spec, p, count=2)
     pod = placeholder["spec"]["template"]["spec"]
-    assert pod["resourceClaims"] == [{"name": "gpus", "resourceClaimTemplateName": template["metadata"]["name"]}]
+    assert pod["resourceClaims"] == [
+        {"name": "gpus", "resourceClaimTemplateName": template["metadata"]["name"]}
+    ]
     assert "affinity" not in pod and "nvidia.com/gpu" not in pod["containers"][0]["resources"]["requests"]
 
 

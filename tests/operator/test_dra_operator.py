@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 from dra_cluster import (
     A100_80,
     DEVICE_CLASSES,
@@ -30,8 +29,14 @@ from kubevram.controller import render
 
 RESOURCE = "/apis/resource.k8s.io/v1"
 SMALL = {  # Qwen2-0.5B's config.json
-    "model_type": "qwen2", "hidden_size": 896, "intermediate_size": 4864, "num_hidden_layers": 24,
-    "num_attention_heads": 14, "num_key_value_heads": 2, "vocab_size": 151936, "max_position_embeddings": 32768,
+    "model_type": "qwen2",
+    "hidden_size": 896,
+    "intermediate_size": 4864,
+    "num_hidden_layers": 24,
+    "num_attention_heads": 14,
+    "num_key_value_heads": 2,
+    "vocab_size": 151936,
+    "max_position_embeddings": 32768,
     "tie_word_embeddings": True,
 }
 
@@ -42,13 +47,17 @@ def phase(cluster: EmulatedCluster, name: str, *phases: str) -> dict[str, Any] |
 
 
 def templates(cluster: EmulatedCluster) -> dict[str, dict[str, Any]]:
-    return {t["metadata"]["name"]: t for t in cluster.items(f"{RESOURCE}/namespaces/default/resourceclaimtemplates")}
+    return {
+        t["metadata"]["name"]: t
+        for t in cluster.items(f"{RESOURCE}/namespaces/default/resourceclaimtemplates")
+    }
 
 
 def workloads(cluster: EmulatedCluster, name: str) -> list[dict[str, Any]]:
     """The worker Deployments of ``name`` (not its placeholder)."""
     return [
-        d for d in cluster.deployments()
+        d
+        for d in cluster.deployments()
         if d["metadata"]["labels"].get(render.LABEL_DEPLOYMENT) == name
         and d["metadata"]["labels"].get(render.LABEL_SHAPE) != render.PLACEHOLDER
     ]
@@ -63,9 +72,15 @@ def dra_cluster(cluster: EmulatedCluster) -> list[dict[str, Any]]:
         resource_slice("l4-0", [gpu_device(i, L4, shares="memory") for i in range(2)]),
     ]
     for item in [*slices, *DEVICE_CLASSES]:
-        cluster.create(f"{RESOURCE}/{item['kind'].lower()}es" if item["kind"] == "DeviceClass"
-                       else f"{RESOURCE}/resourceslices", item)
-    cluster.create(f"{RESOURCE}/namespaces/default/resourceclaims", allocated_claim("training", "a100-0", ["gpu-2"]))
+        cluster.create(
+            f"{RESOURCE}/{item['kind'].lower()}es"
+            if item["kind"] == "DeviceClass"
+            else f"{RESOURCE}/resourceslices",
+            item,
+        )
+    cluster.create(
+        f"{RESOURCE}/namespaces/default/resourceclaims", allocated_claim("training", "a100-0", ["gpu-2"])
+    )
     return [d for s in slices for d in s["spec"]["devices"]]
 
 
@@ -73,10 +88,20 @@ def test_a_dra_cluster_gets_claim_templates_that_select_by_memory_and_never_over
     cluster: EmulatedCluster, operator: Any
 ) -> None:
     devices = dra_cluster(cluster)
-    cluster.create_llmd(llm_deployment("qwen", replicas=4, serving={"maxSequenceLength": 4096, "maxBatchSize": 1,
-                                                                    "inferencePool": {"enabled": True}}))
-    shared = llm_deployment("small", "Qwen/Qwen2-0.5B-Instruct", replicas=3, placement={"sharing": "shared"},
-                            model_extra={"config": SMALL})
+    cluster.create_llmd(
+        llm_deployment(
+            "qwen",
+            replicas=4,
+            serving={"maxSequenceLength": 4096, "maxBatchSize": 1, "inferencePool": {"enabled": True}},
+        )
+    )
+    shared = llm_deployment(
+        "small",
+        "Qwen/Qwen2-0.5B-Instruct",
+        replicas=3,
+        placement={"sharing": "shared"},
+        model_extra={"config": SMALL},
+    )
     cluster.create_llmd(shared)
     qwen = cluster.wait_for("qwen planned, one replica waiting", lambda: phase(cluster, "qwen", "Scheduling"))
     small = cluster.wait_for("small planned", lambda: phase(cluster, "small", "Planned"))
@@ -97,10 +122,13 @@ def test_a_dra_cluster_gets_claim_templates_that_select_by_memory_and_never_over
             assert "nvidia.com/gpu" not in container["resources"]["limits"]
             assert workload["spec"]["template"]["metadata"]["labels"][render.LABEL_ENGINE_TYPE] == "vllm"
             node = pod["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"][
-                "nodeSelectorTerms"][0]["matchExpressions"][0]["values"][0]
+                "nodeSelectorTerms"
+            ][0]["matchExpressions"][0]["values"][0]
             (request,) = template["spec"]["spec"]["devices"]["requests"]
             exactly = request["exactly"]
-            assert [d["name"] for d in devices if selects(exactly, d)]  # the scheduler has devices to pick from
+            assert [
+                d["name"] for d in devices if selects(exactly, d)
+            ]  # the scheduler has devices to pick from
             piece = int((exactly.get("capacity") or {}).get("requests", {}).get("memory") or 0)
             for _ in range(workload["spec"]["replicas"]):
                 booked[(node, name)] = booked.get((node, name), 0) + (piece or 1)
@@ -120,10 +148,15 @@ def test_a_dra_cluster_gets_claim_templates_that_select_by_memory_and_never_over
 
     # Scaling down frees a device; the stale claim template goes once no workload names it.
     cluster.patch(cluster.llmd_path("qwen"), {"spec": {"replicas": 1}})
-    cluster.wait_for("qwen scaled to 1", lambda: len(((phase(cluster, "qwen", "Planned") or {}).get("status") or {})
-                                                        .get("placements") or []) == 1)
-    cluster.wait_for("pending template gone",
-                     lambda: not [n for n in templates(cluster) if n.startswith("qwen-pending-")])
+    cluster.wait_for(
+        "qwen scaled to 1",
+        lambda: (
+            len(((phase(cluster, "qwen", "Planned") or {}).get("status") or {}).get("placements") or []) == 1
+        ),
+    )
+    cluster.wait_for(
+        "pending template gone", lambda: not [n for n in templates(cluster) if n.startswith("qwen-pending-")]
+    )
 
 
 @pytest.fixture
@@ -133,7 +166,9 @@ def no_inference_pool_api(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> An
 
     emulated = EmulatedCluster(tmp_path, dra=False, inference_pool=False).start()
     monkeypatch.setenv("KUBECONFIG", str(emulated.kubeconfig))
-    monkeypatch.setattr(kubernetes.config.kube_config, "KUBE_CONFIG_DEFAULT_LOCATION", str(emulated.kubeconfig))
+    monkeypatch.setattr(
+        kubernetes.config.kube_config, "KUBE_CONFIG_DEFAULT_LOCATION", str(emulated.kubeconfig)
+    )
     monkeypatch.setenv("KUBEVRAM_RETRY_DELAY", "1")
     monkeypatch.setenv("KUBEVRAM_INFERENCE_POOL", "true")  # the chart's default: every deployment gets one
     monkeypatch.delenv("KUBEVRAM_NODE_CLASSES", raising=False)
@@ -172,5 +207,3 @@ def test_resource_api_dra_on_a_cluster_without_dra_is_an_invalid_spec(
     obj = cluster.wait_for("qwen failed", lambda: phase(cluster, "qwen", "Failed"))
     planned = {c["type"]: c for c in obj["status"]["conditions"]}["Planned"]
     assert planned["reason"] == "InvalidSpec" and "spec.placement.resourceAPI" in planned["message"]
-
-

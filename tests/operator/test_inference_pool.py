@@ -37,7 +37,9 @@ def test_the_rendered_inference_pool_is_valid_against_the_published_schema(pool_
     assert_valid_inference_pool(pool)
     assert pool["spec"]["selector"]["matchLabels"] == render.selector_labels("qwen")  # no placeholders
     assert pool["spec"]["targetPorts"] == [{"number": render.API_PORT}]
-    assert pool["spec"]["endpointPickerRef"]["name"] == pool_spec.get("endpointPickerRef", {}).get("name", "qwen-epp")
+    assert pool["spec"]["endpointPickerRef"]["name"] == pool_spec.get("endpointPickerRef", {}).get(
+        "name", "qwen-epp"
+    )
 
 
 @pytest.mark.parametrize(
@@ -61,8 +63,10 @@ def test_the_schema_check_refuses_what_the_api_server_would(mutate: Any, message
 def test_worker_pods_carry_the_engine_type_the_endpoint_picker_maps_to_vllm_metric_names() -> None:
     b = body()
     spec = parse_deployment(b).spec
-    plan = {"replicas": [{"node": "n", "gpus": [0], "maxMemory": {"0": 1}, "deviceMap": {"": 0}}],
-            "unscheduled": {"count": 1, "autoscaling": {"gpuCount": 1, "minGpuMemoryMiB": 1}}}
+    plan = {
+        "replicas": [{"node": "n", "gpus": [0], "maxMemory": {"0": 1}, "deviceMap": {"": 0}}],
+        "unscheduled": {"count": 1, "autoscaling": {"gpuCount": 1, "minGpuMemoryMiB": 1}},
+    }
     worker, placeholder = render.render_workloads(b, spec, plan, image="w")
     assert worker["spec"]["template"]["metadata"]["labels"][render.LABEL_ENGINE_TYPE] == "vllm"
     # Not part of the (immutable) selector, and never on placeholders, which serve nothing.

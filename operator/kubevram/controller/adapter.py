@@ -155,7 +155,8 @@ class Cluster:
 
     def list_owned_claim_templates(self, namespace: str, name: str) -> list[dict[str, Any]]:
         """The ResourceClaimTemplates of one LLMDeployment's workers and placeholders (DRA mode)."""
-        return self._owned("/apis/resource.k8s.io/v1/namespaces/{namespace}/resourceclaimtemplates", namespace,
+        collection = "/apis/resource.k8s.io/v1/namespaces/{namespace}/resourceclaimtemplates"
+        return self._owned(collection, namespace,
                            name)
 
     @staticmethod

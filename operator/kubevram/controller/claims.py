@@ -45,32 +45,47 @@ LABEL_PRODUCT = "nvidia.com/gpu.product"
 
 def memory_selector(nbytes: int, driver: str = DRIVER) -> dict[str, Any]:
     """A device with at least ``nbytes`` of memory (Kubernetes' quantity CEL library)."""
-    return {"cel": {"expression": f'device.capacity["{driver}"].memory.compareTo(quantity("{int(nbytes)}")) >= 0'}}
+    return {
+        "cel": {"expression": f'device.capacity["{driver}"].memory.compareTo(quantity("{int(nbytes)}")) >= 0'}
+    }
 
 
 def product_selector(product: str, driver: str = DRIVER) -> dict[str, Any]:
     """A device of this productName, as the driver publishes it (``NVIDIA A100-SXM4-80GB``)."""
-    return {"cel": {"expression": f"device.attributes[{json.dumps(driver)}].productName == {json.dumps(product)}"}}
+    return {
+        "cel": {"expression": f"device.attributes[{json.dumps(driver)}].productName == {json.dumps(product)}"}
+    }
 
 
 def gfd_product_selector(label: str, driver: str = DRIVER) -> dict[str, Any]:
     """A device whose productName is GPU Feature Discovery's ``nvidia.com/gpu.product`` label value (GFD
     writes the name with its spaces as dashes)."""
-    expression = f'device.attributes[{json.dumps(driver)}].productName.replace(" ", "-") == {json.dumps(label)}'
+    expression = (
+        f'device.attributes[{json.dumps(driver)}].productName.replace(" ", "-") == {json.dumps(label)}'
+    )
     return {"cel": {"expression": expression}}
 
 
-def _request(name: str, device_class: str, selectors: list[dict[str, Any]], count: int = 1,
-             slice_bytes: int | None = None) -> dict[str, Any]:
-    exactly: dict[str, Any] = {"deviceClassName": device_class, "allocationMode": "ExactCount", "count": count,
-                               "selectors": selectors}
+def _request(
+    name: str,
+    device_class: str,
+    selectors: list[dict[str, Any]],
+    count: int = 1,
+    slice_bytes: int | None = None,
+) -> dict[str, Any]:
+    exactly: dict[str, Any] = {
+        "deviceClassName": device_class,
+        "allocationMode": "ExactCount",
+        "count": count,
+        "selectors": selectors,
+    }
     if slice_bytes is not None:
         exactly["capacity"] = {"requests": {"memory": str(int(slice_bytes))}}
     return {"name": name, "exactly": exactly}
 
 
 def replica_requests(replica: Mapping[str, Any], driver: str = DRIVER) -> list[dict[str, Any]]:
-    """The device requests of one placed replica (plan JSON), one per pod GPU index (or one with ``count``)."""
+    """The device requests of one placed replica (plan JSON): one per pod GPU index, or one with ``count``."""
     gpus = [int(g) for g in replica.get("gpus") or []]
     per_gpu = list(replica.get("perGpu") or [])
     budgets = replica.get("maxMemory") or {}
@@ -92,10 +107,12 @@ def replica_requests(replica: Mapping[str, Any], driver: str = DRIVER) -> list[d
         return [memory_selector(nbytes, driver), *([product_selector(product, driver)] if product else [])]
 
     if len(wanted) > 1 and len(set(wanted)) == 1:
-        nbytes, piece = wanted[0]
-        return [_request("gpus", device_class, selectors(nbytes), count=len(wanted), slice_bytes=piece)]
-    return [_request(f"gpu-{i}", device_class, selectors(nbytes), slice_bytes=piece)
-            for i, (nbytes, piece) in enumerate(wanted)]
+        need, share = wanted[0]
+        return [_request("gpus", device_class, selectors(need), count=len(wanted), slice_bytes=share)]
+    return [
+        _request(f"gpu-{i}", device_class, selectors(nbytes), slice_bytes=piece)
+        for i, (nbytes, piece) in enumerate(wanted)
+    ]
 
 
 def pending_requests(

@@ -47,7 +47,12 @@ def _condition(obj: Mapping[str, Any], type_: str) -> Mapping[str, Any] | None:
 
 
 def node_problem(
-    name: str, node: Mapping[str, Any] | None, now: datetime.datetime, grace: float, *, gpu_labels: bool = True
+    name: str,
+    node: Mapping[str, Any] | None,
+    now: datetime.datetime,
+    grace: float,
+    *,
+    gpu_labels: bool = True,
 ) -> str:
     """Why no replica may stay on node ``name`` (``node``: the Node object, None when it is gone);
     empty when it may. NotReady counts only after ``grace`` seconds. ``gpu_labels``: the node must still

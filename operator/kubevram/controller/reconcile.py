@@ -42,8 +42,8 @@ from kubevram.controller.calibrate import with_calibration
 from kubevram.controller.ledger import LEDGER, Ledger, reservations_of
 from kubevram.controller.nodes import (
     NODES,
-    advertises_gpus,
     StuckPod,
+    advertises_gpus,
     failed_creates,
     node_problem,
     placement_problem,
@@ -308,8 +308,8 @@ class Reconciler:
         if wanted == "dra" and not served:
             raise SpecError(
                 "spec.placement.resourceAPI",
-                "'dra', but the cluster does not serve resource.k8s.io/v1 ResourceSlices (Kubernetes 1.34+ with "
-                "a DRA driver); use devicePlugin or auto",
+                "'dra', but the cluster does not serve resource.k8s.io/v1 ResourceSlices (Kubernetes 1.34+ "
+                "with a DRA driver); use devicePlugin or auto",
             )
         if not served:
             return "devicePlugin"
@@ -564,7 +564,8 @@ class Reconciler:
         generation = body["metadata"].get("generation")
         wanted = deployment.spec.serving.inferencePool.enabled
         wanted = self.settings.inference_pool if wanted is None else wanted
-        before = status.condition_of((body.get("status") or {}).get("conditions"), status.INFERENCE_POOL) or None
+        conditions = (body.get("status") or {}).get("conditions")
+        before = status.condition_of(conditions, status.INFERENCE_POOL) or None
         pool = render.render_inference_pool(body, deployment.spec)
         if not wanted:
             if before is not None and before.get("status") == "True":
@@ -573,9 +574,11 @@ class Reconciler:
                 status.INFERENCE_POOL, False, "NotRequested", "spec.serving.inferencePool.enabled is false",
                 generation)
         if not self.cluster.serves(render.INFERENCE_POOL_API_VERSION, "inferencepools"):
-            message = (f"the cluster does not serve {render.INFERENCE_POOL_API_VERSION} InferencePools (install "
-                       "the Gateway API Inference Extension CRDs); the workers serve through Service "
-                       f"{pool['metadata']['name']}")
+            message = (
+                f"the cluster does not serve {render.INFERENCE_POOL_API_VERSION} InferencePools (install the "
+                "Gateway API Inference Extension CRDs); the workers serve through Service "
+                f"{pool['metadata']['name']}"
+            )
             return status.condition(status.INFERENCE_POOL, False, "APINotServed", message, generation)
         self.cluster.apply(pool)
         ref = pool["spec"]["endpointPickerRef"]
@@ -627,7 +630,11 @@ class Reconciler:
         return dict(cached) if cached is not None else self.cluster.get_node(name)
 
     def _must_move(
-        self, placements: list[dict[str, Any]], stuck: list[StuckPod], now: datetime.datetime, dra: bool = False
+        self,
+        placements: list[dict[str, Any]],
+        stuck: list[StuckPod],
+        now: datetime.datetime,
+        dra: bool = False,
     ) -> list[str]:
         """Why placed replicas must go elsewhere now (their nodes; pods unschedulable past the grace)."""
         out = [p.describe() for p in stuck if p.node and p.seconds >= self.settings.unschedulable_grace]
@@ -655,7 +662,8 @@ class Reconciler:
         pods = self.cluster.list_owned_pods(*key)
         metrics.STATE.observe_deployment(key, _desired(body), old, pods)  # the workers' latest reports
         stuck = stuck_pods(pods, now)
-        moving = self._must_move(list(old.get("placements") or []), stuck, now, old.get("resourceAPI") == "dra")
+        dra = old.get("resourceAPI") == "dra"
+        moving = self._must_move(list(old.get("placements") or []), stuck, now, dra)
         if moving:
             log.info("%s/%s: re-planning: %s", *key, "; ".join(moving))
             self._replan(body, patch)

@@ -499,7 +499,8 @@ def render_workload(
         pod_spec["nodeSelector"] = dict(spec.placement.nodeSelector)
     if is_dra(plan) and replica is not None:
         template = claim_template(body, spec, plan, replica, dra_driver)
-        pod_spec["resourceClaims"], container["resources"]["claims"] = claims.pod_claim(template)
+        resources: dict[str, Any] = container["resources"]  # type: ignore[assignment]
+        pod_spec["resourceClaims"], resources["claims"] = claims.pod_claim(template)
     return {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
@@ -580,7 +581,8 @@ def render_placeholder(
     if is_dra(plan):
         del pod_spec["affinity"]  # GFD labels are no promise on a DRA node: the claim says what it needs
         template = pending_claim_template(body, spec, plan, dra_driver)
-        pod_spec["resourceClaims"], pod_spec["containers"][0]["resources"]["claims"] = claims.pod_claim(template)
+        pause = pod_spec["containers"][0]
+        pod_spec["resourceClaims"], pause["resources"]["claims"] = claims.pod_claim(template)
     return {
         "apiVersion": "apps/v1",
         "kind": "Deployment",

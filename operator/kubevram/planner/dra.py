@@ -4,7 +4,8 @@ Where the cluster runs a DRA driver for GPUs (NVIDIA's ``gpu.nvidia.com``, kuber
 nvidia-gpu), every GPU is a device in a ResourceSlice of its node, as the driver publishes it::
 
     spec: {driver: gpu.nvidia.com, nodeName: gpu-0, pool: {name: gpu-0, generation: 1, resourceSliceCount: 1},
-           devices: [{name: gpu-0, attributes: {type: {string: gpu}, productName: {string: NVIDIA A100-SXM4-80GB},
+           devices: [{name: gpu-0,
+                      attributes: {type: {string: gpu}, productName: {string: NVIDIA A100-SXM4-80GB},
                       uuid: {string: GPU-...}, ...}, capacity: {memory: {value: 80Gi}}}]}
 
 * a whole GPU has ``type: gpu`` and a capacity ``memory`` in bytes;
@@ -130,14 +131,16 @@ def slice_devices(slices: Sequence[Any], driver: str, warnings: list[str]) -> di
         slice_name = str(_map(obj, "metadata").get("name") or pool_name)
         node = str(spec.get("nodeName") or "")
         if not node:
-            warnings.append(f"ResourceSlice {slice_name}: no spec.nodeName (network-attached devices are not "
-                            "planned); skipped")
+            warnings.append(
+                f"ResourceSlice {slice_name}: no spec.nodeName (network-attached devices are not "
+                "planned); skipped"
+            )
             continue
         for device in spec.get("devices") or []:
             parsed = _device(device, node, pool_name, driver, slice_name, warnings)
             if parsed is not None:
                 out.setdefault(node, []).append(parsed)
-    for node, devices in out.items():
+    for devices in out.values():
         devices.sort(key=lambda d: (_natural(d.pool), _natural(d.name)))
     return out
 
@@ -152,15 +155,18 @@ def _device(
     if kind not in ("gpu", "mig"):
         return None  # vfio passthrough, IMEX channels and other kinds serve no model
     if device.get("consumesCounters"):
-        warnings.append(f"ResourceSlice {where}: device {name} consumes shared counters (partitionable "
-                        "devices); not planned")
+        warnings.append(
+            f"ResourceSlice {where}: device {name} consumes shared counters (partitionable "
+            "devices); not planned"
+        )
         return None
     memory = _capacity(device, "memory", driver)
     try:
         nbytes = parse_quantity(str(memory.get("value")))
     except ValueError:
-        warnings.append(f"ResourceSlice {where}: device {name} has no capacity memory "
-                        f"({memory.get('value')!r}); skipped")
+        warnings.append(
+            f"ResourceSlice {where}: device {name} has no capacity memory ({memory.get('value')!r}); skipped"
+        )
         return None
     shareable = bool(device.get("allowMultipleAllocations"))
     policy = _map(memory, "requestPolicy")
@@ -173,9 +179,16 @@ def _device(
     if shareable and raw_shares is not None:
         shares = max(1, _count(raw_shares) or 1)
     return DraDevice(
-        node=node, pool=pool, name=name, type=kind, memory=nbytes,
-        product=str(_attribute(device, "productName", driver) or ""), shareable=shareable,
-        shares=shares if shareable else 1, step=step, profile=str(_attribute(device, "profile", driver) or ""),
+        node=node,
+        pool=pool,
+        name=name,
+        type=kind,
+        memory=nbytes,
+        product=str(_attribute(device, "productName", driver) or ""),
+        shareable=shareable,
+        shares=shares if shareable else 1,
+        step=step,
+        profile=str(_attribute(device, "profile", driver) or ""),
     )
 
 
@@ -183,8 +196,16 @@ def to_device(index: int, device: DraDevice) -> Device:
     """The planner's device for a DRA device."""
     resource = MIG_CLASS if device.type == "mig" else GPU_CLASS
     if device.shareable:
-        return Device(index, device.memory, "timeslice", resource, slots=device.shares, name=device.name,
-                      product=device.product, step=device.step)
+        return Device(
+            index,
+            device.memory,
+            "timeslice",
+            resource,
+            slots=device.shares,
+            name=device.name,
+            product=device.product,
+            step=device.step,
+        )
     return Device(index, device.memory, device.type, resource, name=device.name, product=device.product)
 
 
@@ -199,7 +220,8 @@ def dra_node_inventory(obj: Any, devices: Sequence[DraDevice]) -> NodeInventory:
     for d in planned:
         counts[d.resource] = counts.get(d.resource, 0) + d.slots
     product = next((d.product for d in devices if d.type == "gpu" and d.product), "") or next(
-        (d.product for d in devices if d.product), "unknown")
+        (d.product for d in devices if d.product), "unknown"
+    )
     return NodeInventory(
         name=str(meta.get("name") or ""),
         product=product,
@@ -225,7 +247,9 @@ def _kubevram_claim(claim: Mapping[str, Any]) -> bool:
 
 
 def apply_claims(
-    where: Mapping[tuple[str, str], tuple[NodeInventory, int]], claims: Sequence[Any], driver: str,
+    where: Mapping[tuple[str, str], tuple[NodeInventory, int]],
+    claims: Sequence[Any],
+    driver: str,
     warnings: list[str],
 ) -> None:
     """Subtract what allocated ResourceClaims (other than kubevram workers') hold, in place: ``where`` maps
@@ -250,8 +274,10 @@ def apply_claims(
             try:
                 nbytes = parse_quantity(str(consumed)) if consumed is not None else device.memory_bytes
             except ValueError:
-                warnings.append(f"{label}: consumedCapacity.memory={consumed!r} is not a quantity; the "
-                                "whole device is counted")
+                warnings.append(
+                    f"{label}: consumedCapacity.memory={consumed!r} is not a quantity; the "
+                    "whole device is counted"
+                )
                 nbytes = device.memory_bytes
             node.add_slice(index, nbytes)
 

@@ -551,8 +551,8 @@ class _Planner:
                 pool.refresh(node)
         first = node.devices[c.indices[0]]
         return PlacedReplica(
-            node.name, list(c.indices), plan, d.shared, c.resource, reservation, first.product or node.product,
-            first.kind,
+            node.name, list(c.indices), plan, d.shared, c.resource, reservation,
+            first.product or node.product, first.kind,
         )
 
     # -- one replica over several nodes
