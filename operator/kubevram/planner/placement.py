@@ -552,7 +552,7 @@ class _Planner:
         first = node.devices[c.indices[0]]
         return PlacedReplica(
             node.name, list(c.indices), plan, d.shared, c.resource, reservation,
-            first.product or node.product, first.kind,
+            first.product or node.product, device_kind=first.kind,
         )
 
     # -- one replica over several nodes
