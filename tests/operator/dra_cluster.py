@@ -95,6 +95,18 @@ def _version(value: str) -> dict[str, str]:
     return {"version": value}
 
 
+def _gpu_attributes(gpu: dict[str, Any]) -> dict[str, Any]:
+    """What a GPU and each of its MIG devices publish alike (``CommonAttributesMig`` copies the parent's)."""
+    return {
+        "productName": _string(gpu["productName"]),
+        "brand": _string("Nvidia"),
+        "architecture": _string(gpu["architecture"]),
+        "cudaComputeCapability": _version(gpu["cc"]),
+        "driverVersion": _version("580.82.7"),
+        "cudaDriverVersion": _version("13.0.0"),
+    }
+
+
 def gpu_device(minor: int, gpu: dict[str, Any], *, shares: str | None = None) -> dict[str, Any]:
     """One whole GPU as ``GpuInfo.GetDevice`` publishes it, with ``applyConsumableShares`` when ``shares``
     is ``memory`` or an integer."""
@@ -103,12 +115,7 @@ def gpu_device(minor: int, gpu: dict[str, Any], *, shares: str | None = None) ->
         "attributes": {
             "type": _string("gpu"),
             "uuid": _string(f"GPU-{uuidlib.UUID(int=minor + 1)}"),
-            "productName": _string(gpu["productName"]),
-            "brand": _string("Nvidia"),
-            "architecture": _string(gpu["architecture"]),
-            "cudaComputeCapability": _version(gpu["cc"]),
-            "driverVersion": _version("580.82.7"),
-            "cudaDriverVersion": _version("13.0.0"),
+            **_gpu_attributes(gpu),
             "resource.kubernetes.io/pciBusID": _string(f"0000:{minor + 7:02x}:00.0"),
         },
         "capacity": {"memory": {"value": str(gpu["memory"])}},
@@ -155,12 +162,7 @@ def mig_device(
             "uuid": _string(f"MIG-{uuidlib.UUID(int=1000 * (minor + 1) + start)}"),
             "parentUUID": _string(f"GPU-{uuidlib.UUID(int=minor + 1)}"),
             "profile": _string(profile),
-            "productName": _string(parent["productName"]),
-            "brand": _string("Nvidia"),
-            "architecture": _string(parent["architecture"]),
-            "cudaComputeCapability": _version(parent["cc"]),
-            "driverVersion": _version("580.82.7"),
-            "cudaDriverVersion": _version("13.0.0"),
+            **_gpu_attributes(parent),
         },
         "capacity": {
             "multiprocessors": {"value": "14"},

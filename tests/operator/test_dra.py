@@ -27,42 +27,16 @@ from dra_cluster import (
 from kubevram.api.load import parse_deployment
 from kubevram.controller import claims as claims_module
 from kubevram.controller import render
+from kubevram.planner.catalog import known_config
 from kubevram.planner.dra import build_dra_inventory
 from kubevram.planner.inventory import Reservation
 from kubevram.planner.placement import DraInput, plan_cluster
 
 KUBE_VERSION = "1.34"
-QWEN_7B = {
-    "model_type": "qwen2",
-    "hidden_size": 3584,
-    "intermediate_size": 18944,
-    "num_hidden_layers": 28,
-    "num_attention_heads": 28,
-    "num_key_value_heads": 4,
-    "vocab_size": 152064,
-    "max_position_embeddings": 32768,
-}
-QWEN_05B = {
-    "model_type": "qwen2",
-    "hidden_size": 896,
-    "intermediate_size": 4864,
-    "num_hidden_layers": 24,
-    "num_attention_heads": 14,
-    "num_key_value_heads": 2,
-    "vocab_size": 151936,
-    "max_position_embeddings": 32768,
-    "tie_word_embeddings": True,
-}
-LLAMA_70B = {
-    "model_type": "llama",
-    "hidden_size": 8192,
-    "intermediate_size": 28672,
-    "num_hidden_layers": 80,
-    "num_attention_heads": 64,
-    "num_key_value_heads": 8,
-    "vocab_size": 128256,
-    "max_position_embeddings": 8192,
-}
+# The models' published config.json files, as the planner's catalogue holds them.
+QWEN_7B = dict(known_config("Qwen/Qwen2-7B-Instruct") or {})
+QWEN_05B = dict(known_config("Qwen/Qwen2-0.5B-Instruct") or {})
+LLAMA_70B = dict(known_config("meta-llama/Meta-Llama-3-70B-Instruct") or {})
 
 
 def body(name: str, config: dict[str, Any], *, replicas: int = 1, **placement: Any) -> dict[str, Any]:

@@ -26,19 +26,10 @@ from kubevram_emulator import EmulatedCluster, gpu_node, llm_deployment, running
 from test_inference_pool import assert_valid_inference_pool
 
 from kubevram.controller import render
+from kubevram.planner.catalog import known_config
 
 RESOURCE = "/apis/resource.k8s.io/v1"
-SMALL = {  # Qwen2-0.5B's config.json
-    "model_type": "qwen2",
-    "hidden_size": 896,
-    "intermediate_size": 4864,
-    "num_hidden_layers": 24,
-    "num_attention_heads": 14,
-    "num_key_value_heads": 2,
-    "vocab_size": 151936,
-    "max_position_embeddings": 32768,
-    "tie_word_embeddings": True,
-}
+SMALL = dict(known_config("Qwen/Qwen2-0.5B-Instruct") or {})  # its published config.json
 
 
 def phase(cluster: EmulatedCluster, name: str, *phases: str) -> dict[str, Any] | None:
