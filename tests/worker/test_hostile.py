@@ -419,3 +419,4 @@ def test_when_the_engine_thread_dies_readiness_fails_and_waiting_requests_get_50
     assert later.status_code == 503
     assert "the engine has stopped" in error_of(later)["message"]
     assert httpx.get(f"{worker.url}/healthz").status_code == 200  # the process lives: the probe decides
+    assert worker.metric("kubevram_worker_ready") == 0

@@ -40,7 +40,9 @@ class WorkerMetrics(EngineHooks):
             "kubevram_worker_queue_depth", "Requests waiting for the engine.", registry=r
         )
         self.running = Gauge("kubevram_worker_running_requests", "Requests in the running batch.", registry=r)
-        self.ready = Gauge("kubevram_worker_ready", "1 once the model is loaded.", registry=r)
+        self.ready = Gauge(
+            "kubevram_worker_ready", "1 once the model is loaded, while its engine runs.", registry=r
+        )
         self.oom = Gauge(
             "kubevram_worker_oom_total", "Out-of-memory errors survived by the engine.", registry=r
         )
@@ -65,11 +67,11 @@ class WorkerMetrics(EngineHooks):
         )
 
     def bind(self, engine: Any) -> None:
-        """Read queue depth, running batch and OOM count from ``engine`` at scrape time."""
+        """Read queue depth, running batch, OOM count and whether it runs from ``engine`` at scrape time."""
         self.queue_depth.set_function(lambda: engine.queue_depth)
         self.running.set_function(lambda: engine.running)
         self.oom.set_function(lambda: engine.oom_count)
-        self.ready.set(1)
+        self.ready.set_function(lambda: float(engine.failure is None))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
