@@ -271,6 +271,8 @@ OPERATOR_RULES = {
       for v in ("get", "list", "watch", "create", "patch", "update", "delete")),
     ("", "secrets", "create"),
     *(("apps", "deployments", v) for v in ("get", "list", "watch", "create", "patch", "update", "delete")),
+    *(("leaderworkerset.x-k8s.io", "leaderworkersets", v)
+      for v in ("get", "list", "create", "patch", "delete")),
     *(("rbac.authorization.k8s.io", "roles", v) for v in ("get", "create", "patch")),
     *(("rbac.authorization.k8s.io", "rolebindings", v) for v in ("get", "create", "patch", "delete")),
     *(("networking.k8s.io", "networkpolicies", v) for v in ("get", "create", "patch")),

@@ -13,7 +13,8 @@ It runs in its own thread and event loop, so tests stay synchronous and kopf run
   at 1 and growing by one on every change of ``spec`` (what ``observedGeneration`` is compared with);
 * ``/api/v1/namespaces`` parsed as the Namespace resource (kmock 0.8 fails on it), so kopf can run
   namespaced;
-* the discovery of the resources involved (LLMDeployment with its status and scale subresources);
+* the discovery of the resources involved (LLMDeployment with its status and scale subresources;
+  LeaderWorkerSet when the emulated cluster has it installed);
 * a RoleBinding's ``roleRef`` that cannot change (422, as the API server answers);
 * optimistic concurrency: a patch that names a ``metadata.resourceVersion`` other than the stored
   one is answered 409 (what the leader election's Lease writes rely on);
@@ -171,11 +172,17 @@ DRA_RESOURCES = [
 INFERENCE_POOL_RESOURCES = [("inference.networking.k8s.io/v1/inferencepools", "InferencePool", True)]
 
 
+#: LeaderWorkerSet (kubernetes-sigs/lws): served only where a test installs it.
+LWS_RESOURCES = [("leaderworkerset.x-k8s.io/v1/leaderworkersets", "LeaderWorkerSet", True)]
+
+
 def declare_resources(
-    emulator: kmock.KubernetesEmulator, *, dra: bool = True, inference_pool: bool = True
+    emulator: kmock.KubernetesEmulator, *, dra: bool = True, inference_pool: bool = True,
+    leader_worker_sets: bool = False,
 ) -> None:
-    """The resources the operator discovers, watches and writes; ``dra`` and ``inference_pool`` serve those
-    APIs too (a cluster without them answers 404 to their discovery and paths)."""
+    """The resources the operator discovers, watches and writes; ``dra``, ``inference_pool`` and
+    ``leader_worker_sets`` serve those APIs too (a cluster without them answers 404 to their discovery and
+    paths)."""
     info = emulator.resources[LLMD]
     info.kind = KIND
     info.singular = SINGULAR
@@ -199,6 +206,7 @@ def declare_resources(
         ("coordination.k8s.io/v1/leases", "Lease", True),
         *(DRA_RESOURCES if dra else []),
         *(INFERENCE_POOL_RESOURCES if inference_pool else []),
+        *(LWS_RESOURCES if leader_worker_sets else []),
     ]:
         info = emulator.resources[resource]
         info.kind = kind
@@ -210,11 +218,12 @@ class EmulatedCluster:
     """The emulator on a local port, in a background thread, with a kubeconfig pointing at it."""
 
     def __init__(
-        self, directory: Path, *, keep_requests: bool = True, dra: bool = True, inference_pool: bool = True
+        self, directory: Path, *, keep_requests: bool = True, dra: bool = True, inference_pool: bool = True,
+        leader_worker_sets: bool = False,
     ) -> None:
         self.directory = directory
         self.keep_requests = keep_requests
-        self.serves = {"dra": dra, "inference_pool": inference_pool}
+        self.serves = {"dra": dra, "inference_pool": inference_pool, "leader_worker_sets": leader_worker_sets}
         self.kubeconfig = directory / "kubeconfig"
         self.emulator: MendedEmulator | None = None
         self.url = ""
@@ -333,6 +342,9 @@ class EmulatedCluster:
 
     def deployments(self, namespace: str = "default") -> list[dict[str, Any]]:
         return self.items(f"/apis/apps/v1/namespaces/{namespace}/deployments")
+
+    def leader_worker_sets(self, namespace: str = "default") -> list[dict[str, Any]]:
+        return self.items(f"/apis/leaderworkerset.x-k8s.io/v1/namespaces/{namespace}/leaderworkersets")
 
     def wait_for(
         self, what: str, probe: Callable[[], Any], timeout: float = 20.0, interval: float = 0.1

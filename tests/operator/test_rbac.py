@@ -23,13 +23,18 @@ ROOT = Path(__file__).resolve().parents[2]
 L4 = {"gpus": 1, "memory_mib": 23034, "product": "NVIDIA-L4"}
 
 
-def chart_rules() -> list[dict[str, Any]]:
-    """The rules the default chart grants the operator's ServiceAccount (all bound cluster-wide)."""
+def chart_module() -> Any:
+    """tests/chart/conftest.py (the chart's renderer and the CRD schema helpers) as a module."""
     spec = importlib.util.spec_from_file_location("chart_conftest", ROOT / "tests" / "chart" / "conftest.py")
     assert spec is not None and spec.loader is not None
     chart = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(chart)
-    docs, _ = chart.render_chart()
+    return chart
+
+
+def chart_rules() -> list[dict[str, Any]]:
+    """The rules the default chart grants the operator's ServiceAccount (all bound cluster-wide)."""
+    docs, _ = chart_module().render_chart()
     roles = {d["metadata"]["name"]: d for d in docs if d["kind"] == "ClusterRole"}
     bound = [roles[b["roleRef"]["name"]] for b in docs if b["kind"] == "ClusterRoleBinding"]
     return [rule for role in bound for rule in role["rules"]]

@@ -357,6 +357,7 @@ def test_planned_status_carries_estimate_placements_and_autoscaling() -> None:
         "gpuClass": "a10g",
         "minGpuMemoryMiB": 16566,
         "gpuCount": 1,
+        "nodeCount": 1,
         "reason": "needs 1 GPU with >= 16.2 GiB; every admitting GPU is taken",
     }
     conditions = {c["type"]: c for c in new["conditions"]}

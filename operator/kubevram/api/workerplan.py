@@ -14,8 +14,13 @@ integers, which accelerate wants). Pure: pydantic only.
  "generation": {"chinese": {"enabled": false}}, "memoryRelease": {},
  "deviceMap": {"model.embed_tokens": 0, "model.layers.0": 0, "lm_head": "cpu"},
  "maxMemory": {"0": 21474836480, "cpu": 68719476736},
- "offloadFolder": null}
+ "offloadFolder": null, "group": null}
 ```
+
+A pod of a multi-node replica (a LeaderWorkerSet group) reads the same file as every other pod of its
+group: ``group`` says the layout (pods, GPUs per pod, tensor-parallel and pipeline sizes, each stage's
+decoder layers) and every rank's budget; ``deviceMap`` and ``maxMemory`` are null (transformers places a
+rank's modules itself). The pod finds its own ranks by ``LWS_WORKER_INDEX``.
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ import json
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from kubevram.api.errors import SpecError, from_validation_error
 from kubevram.api.v1alpha1 import (
@@ -41,6 +46,9 @@ DEFAULT_OFFLOAD_FOLDER = "/tmp/kubevram-offload"
 #: Where one module goes: a pod GPU index, the CPU or the disk (accelerate's device_map values).
 Device = int | Literal["cpu", "disk"]
 
+#: The port the leader of a multi-node group listens on for torch.distributed's rendezvous (its store).
+DEFAULT_GROUP_PORT = 29500
+
 
 class _Plan(BaseModel):
     model_config = ConfigDict(extra="forbid", populate_by_name=True, use_enum_values=True)
@@ -54,6 +62,66 @@ class DeploymentRef(_Plan):
 class PlanModel(_Plan):
     id: str = Field(min_length=1, description="Hub id or path inside the model volume to load.")
     trustRemoteCode: bool = Field(default=False, description="Allow the model's own Python code to run.")
+
+
+class GroupStage(_Plan):
+    stage: int = Field(ge=0, description="Pipeline stage index.")
+    layers: list[int] = Field(min_length=2, max_length=2, description="Decoder layers [first, end).")
+    ends: list[str] = Field(default_factory=list, description="Embeddings or head the stage holds too.")
+
+
+class RankBudget(_Plan):
+    """What one rank (one GPU of one pod) of a group holds, in bytes, as the planner budgeted it."""
+
+    rank: int = Field(ge=0)
+    pod: int = Field(ge=0, description="LWS_WORKER_INDEX of its pod (0: the leader).")
+    gpu: int = Field(ge=0, description="Pod-local GPU index (and local rank).")
+    stage: int = Field(ge=0)
+    tpRank: int = Field(ge=0)
+    weights: int = Field(ge=0)
+    kvCache: int = Field(ge=0)
+    activations: int = Field(ge=0)
+    communication: int = Field(ge=0)
+    overhead: int = Field(ge=0)
+    fragmentation: int = Field(ge=0)
+    total: int = Field(ge=0)
+
+
+class GroupPlan(_Plan):
+    """A replica run by a group of pods (a LeaderWorkerSet): pipeline stages across the pods, tensor
+    parallel over each pod's GPUs, one process (rank) per GPU: rank = pod x gpusPerPod + local GPU,
+    stage = rank // tensorParallel. Every pod reads the same plan and finds itself by LWS_WORKER_INDEX."""
+
+    size: int = Field(ge=1, description="Pods in the group (LWS_GROUP_SIZE).")
+    gpusPerPod: int = Field(ge=1, description="GPUs, and processes, per pod.")
+    tensorParallel: int = Field(ge=1)
+    pipelineParallel: int = Field(ge=1)
+    worldSize: int = Field(ge=1)
+    port: int = Field(default=DEFAULT_GROUP_PORT, ge=1, le=65535, description="The leader's rendezvous port.")
+    stages: list[GroupStage]
+    ranks: list[RankBudget]
+
+    @model_validator(mode="after")
+    def _consistent(self) -> GroupPlan:
+        world = self.size * self.gpusPerPod
+        if not world == self.worldSize == self.tensorParallel * self.pipelineParallel:
+            raise ValueError(
+                f"worldSize {self.worldSize} must be size x gpusPerPod ({world}) and tensorParallel x "
+                f"pipelineParallel ({self.tensorParallel * self.pipelineParallel})"
+            )
+        if [s.stage for s in self.stages] != list(range(self.pipelineParallel)):
+            raise ValueError(f"stages must be 0..{self.pipelineParallel - 1}, one each")
+        starts = [s.layers[0] for s in self.stages[1:]]
+        empty = any(a >= b for a, b in (s.layers for s in self.stages))
+        if starts != [s.layers[1] for s in self.stages[:-1]] or empty:
+            raise ValueError("stages must hold contiguous, non-empty layer ranges")
+        if [r.rank for r in self.ranks] != list(range(self.worldSize)):
+            raise ValueError(f"ranks must be 0..{self.worldSize - 1}, one each")
+        return self
+
+    def rank(self, pod: int, gpu: int) -> RankBudget:
+        """The rank of pod ``pod``'s GPU ``gpu``."""
+        return self.ranks[pod * self.gpusPerPod + gpu]
 
 
 class WorkerPlan(_Plan):
@@ -76,6 +144,9 @@ class WorkerPlan(_Plan):
         description="Bytes per pod GPU index ('0'..'n-1') and 'cpu'/'disk'.",
     )
     offloadFolder: str | None = Field(default=None, description="Folder for disk-offloaded weights.")
+    group: GroupPlan | None = Field(
+        default=None, description="The multi-node group this pod belongs to; null: a single-pod replica."
+    )
 
     @field_validator("deviceMap", mode="before")
     @classmethod

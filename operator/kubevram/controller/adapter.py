@@ -13,7 +13,7 @@ import json
 import os
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from kubernetes import client, config
@@ -22,10 +22,18 @@ from kubernetes.client.exceptions import ApiException
 from kubevram.api.load import parse_config_json
 from kubevram.api.v1alpha1 import API_VERSION, PLURAL
 from kubevram.controller import metrics
-from kubevram.controller.render import LABEL_DEPLOYMENT, LABEL_MANAGED_BY, MANAGED_BY, RESERVATION
+from kubevram.controller.render import (
+    LABEL_DEPLOYMENT,
+    LABEL_MANAGED_BY,
+    LWS_API_VERSION,
+    LWS_KIND,
+    MANAGED_BY,
+    RESERVATION,
+)
 from kubevram.planner.inventory import Reservation
 
 MERGE_PATCH = "application/merge-patch+json"
+LWS_PLURAL = "leaderworkersets"
 
 _config_lock = threading.Lock()
 _configured: dict[str, client.ApiClient] = {}
@@ -59,6 +67,7 @@ class Cluster:
 
     def __init__(self, api: client.ApiClient | None = None) -> None:
         self.api = api or api_client()
+        self._lws: bool | None = None
 
     # ------------------------------------------------------------------------------------ reading
 
@@ -97,11 +106,21 @@ class Cluster:
         data = self._get("/api/v1/nodes") or {}
         return list(data.get("items") or [])
 
+    def serves_leaderworkersets(self) -> bool:
+        """Whether the cluster serves ``leaderworkerset.x-k8s.io/v1`` (LeaderWorkerSet is installed): its
+        discovery document lists ``leaderworkersets``. Asked once per adapter (one reconciliation)."""
+        if self._lws is None:
+            found = self._get(f"/apis/{LWS_API_VERSION}") or {}
+            self._lws = any(r.get("name") == LWS_PLURAL for r in found.get("resources") or [])
+        return self._lws
+
     def list_workloads(self) -> list[dict[str, Any]]:
-        """Every Deployment kubevram manages, in every namespace."""
+        """Every Deployment kubevram manages, in every namespace, and its LeaderWorkerSets where served."""
         selector = f"{LABEL_MANAGED_BY}={MANAGED_BY}"
-        data = self._get(f"/apis/apps/v1/deployments?labelSelector={selector}") or {}
-        items = data.get("items") or []
+        paths = [f"/apis/apps/v1/deployments?labelSelector={selector}"]
+        if self.serves_leaderworkersets():
+            paths.append(f"/apis/{LWS_API_VERSION}/{LWS_PLURAL}?labelSelector={selector}")
+        items = [item for path in paths for item in (self._get(path) or {}).get("items") or []]
         # The label selector is a server-side filter; filter again for servers that ignore it.
         return [
             d
@@ -121,8 +140,12 @@ class Cluster:
         ]
 
     def list_owned_workloads(self, namespace: str, name: str) -> list[dict[str, Any]]:
-        """The worker Deployments (and the placeholder) of one LLMDeployment."""
-        return self._owned("/apis/apps/v1/namespaces/{namespace}/deployments", namespace, name)
+        """The worker Deployments (and the placeholder) of one LLMDeployment, and its LeaderWorkerSets."""
+        owned = self._owned("/apis/apps/v1/namespaces/{namespace}/deployments", namespace, name)
+        if self.serves_leaderworkersets():
+            collection = f"/apis/{LWS_API_VERSION}/namespaces/{{namespace}}/{LWS_PLURAL}"
+            owned += self._owned(collection, namespace, name)
+        return owned
 
     def list_owned_pods(self, namespace: str, name: str) -> list[dict[str, Any]]:
         """The worker pods of one LLMDeployment (their scheduling state, the names in status.workers)."""
@@ -165,7 +188,8 @@ class Cluster:
 
         The pod template carries the reservation annotation; a workload with N replicas reserves N
         times. Reading templates rather than pods counts replicas whose pods do not exist yet (just
-        applied, or pending). Workloads without a node (placeholders) hold nothing.
+        applied, or pending). Workloads without a node (placeholders) hold nothing. A LeaderWorkerSet
+        carries the reservations of all its pods, one per node of a group, on itself.
         """
         out: dict[tuple[str, str], list[Reservation]] = {}
         for workload in workloads:
@@ -173,16 +197,20 @@ class Cluster:
             owner = str((meta.get("labels") or {}).get(LABEL_DEPLOYMENT))
             key = (str(meta.get("namespace") or "default"), owner)
             held = out.setdefault(key, [])
-            template_meta = ((workload.get("spec") or {}).get("template") or {}).get("metadata") or {}
-            raw = (template_meta.get("annotations") or {}).get(RESERVATION)
+            if is_leader_worker_set(workload):
+                raw = (meta.get("annotations") or {}).get(RESERVATION)
+            else:
+                template_meta = ((workload.get("spec") or {}).get("template") or {}).get("metadata") or {}
+                raw = (template_meta.get("annotations") or {}).get(RESERVATION)
             if raw is None:
                 continue
             try:
-                one = Reservation.from_annotation(*key, raw, source=f"workload {key[0]}/{meta.get('name')}")
+                source = f"workload {key[0]}/{meta.get('name')}"
+                found = Reservation.all_from_annotation(*key, raw, source=source)
             except ValueError:
                 continue
-            if one.node and one.gpus:
-                held += [one] * int((workload.get("spec") or {}).get("replicas") or 0)
+            count = int((workload.get("spec") or {}).get("replicas") or 0)
+            held += [one for one in found if one.node and one.gpus] * count
         return out
 
     def foreign_gpu_pods(self) -> list[dict[str, Any]]:
@@ -304,7 +332,14 @@ class Cluster:
 
     def delete_workloads(self, workloads: Iterable[dict[str, Any]]) -> None:
         for workload in workloads:
-            self.delete({"apiVersion": "apps/v1", "kind": "Deployment", "metadata": workload["metadata"]})
+            lws = is_leader_worker_set(workload)
+            api_version, kind = (LWS_API_VERSION, LWS_KIND) if lws else ("apps/v1", "Deployment")
+            self.delete({"apiVersion": api_version, "kind": kind, "metadata": workload["metadata"]})
+
+
+def is_leader_worker_set(workload: Mapping[str, Any]) -> bool:
+    """Whether a workload read from the API is a LeaderWorkerSet (list items may carry no ``kind``)."""
+    return workload.get("kind") == LWS_KIND or "leaderWorkerTemplate" in (workload.get("spec") or {})
 
 
 def _with_removals(existing: dict[str, Any], manifest: dict[str, Any]) -> dict[str, Any]:
@@ -319,14 +354,24 @@ def _with_removals(existing: dict[str, Any], manifest: dict[str, Any]) -> dict[s
         stale = set(existing.get("data") or {}) - set(manifest.get("data") or {})
         patch["data"] = {**(manifest.get("data") or {}), **{key: None for key in stale}}
     if manifest.get("kind") == "Deployment":
-        desired = manifest["spec"]["template"]["spec"]
-        current = (((existing.get("spec") or {}).get("template") or {}).get("spec")) or {}
-        removed = {key: None for key in _OPTIONAL_POD_FIELDS if key in current and key not in desired}
-        if removed:
-            spec = dict(manifest["spec"])
-            spec["template"] = {**spec["template"], "spec": {**desired, **removed}}
-            patch["spec"] = spec
+        patch["spec"] = {**manifest["spec"], "template": _template_removals(
+            manifest["spec"]["template"], ((existing.get("spec") or {}).get("template") or {}))}
+    if manifest.get("kind") == LWS_KIND:
+        desired_lws = manifest["spec"]["leaderWorkerTemplate"]
+        current_lws = (existing.get("spec") or {}).get("leaderWorkerTemplate") or {}
+        patch["spec"] = {**manifest["spec"], "leaderWorkerTemplate": {
+            **desired_lws,
+            **{key: _template_removals(desired_lws[key], current_lws.get(key) or {})
+               for key in ("leaderTemplate", "workerTemplate")},
+        }}
     return patch
+
+
+def _template_removals(desired: dict[str, Any], current: Mapping[str, Any]) -> dict[str, Any]:
+    """A pod template whose optional scheduling fields the operator no longer renders become null."""
+    now = current.get("spec") or {}
+    removed = {key: None for key in _OPTIONAL_POD_FIELDS if key in now and key not in desired["spec"]}
+    return {**desired, "spec": {**desired["spec"], **removed}} if removed else desired
 
 
 _OPTIONAL_POD_FIELDS = ("nodeSelector", "affinity", "tolerations")
@@ -348,4 +393,5 @@ _PLURALS = {
     "Pod": "pods",
     "ResourceClaimTemplate": "resourceclaimtemplates",
     "InferencePool": "inferencepools",
+    LWS_KIND: LWS_PLURAL,
 }

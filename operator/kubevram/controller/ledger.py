@@ -38,7 +38,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from kubevram.controller.render import reservation
+from kubevram.controller.render import reservations
 from kubevram.planner.inventory import Reservation
 
 Key = tuple[str, str]  # (namespace, LLMDeployment name)
@@ -183,12 +183,13 @@ LEDGER = Ledger()
 
 
 def reservations_of(key: Key, plan: Mapping[str, Any], sharing: str) -> list[Reservation]:
-    """The reservations of a plan's placed replicas (what their workloads' annotations will say)."""
+    """The reservations of a plan's placed replicas (what their workloads' annotations will say): one per
+    pod, so a multi-node replica holds GPUs on each node of its group."""
     out = []
     for replica in plan.get("replicas") or []:
-        held = reservation(replica, sharing)
-        if held["node"] and held["gpus"]:
-            out.append(Reservation.of(key[0], key[1], held["node"], held["gpus"], held["sharing"]))
+        for held in reservations(replica, sharing):
+            if held["node"] and held["gpus"]:
+                out.append(Reservation.of(key[0], key[1], held["node"], held["gpus"], held["sharing"]))
     return out
 
 

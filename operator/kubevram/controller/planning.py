@@ -51,12 +51,6 @@ def plan_deployment(
     GPUs its ResourceSlices publish minus what its ResourceClaims hold."""
     from kubevram.planner.placement import plan_cluster
 
-    placement = deployment.spec.placement
-    if placement.multiNode != "never":
-        # The operator does not render multi-node groups (LeaderWorkerSets) yet: single-node replicas only.
-        single = placement.model_copy(update={"multiNode": "never"})
-        spec = deployment.spec.model_copy(update={"placement": single})
-        deployment = deployment.model_copy(update={"spec": spec})
     configs = {(deployment.namespace, deployment.name): model_config} if model_config is not None else None
     result = plan_cluster(
         [deployment], nodes, pods, configs=configs, node_classes=node_classes(), reservations=reservations,

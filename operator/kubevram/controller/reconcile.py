@@ -254,12 +254,14 @@ class Reconciler:
         kept: list[dict[str, Any]] = []
         moved: list[str] = []
         for replica in previous.get("replicas") or []:
-            node = str(replica.get("node") or "")
-            why = (
-                f"pods unschedulable on node {node}"
-                if node in avoid
-                else placement_problem(replica, by_name.get(node), now, self.settings.node_grace)
-            )
+            why = ""
+            for pod in render.group_pods(replica) if replica.get("group") else [replica]:
+                node = str(pod.get("node") or "")
+                why = why or (
+                    f"pods unschedulable on node {node}"
+                    if node in avoid
+                    else placement_problem(pod, by_name.get(node), now, self.settings.node_grace)
+                )
             if why:
                 moved.append(why)
             else:
@@ -438,6 +440,8 @@ class Reconciler:
                     plan, how, moved = self._plan(
                         deployment, model_config, nodes, pods, book, kept, now=now, avoid=avoid
                     )
+                if not self.cluster.serves_leaderworkersets():
+                    plan = without_groups(plan)
                 if avoid and _pending(plan):
                     unscheduled = dict(plan.get("unscheduled") or {})
                     unscheduled["reason"] = (
@@ -501,7 +505,7 @@ class Reconciler:
         self._report_problems(old_conditions, new_status["conditions"])
         _mark_waiting((namespace, name), bool(_pending(plan)))
         placed = len(plan.get("replicas") or [])
-        nodes_used = sorted({r["node"] for r in plan.get("replicas") or []})
+        nodes_used = sorted({p["node"] for r in plan.get("replicas") or [] for p in render.group_pods(r)})
         self.report(
             "Planned",
             f"{how}: {placed} replica(s) placed on {', '.join(nodes_used) or 'no node'}, "
@@ -639,12 +643,13 @@ class Reconciler:
         """Why placed replicas must go elsewhere now (their nodes; pods unschedulable past the grace)."""
         out = [p.describe() for p in stuck if p.node and p.seconds >= self.settings.unschedulable_grace]
         for placement in placements:
-            node = str(placement.get("node") or "")
-            replica = {"node": node, "gpus": placement.get("gpus"), "maxMemory": placement.get("budgets"),
-                       "resource": GPU_CLASS if dra else ""}
-            why = placement_problem(replica, self._node(node), now, self.settings.node_grace)
-            if why:
-                out.append(why)
+            for pod in placement.get("pods") or [placement]:  # every node of a multi-node group
+                node = str(pod.get("node") or "")
+                replica = {"node": node, "gpus": pod.get("gpus"), "maxMemory": placement.get("budgets"),
+                           "resource": GPU_CLASS if dra else ""}
+                why = placement_problem(replica, self._node(node), now, self.settings.node_grace)
+                if why:
+                    out.append(why)
         return list(dict.fromkeys(out))
 
     def refresh(self, body: Mapping[str, Any], patch: Any) -> None:
@@ -841,6 +846,33 @@ def node_event(
     if problem:
         log.info("%s: re-planning %d deployment(s) with replicas there", problem, len(holders))
         replan_waiting(cluster, settings, holders)
+
+
+def without_groups(plan: dict[str, Any]) -> dict[str, Any]:
+    """The plan for a cluster that does not serve LeaderWorkerSets: replicas planned as multi-node groups
+    become pending, with ``unscheduled.code`` ``LeaderWorkerSetUnavailable`` and a reason that says so (no
+    autoscaling signal: no node makes them runnable)."""
+    groups = [r for r in plan.get("replicas") or [] if r.get("group")]
+    if not groups:
+        return plan
+    group = groups[0]["group"]
+    reason = (
+        f"{len(groups)} replica(s) need a group of {group['size']} pods x {group['gpusPerPod']} GPUs on "
+        f"{group['size']} nodes (tensor parallel {group['tensorParallel']} x {group['pipelineParallel']} "
+        f"pipeline stages), which kubevram runs as a LeaderWorkerSet, and the cluster does not serve "
+        f"{render.LWS_API_VERSION}: install LeaderWorkerSet (https://lws.sigs.k8s.io) or set "
+        "spec.placement.multiNode: never"
+    )
+    return {
+        **plan,
+        "replicas": [r for r in plan["replicas"] if not r.get("group")],
+        "unscheduled": {
+            "count": _pending(plan) + len(groups),
+            "reason": reason,
+            "autoscaling": None,
+            "code": render.LWS_UNAVAILABLE,
+        },
+    }
 
 
 def _ready(workloads: Iterable[Mapping[str, Any]]) -> int:

@@ -40,7 +40,7 @@ from typing import Any
 
 from kubevram.api.quantity import GiB, MiB
 from kubevram.api.v1alpha1 import API_VERSION, GROUP, KIND, PLURAL, LLMDeploymentSpec
-from kubevram.api.workerplan import DEFAULT_OFFLOAD_FOLDER, WorkerPlan
+from kubevram.api.workerplan import DEFAULT_GROUP_PORT, DEFAULT_OFFLOAD_FOLDER, WorkerPlan
 from kubevram.controller import claims
 from kubevram.planner.dra import DRIVER
 
@@ -78,6 +78,14 @@ GPU_MEMORY_LABEL = "nvidia.com/gpu.memory"
 HOSTNAME_LABEL = "kubernetes.io/hostname"
 NAMESPACE_NAME_LABEL = "kubernetes.io/metadata.name"
 GPU_TOLERATION = {"key": GPU_RESOURCE, "operator": "Exists", "effect": "NoSchedule"}
+# LeaderWorkerSet (leaderworkerset.x-k8s.io/v1): one per multi-node replica shape.
+LWS_API_VERSION = "leaderworkerset.x-k8s.io/v1"
+LWS_KIND = "LeaderWorkerSet"
+#: The label LWS puts on every pod of a group: "0" on the leader.
+LWS_WORKER_INDEX = "leaderworkerset.sigs.k8s.io/worker-index"
+GROUP_PORT = DEFAULT_GROUP_PORT
+#: ``unscheduled.code`` of replicas that need a group where the cluster does not serve LeaderWorkerSets.
+LWS_UNAVAILABLE = "LeaderWorkerSetUnavailable"
 
 # The worker image's user (Dockerfile: useradd --uid 65532), its home and what it writes there.
 WORKER_UID = 65532
@@ -155,23 +163,48 @@ def _metadata(body: Mapping[str, Any], name: str, **labels: str) -> dict[str, An
 # ------------------------------------------------------------------------------------- shapes
 
 
+def _group_layout(replica: Mapping[str, Any]) -> dict[str, Any] | None:
+    """What a group's pods load (layout, stages, rank budgets), without where they run."""
+    group = replica.get("group")
+    if not group:
+        return None
+    return {k: v for k, v in group.items() if k not in ("pods", "totals")}
+
+
 def worker_shape(replica: Mapping[str, Any] | None) -> str:
-    """The key of a worker plan: replicas with the same device map and budgets share one plan file."""
+    """The key of a worker plan: replicas with the same device map and budgets (or the same group
+    layout) share one plan file."""
     if replica is None:
         return PENDING
-    return _digest({"maxMemory": replica.get("maxMemory"), "deviceMap": replica.get("deviceMap")})
+    shape: dict[str, Any] = {"maxMemory": replica.get("maxMemory"), "deviceMap": replica.get("deviceMap")}
+    if replica.get("group"):
+        shape["group"] = _group_layout(replica)
+    return _digest(shape)
+
+
+def group_pods(replica: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The pods of a replica, leader first: ``[{"node", "gpus", "reservation"}]`` (one for a single-node
+    replica)."""
+    group = replica.get("group") or {}
+    if group.get("pods"):
+        return [dict(p) for p in group["pods"]]
+    return [
+        {"node": replica.get("node"), "gpus": replica.get("gpus"), "reservation": replica.get("reservation")}
+    ]
 
 
 def placement_shape(replica: Mapping[str, Any]) -> str:
-    """The key of a workload: node, node GPUs and budgets (replicas that are exactly alike)."""
-    return _digest(
-        {
-            "node": replica.get("node"),
-            "gpus": replica.get("gpus"),
-            "maxMemory": replica.get("maxMemory"),
-            "deviceMap": replica.get("deviceMap"),
-        }
-    )
+    """The key of a workload: nodes, node GPUs and budgets (replicas that are exactly alike)."""
+    shape: dict[str, Any] = {
+        "node": replica.get("node"),
+        "gpus": replica.get("gpus"),
+        "maxMemory": replica.get("maxMemory"),
+        "deviceMap": replica.get("deviceMap"),
+    }
+    if replica.get("group"):
+        shape["pods"] = [(p["node"], p["gpus"]) for p in group_pods(replica)]
+        shape["group"] = _group_layout(replica)
+    return _digest(shape)
 
 
 def plan_key(shape: str) -> str:
@@ -205,6 +238,20 @@ def reservation(replica: Mapping[str, Any] | None, sharing: str) -> dict[str, An
     return {"node": replica.get("node") or "", "gpus": gpus, "sharing": sharing}
 
 
+def reservations(replica: Mapping[str, Any], sharing: str) -> list[dict[str, Any]]:
+    """What each pod of a replica holds (one entry per pod of a multi-node group), for later plans."""
+    if not replica.get("group"):
+        return [reservation(replica, sharing)]
+    return [reservation(pod, sharing) for pod in group_pods(replica)]
+
+
+def group_reservation(replica: Mapping[str, Any], sharing: str, pods: slice = slice(None)) -> dict[str, Any]:
+    """The reservation annotation of a group's pods: ``{"pods": [{"node", "gpus"}], "sharing"}``; a pod
+    reads its own entry by its node."""
+    entries = [{"node": r["node"], "gpus": r["gpus"]} for r in reservations(replica, sharing)[pods]]
+    return {"pods": entries, "sharing": sharing}
+
+
 # ---------------------------------------------------------------------------------- the plans
 
 
@@ -212,7 +259,7 @@ def worker_plan(
     body: Mapping[str, Any], spec: LLMDeploymentSpec, replica: Mapping[str, Any] | None
 ) -> WorkerPlan:
     """What one worker loads: the spec's serving settings plus the replica's device map and budgets."""
-    device_map = dict(replica["deviceMap"]) if replica and replica.get("deviceMap") is not None else None
+    device_map = dict(replica["deviceMap"]) if replica and replica.get("deviceMap") else None
     max_memory = (
         {k: int(v) for k, v in replica["maxMemory"].items()} if replica and replica.get("maxMemory") else None
     )
@@ -235,6 +282,9 @@ def worker_plan(
             "deviceMap": device_map,
             "maxMemory": max_memory,
             "offloadFolder": OFFLOAD_DIR if uses_disk else None,
+            "group": {**(_group_layout(replica) or {}), "port": GROUP_PORT}
+            if replica and replica.get("group")
+            else None,
         }
     )
 
@@ -426,26 +476,29 @@ def _env(body: Mapping[str, Any], spec: LLMDeploymentSpec) -> list[dict[str, Any
     return [e for e in env if e["name"] not in names] + [dict(e) for e in spec.worker.env]
 
 
-def render_workload(
+def _pod_template(
     body: Mapping[str, Any],
     spec: LLMDeploymentSpec,
     plan: Mapping[str, Any],
-    *,
-    shape: str,
     replica: Mapping[str, Any] | None,
-    count: int,
+    *,
+    labels: Mapping[str, str],
+    annotations: Mapping[str, str],
+    affinity: Mapping[str, Any],
     image: str,
     dra_driver: str = DRIVER,
 ) -> dict[str, Any]:
-    """One Deployment: ``count`` replicas alike (``replica`` None: the pending ones)."""
+    """A worker pod: the single-node replica's, the group leader's and the group workers' alike (the
+    same container, probes, security contexts and volumes; a group's pods add the rendezvous port)."""
     name = body["metadata"]["name"]
     key = plan_key(worker_shape(replica))
-    labels = {**selector_labels(name), LABEL_SHAPE: shape}
-    template_annotations = {
-        RESERVATION: json.dumps(reservation(replica, spec.placement.sharing), sort_keys=True),
-        PLAN_HASH: _digest(worker_plan(body, spec, replica).model_dump(mode="json")),
-    }
     volumes, mounts = _volumes(body, spec, plan, replica, key)
+    ports = [
+        {"name": "http", "containerPort": API_PORT, "protocol": "TCP"},
+        {"name": "admin", "containerPort": ADMIN_PORT, "protocol": "TCP"},
+    ]
+    if replica is not None and replica.get("group"):
+        ports.append({"name": "group", "containerPort": GROUP_PORT, "protocol": "TCP"})
     container = {
         "name": "worker",
         "image": image,
@@ -461,10 +514,7 @@ def render_workload(
             "--admin-port",
             str(ADMIN_PORT),
         ],
-        "ports": [
-            {"name": "http", "containerPort": API_PORT, "protocol": "TCP"},
-            {"name": "admin", "containerPort": ADMIN_PORT, "protocol": "TCP"},
-        ],
+        "ports": ports,
         "env": _env(body, spec),
         "resources": _resources(spec, replica, plan, volumes),
         "volumeMounts": mounts,
@@ -489,7 +539,7 @@ def render_workload(
     pod_spec: dict[str, Any] = {
         "serviceAccountName": service_account_name(name),
         "securityContext": pod_security_context(),
-        "affinity": _affinity(replica, plan),
+        "affinity": dict(affinity),
         "tolerations": tolerations(spec),
         "containers": [container],
         "volumes": volumes,
@@ -502,6 +552,37 @@ def render_workload(
         resources: dict[str, Any] = container["resources"]  # type: ignore[assignment]
         pod_spec["resourceClaims"], resources["claims"] = claims.pod_claim(template)
     return {
+        "metadata": {
+            "labels": {"app.kubernetes.io/name": "kubevram-worker", **labels, LABEL_ENGINE_TYPE: ENGINE_TYPE},
+            "annotations": dict(annotations),
+        },
+        "spec": pod_spec,
+    }
+
+
+def render_workload(
+    body: Mapping[str, Any],
+    spec: LLMDeploymentSpec,
+    plan: Mapping[str, Any],
+    *,
+    shape: str,
+    replica: Mapping[str, Any] | None,
+    count: int,
+    image: str,
+    dra_driver: str = DRIVER,
+) -> dict[str, Any]:
+    """One Deployment: ``count`` replicas alike (``replica`` None: the pending ones)."""
+    name = body["metadata"]["name"]
+    labels = {**selector_labels(name), LABEL_SHAPE: shape}
+    annotations = {
+        RESERVATION: json.dumps(reservation(replica, spec.placement.sharing), sort_keys=True),
+        PLAN_HASH: _digest(worker_plan(body, spec, replica).model_dump(mode="json")),
+    }
+    template = _pod_template(
+        body, spec, plan, replica, labels=labels, annotations=annotations,
+        affinity=_affinity(replica, plan), image=image, dra_driver=dra_driver,
+    )
+    return {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
         "metadata": _metadata(body, f"{_base_name(name)}-{shape}", **{LABEL_SHAPE: shape}),
@@ -510,13 +591,76 @@ def render_workload(
             "selector": {"matchLabels": labels},
             # Pinned GPUs leave no room to surge: replace pods one at a time.
             "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 0, "maxUnavailable": 1}},
-            "template": {
-                "metadata": {
-                    "labels": {"app.kubernetes.io/name": "kubevram-worker", **labels,
-                               LABEL_ENGINE_TYPE: ENGINE_TYPE},
-                    "annotations": template_annotations,
-                },
-                "spec": pod_spec,
+            "template": template,
+        },
+    }
+
+
+def _on_nodes(nodes: list[str]) -> dict[str, Any]:
+    return {
+        "nodeAffinity": {
+            "requiredDuringSchedulingIgnoredDuringExecution": {
+                "nodeSelectorTerms": [{"matchExpressions": [
+                    {"key": HOSTNAME_LABEL, "operator": "In", "values": nodes}
+                ]}]
+            }
+        }
+    }
+
+
+def render_leader_worker_set(
+    body: Mapping[str, Any],
+    spec: LLMDeploymentSpec,
+    plan: Mapping[str, Any],
+    *,
+    shape: str,
+    replica: Mapping[str, Any],
+    count: int,
+    image: str,
+) -> dict[str, Any]:
+    """One LeaderWorkerSet: ``count`` groups alike of ``size`` pods, one per node of the plan (the leader,
+    LWS_WORKER_INDEX 0, on the group's first node and serving the OpenAI API; the workers on the others,
+    never two on one node). ``RecreateGroupOnPodRestart``: a pod that fails takes its group down and up
+    again, since no rank can go on without the others. Each pod template carries what its pods reserve."""
+    name = body["metadata"]["name"]
+    sharing = str(spec.placement.sharing)
+    pods = group_pods(replica)
+    labels = {**selector_labels(name), LABEL_SHAPE: shape}
+    plan_hash = _digest(worker_plan(body, spec, replica).model_dump(mode="json"))
+
+    def template(role: str, nodes: list[str], held: dict[str, Any]) -> dict[str, Any]:
+        affinity = _on_nodes(nodes)
+        if role == "worker":  # one pod per node: the leader has its own node, the workers one each
+            affinity["podAntiAffinity"] = {
+                "requiredDuringSchedulingIgnoredDuringExecution": [
+                    {"labelSelector": {"matchLabels": dict(labels)}, "topologyKey": HOSTNAME_LABEL}
+                ]
+            }
+        annotations = {RESERVATION: json.dumps(held, sort_keys=True), PLAN_HASH: plan_hash}
+        return _pod_template(body, spec, plan, replica, labels=labels, annotations=annotations,
+                             affinity=affinity, image=image)
+
+    leader = template("leader", [str(pods[0]["node"])], reservation(pods[0], sharing))
+    workers = group_reservation(replica, sharing, slice(1, None))
+    worker = template("worker", [str(p["node"]) for p in pods[1:]], workers)
+    meta = _metadata(body, f"{_base_name(name)}-{shape}", **{LABEL_SHAPE: shape})
+    meta["annotations"] = {RESERVATION: json.dumps(group_reservation(replica, sharing), sort_keys=True)}
+    return {
+        "apiVersion": LWS_API_VERSION,
+        "kind": LWS_KIND,
+        "metadata": meta,
+        "spec": {
+            "replicas": count,
+            "startupPolicy": "LeaderCreated",
+            "rolloutStrategy": {
+                "type": "RollingUpdate",
+                "rollingUpdateConfiguration": {"maxSurge": 0, "maxUnavailable": 1},
+            },
+            "leaderWorkerTemplate": {
+                "size": len(pods),
+                "restartPolicy": "RecreateGroupOnPodRestart",
+                "leaderTemplate": leader,
+                "workerTemplate": worker,
             },
         },
     }
@@ -606,16 +750,27 @@ def render_workloads(
     priority_class: str = PLACEHOLDER_PRIORITY_CLASS,
     dra_driver: str = DRIVER,
 ) -> list[dict[str, Any]]:
-    """One Deployment per placement shape, plus ``<name>-placeholder`` when replicas are unscheduled."""
+    """One Deployment per placement shape (a LeaderWorkerSet for a multi-node one), plus
+    ``<name>-placeholder`` when replicas are unscheduled."""
     out = [
-        render_workload(body, spec, plan, shape=shape, replica=replicas[0], count=len(replicas), image=image,
-                        dra_driver=dra_driver)
+        render_leader_worker_set(
+            body, spec, plan, shape=shape, replica=replicas[0], count=len(replicas), image=image
+        )
+        if replicas[0].get("group")
+        else render_workload(
+            body, spec, plan, shape=shape, replica=replicas[0], count=len(replicas), image=image,
+            dra_driver=dra_driver,
+        )
         for shape, replicas in group_replicas(plan)
     ]
-    pending = int((plan.get("unscheduled") or {}).get("count") or 0)
-    if pending:
+    unscheduled = plan.get("unscheduled") or {}
+    pending = int(unscheduled.get("count") or 0)
+    signal = unscheduled.get("autoscaling") or {}
+    if pending and unscheduled.get("code") != LWS_UNAVAILABLE:
+        # a multi-node replica waits for nodeCount nodes: one placeholder pod asks for each
+        count = pending * max(1, int(signal.get("nodeCount") or 1))
         out.append(render_placeholder(
-            body, spec, plan, count=pending, image=placeholder_image, priority_class=priority_class,
+            body, spec, plan, count=count, image=placeholder_image, priority_class=priority_class,
             dra_driver=dra_driver,
         ))
     return out
@@ -657,18 +812,27 @@ def render_claim_templates(
     return out
 
 
+def has_groups(plan: Mapping[str, Any]) -> bool:
+    """Whether the plan runs replicas as groups of pods (LeaderWorkerSets)."""
+    return any(r.get("group") for r in plan.get("replicas") or [])
+
+
 # ---------------------------------------------------------------------- service, RBAC, secret
 
 
-def render_service(body: Mapping[str, Any]) -> dict[str, Any]:
+def render_service(body: Mapping[str, Any], plan: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Port 8000 of the pods that serve the API: every worker, or a group's leader only."""
     name = body["metadata"]["name"]
+    selector = selector_labels(name)
+    if plan is not None and has_groups(plan):
+        selector[LWS_WORKER_INDEX] = "0"
     return {
         "apiVersion": "v1",
         "kind": "Service",
         "metadata": _metadata(body, _base_name(name)),
         "spec": {
             "type": "ClusterIP",
-            "selector": selector_labels(name),
+            "selector": selector,
             "ports": [{"name": "http", "port": API_PORT, "targetPort": "http", "protocol": "TCP"}],
         },
     }
@@ -719,15 +883,22 @@ def render_role_binding(body: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def render_network_policy(
-    body: Mapping[str, Any], operator_namespace: str = "", operator_labels: Mapping[str, str] | None = None
+    body: Mapping[str, Any],
+    operator_namespace: str = "",
+    operator_labels: Mapping[str, str] | None = None,
+    groups: bool = False,
 ) -> dict[str, Any]:
-    """Ingress to the workers: anyone may reach the API port, only the operator's pods the admin port.
+    """Ingress to the workers: anyone may reach the API port, only the operator's pods the admin port;
+    with multi-node groups (``groups``), the deployment's own pods every port of each other (the
+    rendezvous port, then the ports NCCL and gloo open between ranks).
 
     Without the operator's namespace and pod labels (an operator run outside the cluster) no rule opens
     the admin port. Egress stays open: workers download weights and patch their status.
     """
     name = body["metadata"]["name"]
     ingress: list[dict[str, Any]] = [{"ports": [{"protocol": "TCP", "port": API_PORT}]}]
+    if groups:
+        ingress.append({"from": [{"podSelector": {"matchLabels": selector_labels(name)}}]})
     if operator_namespace and operator_labels:
         ingress.append(
             {
@@ -781,8 +952,8 @@ def render_children(
         render_role(body),
         render_role_binding(body),
         render_config_map(body, spec, plan),
-        render_service(body),
-        render_network_policy(body, operator_namespace, operator_labels),
+        render_service(body, plan),
+        render_network_policy(body, operator_namespace, operator_labels, has_groups(plan)),
         *render_claim_templates(body, spec, plan, dra_driver),
         *render_workloads(
             body, spec, plan, image=image, placeholder_image=placeholder_image, priority_class=priority_class,

@@ -11,7 +11,7 @@ import datetime
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from kubevram.controller.render import selector_string
+from kubevram.controller.render import group_pods, selector_string
 from kubevram.planner.placement import vram_per_replica
 
 PLANNED, SCHEDULED, READY = "Planned", "Scheduled", "Ready"
@@ -82,14 +82,18 @@ def gib(value: int) -> str:
 
 
 def placements(plan: Mapping[str, Any]) -> list[dict[str, Any]]:
-    return [
-        {
+    """Per replica: its node, GPUs and budgets; a multi-node replica (its leader's) also lists ``pods``."""
+    out = []
+    for r in plan.get("replicas") or []:
+        item: dict[str, Any] = {
             "node": r["node"],
             "gpus": [int(g) for g in r.get("gpus") or []],
             "budgets": {str(k): int(v) for k, v in (r.get("maxMemory") or {}).items()},
         }
-        for r in plan.get("replicas") or []
-    ]
+        if r.get("group"):
+            item["pods"] = [{"node": p["node"], "gpus": [int(g) for g in p["gpus"]]} for p in group_pods(r)]
+        out.append(item)
+    return out
 
 
 def estimate(plan: Mapping[str, Any]) -> dict[str, int] | None:
@@ -108,6 +112,7 @@ def autoscaling(plan: Mapping[str, Any]) -> dict[str, Any]:
         "gpuClass": signal.get("gpuClass") if count else None,
         "minGpuMemoryMiB": signal.get("minGpuMemoryMiB") if count else None,
         "gpuCount": signal.get("gpuCount") if count else None,
+        "nodeCount": (signal.get("nodeCount") or 1) if count and signal else None,
         "reason": unscheduled.get("reason") if count else None,
     }
 
@@ -119,14 +124,16 @@ def scheduled_condition(
     generation: int | None,
     problems: Sequence[tuple[str, str]] = (),
     note: str = "",
+    code: str | None = None,
 ) -> dict[str, Any]:
-    """``Scheduled``: False while replicas wait for a node (``InsufficientGPUMemory``) or while the
-    cluster refuses placed ones (``problems``: ``(reason, message)``, e.g. ``PodsUnschedulable``,
-    ``FailedCreate``); ``AllPlaced`` only when neither. ``note`` says what the last plan changed."""
+    """``Scheduled``: False while replicas wait for a node (``InsufficientGPUMemory``, or ``code``: e.g.
+    ``LeaderWorkerSetUnavailable`` when they need a group the cluster cannot run) or while the cluster
+    refuses placed ones (``problems``: ``(reason, message)``, e.g. ``PodsUnschedulable``, ``FailedCreate``);
+    ``AllPlaced`` only when neither. ``note`` says what the last plan changed."""
     pending = int(signal.get("pendingReplicas") or 0)
     if pending:
         why = signal.get("reason") or f"{pending} unplaced"
-        return condition(SCHEDULED, False, "InsufficientGPUMemory", why, generation)
+        return condition(SCHEDULED, False, code or "InsufficientGPUMemory", why, generation)
     if problems:
         return condition(SCHEDULED, False, problems[0][0], "; ".join(m for _, m in problems), generation)
     message = f"{placed} of {desired} replica(s) placed on nodes" + (f"; {note}" if note else "")
@@ -169,7 +176,9 @@ def planned_status(
             f"{placed} placed, {pending} pending",
             generation,
         ),
-        scheduled_condition(placed, desired, signal, generation, problems, note),
+        scheduled_condition(
+            placed, desired, signal, generation, problems, note, (plan.get("unscheduled") or {}).get("code")
+        ),
         condition(
             READY,
             (ready >= desired and desired > 0) or desired == 0,

@@ -455,11 +455,35 @@ class Reservation:
         cls, namespace: str, deployment: str, raw: Any, node: str = "", source: str = ""
     ) -> Reservation:
         """From the annotation's JSON ``{"node", "gpus": {index: bytes}, "sharing"}``; ``node`` (a pod's
-        ``spec.nodeName``) wins over the annotation's. ``ValueError`` when malformed."""
+        ``spec.nodeName``) wins over the annotation's. A multi-node group's pods carry
+        ``{"pods": [{"node", "gpus"}, ...], "sharing"}`` (``all_from_annotation``): a pod holds the entry of
+        its node (nothing before it is bound). ``ValueError`` when malformed."""
         try:
             value = json.loads(raw) if isinstance(raw, str) else raw
+            if "pods" in value:
+                entries = cls.all_from_annotation(namespace, deployment, value, source)
+                mine = [r for r in entries if r.node == node]
+                sharing = str(value.get("sharing") or "exclusive")
+                return mine[0] if mine else cls(namespace, deployment, node, (), sharing, source)
             return cls.of(namespace, deployment, node or str(value.get("node") or ""),
                           value.get("gpus") or {}, str(value.get("sharing") or "exclusive"), source)
+        except (TypeError, AttributeError) as exc:
+            raise ValueError(str(exc)) from None
+
+    @classmethod
+    def all_from_annotation(
+        cls, namespace: str, deployment: str, raw: Any, source: str = ""
+    ) -> list[Reservation]:
+        """Every reservation an annotation names: one, or one per pod of a group (``"pods"``)."""
+        try:
+            value = json.loads(raw) if isinstance(raw, str) else raw
+            if "pods" not in value:
+                return [cls.from_annotation(namespace, deployment, value, source=source)]
+            sharing = str(value.get("sharing") or "exclusive")
+            return [
+                cls.of(namespace, deployment, str(p.get("node") or ""), p.get("gpus") or {}, sharing, source)
+                for p in value["pods"]
+            ]
         except (TypeError, AttributeError) as exc:
             raise ValueError(str(exc)) from None
 
