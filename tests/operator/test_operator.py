@@ -147,6 +147,24 @@ def test_spec_update_replans_and_rolls_out(cluster: EmulatedCluster, operator: A
     assert cluster.get("/api/v1/namespaces/default/secrets/qwen-admin") == token_before
 
 
+def test_worker_plans_carry_the_sleep_policy_and_the_planned_kv_budget(
+    cluster: EmulatedCluster, operator: Any
+) -> None:
+    """What the worker needs for sleep/wake and for ``vllm:kv_cache_usage_perc`` travels in its plan
+    file: ``spec.memoryRelease`` as written and the estimate's KV cache bytes (its budget)."""
+    cluster.add_node(gpu_node("gpu-l4-0", **L4))
+    policy = {"idleSeconds": 120, "sleepAfterIdleSeconds": 900, "sleepLevel": 2, "wakeOnRequest": False}
+    cluster.create_llmd(llmd(replicas=1, memoryRelease=policy))
+    obj = wait_generation(cluster, "qwen", 1, "Planned")
+    cm = cluster.get("/api/v1/namespaces/default/configmaps/qwen-plan")
+    assert cm is not None
+    plans = [json.loads(v) for k, v in cm["data"].items() if k.startswith("plan-")]
+    assert plans
+    for plan in plans:
+        assert plan["memoryRelease"] == {**policy, "highWatermark": 0.9}
+        assert plan["kvCacheBytes"] == obj["status"]["estimate"]["kvCacheBytes"] > 0
+
+
 def test_scale_changes_only_the_delta(cluster: EmulatedCluster, operator: Any) -> None:
     cluster.add_node(gpu_node("gpu-l4-0", **L4))
     cluster.add_node(gpu_node("gpu-l4-1", **L4))

@@ -342,6 +342,24 @@ class MemoryReleaseSpec(_Model):
     highWatermark: float = Field(
         default=0.9, gt=0, le=1, description="Release when reserved memory passes this share of the budget."
     )
+    sleepAfterIdleSeconds: int = Field(
+        default=0,
+        ge=0,
+        description="Put the worker to sleep (sleepLevel) after this long without a request; 0 never.",
+    )
+    sleepLevel: int = Field(
+        default=1,
+        ge=1,
+        le=2,
+        description="Sleep level after sleepAfterIdleSeconds: 1 moves the weights to CPU memory and frees "
+        "the KV cache and the allocator's cache; 2 frees the weights too (reloaded from the model files "
+        "on wake).",
+    )
+    wakeOnRequest: bool = Field(
+        default=True,
+        description="A request to a sleeping worker wakes it (and waits for it); false: it is answered 503 "
+        "with Retry-After until POST /v1/admin/wake_up.",
+    )
 
 
 class EstimationSpec(_Model):

@@ -14,7 +14,7 @@ integers, which accelerate wants). Pure: pydantic only.
  "generation": {"chinese": {"enabled": false}}, "memoryRelease": {},
  "deviceMap": {"model.embed_tokens": 0, "model.layers.0": 0, "lm_head": "cpu"},
  "maxMemory": {"0": 21474836480, "cpu": 68719476736},
- "offloadFolder": null, "group": null}
+ "offloadFolder": null, "group": null, "kvCacheBytes": 536870912}
 ```
 
 A pod of a multi-node replica (a LeaderWorkerSet group) reads the same file as every other pod of its
@@ -146,6 +146,13 @@ class WorkerPlan(_Plan):
     offloadFolder: str | None = Field(default=None, description="Folder for disk-offloaded weights.")
     group: GroupPlan | None = Field(
         default=None, description="The multi-node group this pod belongs to; null: a single-pod replica."
+    )
+    kvCacheBytes: int | None = Field(
+        default=None,
+        ge=0,
+        description="The planned KV cache of one replica (the estimate's kvCacheBytes: maxSequenceLength x "
+        "maxBatchSize tokens); vllm:kv_cache_usage_perc is the share of it in use. Null: the worker "
+        "budgets maxBatchSize x maxSequenceLength positions at the bytes one position measures in its cache.",
     )
 
     @field_validator("deviceMap", mode="before")

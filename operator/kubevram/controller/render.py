@@ -256,9 +256,13 @@ def group_reservation(replica: Mapping[str, Any], sharing: str, pods: slice = sl
 
 
 def worker_plan(
-    body: Mapping[str, Any], spec: LLMDeploymentSpec, replica: Mapping[str, Any] | None
+    body: Mapping[str, Any],
+    spec: LLMDeploymentSpec,
+    replica: Mapping[str, Any] | None,
+    plan: Mapping[str, Any] | None = None,
 ) -> WorkerPlan:
-    """What one worker loads: the spec's serving settings plus the replica's device map and budgets."""
+    """What one worker loads: the spec's serving settings plus the replica's device map and budgets, and
+    the planned KV cache (``plan``'s estimate) its gauge ``vllm:kv_cache_usage_perc`` is a share of."""
     device_map = dict(replica["deviceMap"]) if replica and replica.get("deviceMap") else None
     max_memory = (
         {k: int(v) for k, v in replica["maxMemory"].items()} if replica and replica.get("maxMemory") else None
@@ -285,6 +289,7 @@ def worker_plan(
             "group": {**(_group_layout(replica) or {}), "port": GROUP_PORT}
             if replica and replica.get("group")
             else None,
+            "kvCacheBytes": ((plan or {}).get("estimate") or {}).get("kvCacheBytes"),
         }
     )
 
@@ -294,7 +299,7 @@ def render_config_map(
 ) -> dict[str, Any]:
     data: dict[str, str] = {}
     for replica in plan.get("replicas") or []:
-        data.setdefault(plan_key(worker_shape(replica)), worker_plan(body, spec, replica).to_json())
+        data.setdefault(plan_key(worker_shape(replica)), worker_plan(body, spec, replica, plan).to_json())
     data["plan.json"] = json.dumps(dict(plan), indent=2, sort_keys=True)
     return {
         "apiVersion": "v1",
@@ -426,7 +431,7 @@ def _volumes(
     if spec.model.volume:
         volumes.append({"name": "model", **spec.model.volume})
         mounts.append({"name": "model", "mountPath": MODEL_DIR, "readOnly": True})
-    if worker_plan(body, spec, replica).offloadFolder:
+    if worker_plan(body, spec, replica, plan).offloadFolder:
         disk = int(((replica or {}).get("maxMemory") or {}).get("disk") or 0)
         volumes.append({"name": "offload", "emptyDir": {"sizeLimit": _mebibytes(disk + CACHE_HEADROOM)}})
         mounts.append({"name": "offload", "mountPath": OFFLOAD_DIR})
@@ -576,7 +581,7 @@ def render_workload(
     labels = {**selector_labels(name), LABEL_SHAPE: shape}
     annotations = {
         RESERVATION: json.dumps(reservation(replica, spec.placement.sharing), sort_keys=True),
-        PLAN_HASH: _digest(worker_plan(body, spec, replica).model_dump(mode="json")),
+        PLAN_HASH: _digest(worker_plan(body, spec, replica, plan).model_dump(mode="json")),
     }
     template = _pod_template(
         body, spec, plan, replica, labels=labels, annotations=annotations,
@@ -626,7 +631,7 @@ def render_leader_worker_set(
     sharing = str(spec.placement.sharing)
     pods = group_pods(replica)
     labels = {**selector_labels(name), LABEL_SHAPE: shape}
-    plan_hash = _digest(worker_plan(body, spec, replica).model_dump(mode="json"))
+    plan_hash = _digest(worker_plan(body, spec, replica, plan).model_dump(mode="json"))
 
     def template(role: str, nodes: list[str], held: dict[str, Any]) -> dict[str, Any]:
         affinity = _on_nodes(nodes)
