@@ -1,6 +1,9 @@
-"""The admin routes: ``POST /v1/admin/release`` and ``GET /v1/admin/stats``, behind a bearer token.
+"""The admin routes, behind a bearer token: ``POST /v1/admin/release``, ``GET /v1/admin/stats`` and
+sleep and wake, ``POST /v1/admin/sleep?level=1|2``, ``POST /v1/admin/wake_up``,
+``GET /v1/admin/is_sleeping``, also served at vLLM's paths (``POST /sleep``, ``POST /wake_up``,
+``GET /is_sleeping``) for the tools written for vLLM's sleep mode.
 
-Both need ``Authorization: Bearer $KUBEVRAM_ADMIN_TOKEN`` (compared in constant time with
+All need ``Authorization: Bearer $KUBEVRAM_ADMIN_TOKEN`` (compared in constant time with
 ``hmac.compare_digest``); anything else is answered 401 in OpenAI's error format. A worker without a
 token refuses every admin request. :func:`install_admin` mounts them on the main app or on an app of
 their own (:func:`create_admin_app`), which ``kubevram worker --admin-port`` serves on a port the
@@ -52,19 +55,45 @@ def bearer_auth(token: str | None) -> Any:
     return check
 
 
-def admin_router(monitor: MemoryMonitor, token: str | None) -> APIRouter:
-    """The two admin routes over ``monitor``, each behind :func:`bearer_auth`."""
-    router = APIRouter(prefix="/v1/admin", dependencies=[Depends(bearer_auth(token))])
+def _level(value: str) -> int:
+    if value not in ("1", "2"):
+        raise EngineError(400, f"level: {value!r} must be 1 or 2", param="level")
+    return int(value)
 
-    @router.post("/release")
-    async def release() -> dict[str, Any]:
-        """Free cached memory between two engine steps; the figures before and after."""
-        return await monitor.release("request")
 
-    @router.get("/stats")
-    async def stats() -> dict[str, Any]:
-        """Allocator, NVML and process figures; the last release; the prefill samples."""
-        return monitor.stats()
+def admin_router(monitor: MemoryMonitor, token: str | None, prefix: str = "/v1/admin") -> APIRouter:
+    """The admin routes over ``monitor``, each behind :func:`bearer_auth`; with ``prefix=""`` only
+    sleep and wake, at vLLM's paths."""
+    router = APIRouter(prefix=prefix, dependencies=[Depends(bearer_auth(token))])
+
+    if prefix:
+
+        @router.post("/release")
+        async def release() -> dict[str, Any]:
+            """Free cached memory between two engine steps; the figures before and after."""
+            return await monitor.release("request")
+
+        @router.get("/stats")
+        async def stats() -> dict[str, Any]:
+            """Allocator, NVML and process figures; the last release and sleep; the prefill samples."""
+            return monitor.stats()
+
+    @router.post("/sleep")
+    async def sleep(level: str = "1") -> dict[str, Any]:
+        """Sleep at ``level`` once the admitted requests have finished; the figures."""
+        return await monitor.sleep(_level(level), "request")
+
+    @router.post("/wake_up")
+    async def wake_up() -> dict[str, Any]:
+        """Wake up (weights back, or reloaded after level 2); the figures."""
+        return await monitor.wake("request")
+
+    @router.get("/is_sleeping")
+    async def is_sleeping() -> dict[str, Any]:
+        """``is_sleeping`` as vLLM answers it, and the level."""
+        engine = monitor.engine
+        level = engine.sleep_level if engine is not None else 0
+        return {"is_sleeping": level > 0, "level": level}
 
     return router
 
@@ -84,6 +113,7 @@ def install_admin(app: FastAPI, monitor: MemoryMonitor, token: str | None) -> Fa
     if EngineError not in app.exception_handlers:
         app.add_exception_handler(EngineError, on_engine)  # type: ignore[arg-type]
     app.include_router(admin_router(monitor, token))
+    app.include_router(admin_router(monitor, token, prefix=""))
     return app
 
 
@@ -153,6 +183,47 @@ class MemoryCollector(Collector):
         for reason, count in sorted(self.monitor.releases.items()):
             releases.add_metric([reason], float(count))
         yield releases
+        yield from self._sleep()
+
+    def _sleep(self) -> Iterator[Any]:
+        """Sleep level, the last sleep's and wake's figures, sleeps and wakes by reason."""
+        sleeper = self.monitor.sleeper
+        if sleeper is None:
+            return
+        yield GaugeMetricFamily(
+            "kubevram_worker_sleep_level",
+            "0 awake; 1 or 2 asleep at that level.",
+            value=sleeper.engine.sleep_level,
+        )
+        last, woke = sleeper.last_sleep or {}, sleeper.last_wake or {}
+        for name, doc, value in (
+            (
+                "sleep_freed_bytes",
+                "GPU memory the last sleep freed (reserved bytes, all devices).",
+                last.get("freedBytes"),
+            ),
+            ("sleep_rss_freed_bytes", "Resident memory the last sleep freed.", last.get("rssFreedBytes")),
+            (
+                "sleep_weights_bytes",
+                "Weights the last sleep moved to CPU memory (1) or dropped (2).",
+                last.get("weightsBytes"),
+            ),
+            ("sleep_seconds", "Seconds the last sleep's memory work took.", last.get("seconds")),
+            ("wake_seconds", "Seconds the last wake took (weights back or reloaded).", woke.get("seconds")),
+        ):
+            yield GaugeMetricFamily(f"kubevram_worker_{name}", doc, value=float(value or 0))
+        sleeps = CounterMetricFamily(
+            "kubevram_worker_sleeps",
+            "Sleeps, by level and reason (request, idle).",
+            labels=["level", "reason"],
+        )
+        for (level, reason), count in sorted(sleeper.sleeps.items()):
+            sleeps.add_metric([str(level), reason], float(count))
+        yield sleeps
+        wakes = CounterMetricFamily("kubevram_worker_wakes", "Wakes, by reason (request).", labels=["reason"])
+        for reason, count in sorted(sleeper.wakes.items()):
+            wakes.add_metric([reason], float(count))
+        yield wakes
 
 
 def register_metrics(registry: CollectorRegistry, monitor: MemoryMonitor) -> MemoryCollector:

@@ -126,7 +126,16 @@ def _sse(obj: BaseModel | dict[str, Any]) -> str:
 
 
 _ENDPOINTS = frozenset(
-    {"/v1/completions", "/v1/chat/completions", "/v1/models", "/v1/admin/release", "/v1/admin/stats"}
+    {
+        "/v1/completions",
+        "/v1/chat/completions",
+        "/v1/models",
+        "/v1/admin/release",
+        "/v1/admin/stats",
+        "/v1/admin/sleep",
+        "/v1/admin/wake_up",
+        "/v1/admin/is_sleeping",
+    }
 )
 
 

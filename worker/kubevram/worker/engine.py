@@ -20,10 +20,28 @@ debug level). A request cancelled while it waits leaves the queue at once; every
 exactly one ``on_finished`` reason: ``stop``, ``length``, ``cancelled`` or ``error``.
 
 If the loop itself dies, :attr:`Engine.failure` says why, every waiting request is answered 503 at once
-and new ones are refused (readiness turns 503). Hook points for the states to come (sleep/wake, a
-distributed mode): :meth:`run_between_steps` runs a function on the engine thread between two steps
-(the VRAM release uses it; so do :meth:`abort_all` and a drain), :class:`EngineHooks` sees every
-prefill, step and finished request, and :meth:`_step` is the one place a step is chosen.
+and new ones are refused (readiness turns 503). Hook points for the states of the loop (sleep/wake, a
+distributed mode to come): :meth:`run_between_steps` runs a function on the engine thread between two
+steps (the VRAM release uses it; so do :meth:`abort_all` and a drain), :class:`EngineHooks` sees every
+prefill, step and finished request, :meth:`_step` is the one place a step is chosen, and
+:meth:`_transition` the one place the loop changes state.
+
+**Sleep and wake** are states of this loop, not a second engine. :meth:`Engine.sleep` orders a sleep:
+from then on new requests are *parked* (``wake_on_request``) or refused with 503 ``sleeping`` and a
+``Retry-After``; the requests already admitted finish; then, between two steps with no batch left, the
+loop calls its :class:`Sleeper` (what a level does to memory: :mod:`kubevram.worker.sleep`) and is
+asleep at that level. A parked request (``wake_on_request``) or :meth:`Engine.wake` makes the loop call
+the sleeper's ``wake`` between two steps; the parked requests then join the queue in their order. A
+wake that comes before the ordered sleep could happen calls the sleep off. No request is lost: each
+ends in exactly one ``on_finished`` reason, as always.
+
+**Gauges** for an Inference Gateway (:mod:`kubevram.worker.metrics`): :attr:`Engine.queue_depth`
+(waiting and parked), :attr:`Engine.requests_running` (in the batch or being prefilled) and
+:attr:`Engine.kv_cache_usage`: the bytes the running batch's KV cache holds (every layer's keys and
+values, padding included, updated after each step) over the planned KV budget
+(``kv_cache_budget_bytes``, the plan's ``kvCacheBytes``); without one, ``max_batch_size x
+max_sequence_length`` positions at the bytes one position takes in this model's cache, measured with a
+one-token forward by :meth:`Engine.start`, before the loop's thread starts.
 """
 
 from __future__ import annotations
@@ -40,7 +58,7 @@ import threading
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import torch
 
@@ -177,6 +195,30 @@ class EngineHooks:
     def on_finished(self, reason: str) -> None: ...
 
 
+class Sleeper(Protocol):
+    """What sleeping and waking do to memory (:class:`kubevram.worker.sleep.Sleeper`): called on the
+    engine thread, between two steps, with no request in the batch. A failed ``sleep`` must leave the
+    model as it was."""
+
+    def sleep(self, level: int, reason: str) -> dict[str, Any]: ...
+
+    def wake(self, reason: str) -> dict[str, Any]: ...
+
+
+#: Seconds a refused request is told to wait (``Retry-After``) while the worker sleeps, before a wake
+#: has been measured; after one, the seconds it took (rounded up).
+SLEEP_RETRY_AFTER = 5
+
+
+@dataclass
+class _SleepOrder:
+    level: int
+    reason: str
+    ordered: float
+    futures: list[concurrent.futures.Future[dict[str, Any]]]
+    started: bool = False  # the loop is carrying it out: a wake now waits for it, then wakes
+
+
 @dataclass
 class _Row:
     handle: RequestHandle
@@ -213,6 +255,7 @@ class Engine:
         token_classes: TokenClasses | None = None,
         eos_token_ids: Sequence[int] = (),
         hooks: EngineHooks | None = None,
+        kv_cache_budget_bytes: int | None = None,
     ) -> None:
         if max_batch_size < 1 or max_queue < 1:
             raise ValueError(f"max_batch_size ({max_batch_size}) and max_queue ({max_queue}) must be >= 1")
@@ -250,12 +293,46 @@ class Engine:
         self.running = 0
         self.steps = 0
         self.oom_count = 0
+        self.vocab_size = _vocab_size(model)
+        # The gauges (module docstring): the running batch's KV bytes and the budget they are a share of.
+        self.kv_cache_bytes = 0
+        self.kv_cache_budget_bytes = kv_cache_budget_bytes
+        self.kv_bytes_per_position: int | None = None  # measured when the loop starts
+        self.kv_cache_dtype: str | None = None
+        # Sleep and wake (module docstring): the level (0 awake), who does the memory work, what to do
+        # with requests that arrive while asleep, and the orders the loop has yet to carry out.
+        self.sleeper: Sleeper | None = None
+        self.wake_on_request = True
+        self.sleep_level = 0
+        self.last_wake_seconds: float | None = None
+        self._sleep_order: _SleepOrder | None = None
+        self._wake_orders: list[tuple[str, concurrent.futures.Future[dict[str, Any]]]] = []
+        self._parked: collections.deque[RequestHandle] = collections.deque()
 
     # ---- the outside: any thread --------------------------------------------------------------
 
     @property
     def queue_depth(self) -> int:
-        return len(self._pending)
+        """Requests waiting: in the queue, or parked while the loop sleeps."""
+        return len(self._pending) + len(self._parked)
+
+    @property
+    def requests_running(self) -> int:
+        """Requests in the running batch or being prefilled."""
+        return self.running + len(self._prefilling)
+
+    @property
+    def kv_cache_usage(self) -> float:
+        """The share (0-1) of the KV budget the running batch holds; 0 while the budget is unknown."""
+        budget = self.kv_cache_budget_bytes
+        if not budget:
+            return 0.0
+        return min(1.0, self.kv_cache_bytes / budget)
+
+    @property
+    def sleeping(self) -> bool:
+        """Asleep (at ``sleep_level``), or ordered to sleep once the admitted requests finish."""
+        return self.sleep_level > 0 or self._sleep_order is not None
 
     @property
     def alive(self) -> bool:
@@ -265,10 +342,12 @@ class Engine:
     @property
     def idle(self) -> bool:
         """No request running or waiting."""
-        return self._batch is None and not self._pending
+        return self._batch is None and not self._pending and not self._parked
 
     def start(self) -> None:
+        """Measure the KV cache (the gauges' budget, module docstring), then start the loop's thread."""
         if self._thread is None:
+            self._measure_kv_position()
             self._thread = threading.Thread(target=self._run, name="kubevram-engine", daemon=True)
             self._thread.start()
 
@@ -306,7 +385,12 @@ class Engine:
                 raise self.dead_error()
             if self._stopping:
                 raise EngineError(503, "the worker is shutting down", type="service_unavailable")
-            if len(self._pending) >= self.max_queue:
+            queue = self._pending
+            if self.sleeping:
+                if not self.wake_on_request:
+                    raise self.asleep_error()
+                queue = self._parked
+            if self.queue_depth >= self.max_queue:
                 raise EngineError(
                     429,
                     f"the request queue is full ({self.max_queue} waiting); retry later",
@@ -314,7 +398,7 @@ class Engine:
                     code="queue_full",
                     retry_after=1,
                 )
-            self._pending.append(handle)
+            queue.append(handle)
             self._cond.notify_all()
         return handle
 
@@ -332,6 +416,74 @@ class Engine:
             return 0
         return await self.run_between_steps(lambda: self._fail_all(error))
 
+    async def sleep(self, level: int, reason: str = "request") -> dict[str, Any]:
+        """Order a sleep at ``level`` and wait for it: the admitted requests finish first, new ones are
+        parked or refused (module docstring). The sleeper's figures, with ``waitedSeconds`` (the wait
+        for the admitted requests). Asleep already at this level or deeper: ``{"alreadyAsleep": true}``;
+        409 for a deeper level than the current (wake it first) or than a sleep already ordered."""
+        if self.sleeper is None:
+            raise EngineError(409, "this worker cannot sleep (no sleeper is bound to its engine)")
+        future: concurrent.futures.Future[dict[str, Any]] = concurrent.futures.Future()
+        with self._cond:
+            if self.failure is not None:
+                raise self.dead_error()
+            if self._stopping:
+                raise EngineError(503, "the worker is shutting down", type="service_unavailable")
+            current = self.sleep_level or (self._sleep_order.level if self._sleep_order else 0)
+            if current and level > current:
+                raise EngineError(
+                    409,
+                    f"level: the worker is asleep (or going to sleep) at level {current}; "
+                    f"POST wake_up before sleeping at level {level}",
+                    param="level",
+                    code="already_asleep",
+                )
+            if self.sleep_level:
+                return {"level": self.sleep_level, "alreadyAsleep": True}
+            if self._sleep_order is None:
+                self._sleep_order = _SleepOrder(level, reason, time.monotonic(), [])
+            self._sleep_order.futures.append(future)
+            self._cond.notify_all()
+        return await asyncio.wrap_future(future)
+
+    async def wake(self, reason: str = "request") -> dict[str, Any]:
+        """Wake the loop between two steps and wait for it; the sleeper's figures. Not asleep: a sleep
+        still waiting for the admitted requests is called off (its callers get 409 ``sleep_cancelled``),
+        and the answer is ``{"level": 0, "wasAsleep": false}``."""
+        future: concurrent.futures.Future[dict[str, Any]] = concurrent.futures.Future()
+        with self._cond:
+            if self.failure is not None:
+                raise self.dead_error()
+            if not self.sleep_level and not (self._sleep_order and self._sleep_order.started):
+                order, self._sleep_order = self._sleep_order, None
+                self._pending.extend(self._parked)
+                self._parked.clear()
+                self._cond.notify_all()
+                if order is not None:
+                    cancelled = EngineError(
+                        409, "a wake_up came before the worker could sleep", code="sleep_cancelled"
+                    )
+                    for waiting in order.futures:
+                        if waiting.set_running_or_notify_cancel():
+                            waiting.set_exception(cancelled)
+                return {"level": 0, "wasAsleep": False}
+            self._wake_orders.append((reason, future))
+            self._cond.notify_all()
+        return await asyncio.wrap_future(future)
+
+    def asleep_error(self) -> EngineError:
+        """503 for a request that arrives while the worker sleeps and may not wake it."""
+        retry = SLEEP_RETRY_AFTER if self.last_wake_seconds is None else math.ceil(self.last_wake_seconds)
+        state = f"asleep (level {self.sleep_level})" if self.sleep_level else "going to sleep"
+        return EngineError(
+            503,
+            f"the worker is {state} and memoryRelease.wakeOnRequest is false; "
+            "POST /v1/admin/wake_up wakes it, or retry on another replica",
+            type="service_unavailable",
+            code="sleeping",
+            retry_after=max(1, retry),
+        )
+
     def dead_error(self) -> EngineError:
         return EngineError(
             503,
@@ -343,9 +495,11 @@ class Engine:
     def _withdraw(self, handle: RequestHandle) -> None:
         """A cancelled request that still waits leaves the queue now (any thread)."""
         with self._cond:
-            try:
-                self._pending.remove(handle)
-            except ValueError:
+            for queue in (self._pending, self._parked):
+                if handle in queue:
+                    queue.remove(handle)
+                    break
+            else:
                 return  # already taken by the loop, which counts it
         handle.finished = True
         self.hooks.on_finished("cancelled")
@@ -371,6 +525,7 @@ class Engine:
         else:
             self._batch = None
         self.running = len(keep)
+        self._update_kv_bytes()
         return dropped
 
     def _run(self) -> None:
@@ -381,10 +536,10 @@ class Engine:
             self.failure = f"{type(exc).__name__}: {exc}"
             log.critical("the engine loop died: %s", self.failure, exc_info=True)
             with self._cond:
-                callbacks = list(self._callbacks)
+                callbacks = [future for _, future in self._callbacks] + self._take_orders()
                 self._callbacks.clear()
                 self._fail_all(self.dead_error())
-            for _, future in callbacks:
+            for future in callbacks:
                 if future.set_running_or_notify_cancel():
                     future.set_exception(self.dead_error())
 
@@ -392,15 +547,25 @@ class Engine:
         log.info("engine loop started (max batch %d, queue %d)", self.max_batch_size, self.max_queue)
         while True:
             with self._cond:
-                while not (self._stopping or self._callbacks or self._pending or self._batch):
+                while not (
+                    self._stopping
+                    or self._callbacks
+                    or self._batch
+                    or (self._pending and not self.sleep_level)
+                    or self._transition_due()
+                ):
                     self._cond.wait()
                 if self._stopping:
                     break
                 callbacks = list(self._callbacks)
                 self._callbacks.clear()
+                transition = self._transition_due()
+                if transition == "sleep":
+                    assert self._sleep_order is not None
+                    self._sleep_order.started = True
                 new: list[RequestHandle] = []
                 room = self.max_batch_size - (len(self._batch.rows) if self._batch else 0)
-                if self._batch is None or self._joinable:
+                if not transition and not self.sleep_level and (self._batch is None or self._joinable):
                     while self._pending and len(new) < room:
                         new.append(self._pending.popleft())
             for fn, future in callbacks:
@@ -409,9 +574,117 @@ class Engine:
                         future.set_result(fn())
                     except BaseException as exc:
                         future.set_exception(exc)
+            if transition:
+                self._transition(transition)
+                continue
             self._step(new)
+        stopped = EngineError(503, "the worker is shutting down", type="service_unavailable")
         with self._cond:
-            self._fail_all(EngineError(503, "the worker is shutting down", type="service_unavailable"))
+            self._fail_all(stopped)
+            orders = self._take_orders()
+        for future in orders:
+            if future.set_running_or_notify_cancel():
+                future.set_exception(stopped)
+
+    # ---- states of the loop: sleep and wake (engine thread, or with the lock held) -------------
+
+    def _transition_due(self) -> str | None:
+        """``"sleep"`` once an ordered sleep has nothing left to wait for; ``"wake"`` when asked, or
+        when a request is parked and may wake the loop. With the lock held."""
+        order = self._sleep_order
+        if order is not None and not order.started and self._batch is None and not self._pending:
+            return "sleep"
+        if self.sleep_level and (self._wake_orders or (self.wake_on_request and self._parked)):
+            return "wake"
+        return None
+
+    def _transition(self, kind: str) -> None:
+        """Carry out a sleep or a wake through the sleeper, between two steps; its figures (or its
+        failure) go to the callers who asked. A failed sleep leaves the loop awake, the parked requests
+        queued; a failed wake leaves it asleep and fails the parked requests with 503."""
+        assert self.sleeper is not None
+        started = time.monotonic()
+        if kind == "sleep":
+            order = self._sleep_order
+            assert order is not None and order.started  # only the loop ends a started order
+            try:
+                result = dict(self.sleeper.sleep(order.level, order.reason))
+            except BaseException as exc:
+                log.error("sleeping at level %d failed: %s: %s", order.level, type(exc).__name__, exc)
+                with self._cond:
+                    self._sleep_order = None
+                    self._pending.extend(self._parked)
+                    self._parked.clear()
+                    woken, self._wake_orders = self._wake_orders, []
+                _settle(order.futures, exc)
+                _settle([future for _, future in woken], {"level": 0, "wasAsleep": False})
+                return
+            result["waitedSeconds"] = round(started - order.ordered, 6)
+            with self._cond:
+                self.sleep_level, self._sleep_order = order.level, None
+            _settle(order.futures, result)
+            return
+        with self._cond:
+            orders, self._wake_orders = self._wake_orders, []
+        futures = [future for _, future in orders]
+        try:
+            result = dict(self.sleeper.wake(orders[0][0] if orders else "request"))
+        except BaseException as exc:
+            log.error("waking up failed: %s: %s", type(exc).__name__, exc)
+            error = EngineError(
+                503,
+                f"the worker could not wake up ({type(exc).__name__}: {exc}); retry later",
+                type="service_unavailable",
+                code="wake_failed",
+                retry_after=SLEEP_RETRY_AFTER,
+            )
+            with self._cond:
+                parked = list(self._parked)
+                self._parked.clear()
+            self._fail(parked, error)
+            _settle(futures, error)
+            return
+        self.last_wake_seconds = time.monotonic() - started
+        with self._cond:
+            self.sleep_level = 0
+            self._pending.extend(self._parked)
+            self._parked.clear()
+        _settle(futures, result)
+
+    def _take_orders(self) -> list[concurrent.futures.Future[dict[str, Any]]]:
+        """Every caller still waiting for a sleep or a wake (with the lock held); the orders are gone."""
+        futures = [future for _, future in self._wake_orders]
+        if self._sleep_order is not None:
+            futures += self._sleep_order.futures
+        self._wake_orders, self._sleep_order = [], None
+        return futures
+
+    # ---- the KV gauges (engine thread; the measurement before it starts) ------------------------------
+
+    def _measure_kv_position(self) -> None:
+        """The bytes one position takes in this model's KV cache (a one-token forward), hence the
+        budget when none was given: ``max_batch_size x max_sequence_length`` positions."""
+        from transformers import DynamicCache
+
+        try:
+            cache = DynamicCache(config=self.model.config)
+            ids = torch.full((1, 1), self.pad_token_id, dtype=torch.long, device=self.device)
+            with torch.inference_mode():
+                out = self.model(input_ids=ids, use_cache=True, **{self._cache_arg: cache}, **self._keep_last)
+            del out
+            self.kv_bytes_per_position = cache_bytes(cache)
+            dtypes = {t.dtype for t in _cache_tensors(cache)}
+            self.kv_cache_dtype = str(dtypes.pop()).removeprefix("torch.") if len(dtypes) == 1 else None
+        except Exception as exc:  # a model whose cache cannot be measured still serves
+            log.info("cannot measure the KV cache's bytes per position: %s: %s", type(exc).__name__, exc)
+            return
+        if self.kv_cache_budget_bytes is None and self.kv_bytes_per_position:
+            self.kv_cache_budget_bytes = (
+                self.kv_bytes_per_position * self.max_batch_size * self.max_sequence_length
+            )
+
+    def _update_kv_bytes(self) -> None:
+        self.kv_cache_bytes = cache_bytes(self._batch.cache) if self._batch is not None else 0
 
     def _step(self, new: list[RequestHandle]) -> None:
         """One step: prefill the requests just taken from the queue, else decode the running batch."""
@@ -426,6 +699,7 @@ class Engine:
         elif self._batch is not None:
             self._guarded(self._decode, None)
         self._prefilling = []
+        self._update_kv_bytes()
 
     def _guarded(self, step: Callable[[Any], None], arg: Any) -> None:
         """Run one step; on failure fail only what it must (module docstring). The batch is dropped
@@ -473,6 +747,7 @@ class Engine:
         """Drop the batch (cache, tensors) first, then fail its requests."""
         self._batch = None
         self.running = 0
+        self.kv_cache_bytes = 0
         self._fail(rows, error, free)
 
     def _fail(self, rows: Sequence[Any], error: EngineError, free: bool = False) -> None:
@@ -494,8 +769,9 @@ class Engine:
         """Fail the running batch and every waiting request (engine thread, or with the lock held
         once the loop has ended)."""
         rows: list[Any] = list(self._batch.rows) if self._batch else []
-        rows += self._prefilling + list(self._pending)
+        rows += self._prefilling + list(self._pending) + list(self._parked)
         self._pending.clear()
+        self._parked.clear()
         self._drop_batch(rows, error)
         return len(rows)
 
@@ -714,6 +990,38 @@ class Engine:
             if generator is not None:
                 picks[j] = torch.multinomial(probs[j], 1, generator=generator)[0]
         return greedy.index_copy(0, index, picks)
+
+
+def _settle(futures: Sequence[concurrent.futures.Future[Any]], outcome: Any) -> None:
+    """Give each waiting caller ``outcome``: a result, or the exception it is."""
+    for future in futures:
+        if future.set_running_or_notify_cancel():
+            if isinstance(outcome, BaseException):
+                future.set_exception(outcome)
+            else:
+                future.set_result(outcome)
+
+
+def _cache_tensors(cache: Any) -> list[torch.Tensor]:
+    """Every tensor a transformers cache holds: each layer's keys and values (and any other tensor
+    attribute a layer kind keeps, such as a quantised cache's)."""
+    tensors = []
+    for layer in getattr(cache, "layers", None) or []:
+        tensors += [value for value in vars(layer).values() if isinstance(value, torch.Tensor)]
+    return tensors
+
+
+def cache_bytes(cache: Any) -> int:
+    """Bytes ``cache`` holds, on every device."""
+    return sum(t.numel() * t.element_size() for t in _cache_tensors(cache))
+
+
+def _vocab_size(model: Any) -> int:
+    """Rows of the output head (the ids a prompt may use), else the config's ``vocab_size``."""
+    try:
+        return int(model.get_output_embeddings().weight.shape[0])
+    except AttributeError:
+        return int(getattr(model.config, "vocab_size", 0) or 0)
 
 
 def _step_error(exc: Exception, requests: int) -> EngineError:

@@ -139,15 +139,13 @@ def eos_ids(model: Any, tokenizer: Any) -> list[int]:
     return sorted(found)
 
 
-def load(model_id: str, plan: WorkerPlan | None, chinese: ChineseSpec | None = None) -> LoadedModel:
-    """Load tokenizer and model as ``plan`` says, logging each stage; compute the steering token sets."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def load_weights(model_id: str, plan: WorkerPlan | None) -> Any:
+    """The model as ``plan`` says (``from_pretrained`` with :func:`from_pretrained_kwargs`), in eval
+    mode, logged: at start-up, and again when a worker wakes from sleep level 2."""
+    from transformers import AutoModelForCausalLM
 
     start = time.monotonic()
     kwargs = from_pretrained_kwargs(plan, prequantized=is_prequantized(model_id, plan))
-    trust = bool(kwargs.get("trust_remote_code", False))
-    log.info("loading tokenizer from %s", model_id)
-    tokenizer = AutoTokenizer.from_pretrained(model_id, trust_remote_code=trust)
     log.info("loading weights from %s: %s", model_id, _describe(kwargs))
     model = AutoModelForCausalLM.from_pretrained(model_id, **kwargs)
     model.eval()
@@ -160,6 +158,18 @@ def load(model_id: str, plan: WorkerPlan | None, chinese: ChineseSpec | None = N
         model.get_memory_footprint() / 2**20,
         f", {len(placed)} modules placed by the device map" if placed else f" on {model.device}",
     )
+    return model
+
+
+def load(model_id: str, plan: WorkerPlan | None, chinese: ChineseSpec | None = None) -> LoadedModel:
+    """Load tokenizer and model as ``plan`` says, logging each stage; compute the steering token sets."""
+    from transformers import AutoTokenizer
+
+    start = time.monotonic()
+    trust = bool(plan.model.trustRemoteCode) if plan is not None else False
+    log.info("loading tokenizer from %s", model_id)
+    tokenizer = AutoTokenizer.from_pretrained(model_id, trust_remote_code=trust)
+    model = load_weights(model_id, plan)
     eos = eos_ids(model, tokenizer)
     vocab = model.get_output_embeddings().weight.shape[0]
     ranges = parse_ranges((chinese or ChineseSpec()).ranges)

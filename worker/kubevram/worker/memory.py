@@ -29,6 +29,11 @@ count. These ``(tokens, peak)`` pairs are what the operator fits ``peak = a x to
 (once per idle period), and when a device's reserved bytes pass ``memoryRelease.highWatermark`` of its
 budget (the plan's ``maxMemory`` for that GPU, else the device's total) with at least
 ``min_reclaim_bytes`` cached but unallocated (at most once per ``cooldown`` seconds).
+
+**Sleep and wake** (:meth:`MemoryMonitor.sleep`, :meth:`MemoryMonitor.wake`; the memory work is
+:mod:`kubevram.worker.sleep`, the states the engine's): on request, and after
+``memoryRelease.sleepAfterIdleSeconds`` without a request (at ``memoryRelease.sleepLevel``). While the
+worker sleeps nothing is released automatically: there is nothing left to release.
 """
 
 from __future__ import annotations
@@ -46,13 +51,16 @@ import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import psutil
 import torch
 
 from kubevram.api.v1alpha1 import MemoryReleaseSpec
 from kubevram.worker.engine import Engine, EngineError, EngineHooks
+
+if TYPE_CHECKING:
+    from kubevram.worker.sleep import Sleeper
 
 log = logging.getLogger(__name__)
 
@@ -210,36 +218,56 @@ def tiny_forward(engine: Engine, tokens: int = 2) -> None:
     del out, ids
 
 
-def release_now(engine: Engine, devices: Sequence[int], reason: str = "request") -> dict[str, Any]:
-    """The release procedure (module docstring); call it on the engine thread between two steps."""
-    started = time.perf_counter()
-    steps = engine.steps
-    before = snapshot(devices)
+def forget_last_exception() -> None:
+    """Drop the interpreter's last exception, whose traceback's frames may hold a failed step's tensors."""
     for name in ("last_type", "last_value", "last_traceback", "last_exc"):
         if hasattr(sys, name):
             setattr(sys, name, None)
-    dropped = drop_cancelled_rows(engine)
-    tiny_forward(engine)
+
+
+def free_caches(devices: Sequence[int]) -> bool:
+    """Collect garbage, return the CUDA allocator's unreferenced cached blocks (when there are
+    ``devices``) and trim the C heap; whether ``malloc_trim`` ran."""
     gc.collect()
     if devices:
         torch.cuda.empty_cache()  # every device's allocator
-    trimmed = _malloc_trim()
-    after = snapshot(devices)
-    if engine.steps != steps:  # cannot happen on the engine thread; a guard for misuse
-        raise RuntimeError("release_now ran while the engine stepped: call it through run_between_steps")
+    return _malloc_trim()
+
+
+def freed_figures(before: Mapping[str, Any], after: Mapping[str, Any]) -> dict[str, Any]:
+    """What two :func:`snapshot` s say was freed: reserved bytes per device and in all, and the RSS."""
     freed = {
         str(b["index"]): max(0, int(b["reservedBytes"]) - int(a["reservedBytes"]))
         for b, a in zip(before["devices"], after["devices"], strict=True)
     }
+    return {
+        "freedBytes": sum(freed.values()),
+        "freedBytesByDevice": freed,
+        "rssFreedBytes": int(before["rssBytes"]) - int(after["rssBytes"]),
+    }
+
+
+def release_now(engine: Engine, devices: Sequence[int], reason: str = "request") -> dict[str, Any]:
+    """The release procedure (module docstring); call it on the engine thread between two steps. While
+    the engine sleeps there is no model to run the tiny forward with, and nothing it would shrink."""
+    started = time.perf_counter()
+    steps = engine.steps
+    before = snapshot(devices)
+    forget_last_exception()
+    dropped = drop_cancelled_rows(engine)
+    if not engine.sleep_level:
+        tiny_forward(engine)
+    trimmed = free_caches(devices)
+    after = snapshot(devices)
+    if engine.steps != steps:  # cannot happen on the engine thread; a guard for misuse
+        raise RuntimeError("release_now ran while the engine stepped: call it through run_between_steps")
     return {
         "reason": reason,
         "time": now_rfc3339(),
         "seconds": round(time.perf_counter() - started, 6),
         "before": before,
         "after": after,
-        "freedBytes": sum(freed.values()),
-        "freedBytesByDevice": freed,
-        "rssFreedBytes": int(before["rssBytes"]) - int(after["rssBytes"]),
+        **freed_figures(before, after),
         "droppedRequests": dropped,
         "mallocTrimmed": trimmed,
         "engineStep": steps,
@@ -302,7 +330,8 @@ class MemoryMonitor(EngineHooks):
         self._pending: _Pending | None = None
         self._peaks: dict[int, dict[str, int]] = {}
         self._lock = threading.Lock()
-        self.changed = asyncio.Event()  # set after a release: the reporter reports early
+        self.changed = asyncio.Event()  # set after a release, a sleep, a wake: the reporter reports early
+        self.sleeper: Sleeper | None = None
 
     @classmethod
     def for_plan(cls, inner: EngineHooks, plan: Any | None) -> MemoryMonitor:
@@ -312,11 +341,23 @@ class MemoryMonitor(EngineHooks):
         budgets = {int(k): int(v) for k, v in (plan.maxMemory or {}).items() if str(k).isdigit()}
         return cls(inner=inner, policy=plan.memoryRelease, budgets=budgets)
 
-    def bind(self, engine: Engine) -> None:
-        """Watch ``engine`` (whose hooks must be this monitor)."""
+    def bind(self, engine: Engine, reload: Callable[[], Any] | None = None) -> None:
+        """Watch ``engine`` (whose hooks must be this monitor) and let it sleep: its sleeper is bound
+        here, with ``reload`` (the model from its files again: what level 2 wakes with) and the
+        policy's ``wakeOnRequest``."""
+        from kubevram.worker.sleep import Sleeper  # it builds on this module's figures
+
         self.devices = model_devices(engine.model)
+        self.sleeper = Sleeper(engine, self.devices, reload, on_wake=self._woken)
+        engine.sleeper = self.sleeper
+        engine.wake_on_request = self.policy.wakeOnRequest
         self.engine = engine
         self.last_active = self.clock()
+
+    def _woken(self) -> None:
+        """A wake is activity: the idle periods (release, sleep) start again."""
+        self.last_active = self.clock()
+        self._released_idle = False
 
     # ---- hooks (engine thread) --------------------------------------------------------------------
 
@@ -395,6 +436,7 @@ class MemoryMonitor(EngineHooks):
             "idleSeconds": round(max(0.0, self.clock() - self.last_active), 3),
             "lastRelease": self.last_release,
             "releases": dict(self.releases),
+            "sleep": self.sleeper.stats() if self.sleeper is not None else None,
             "samples": self.samples(),
         }
 
@@ -425,10 +467,38 @@ class MemoryMonitor(EngineHooks):
         )
         return result
 
+    async def sleep(self, level: int = 1, reason: str = "request") -> dict[str, Any]:
+        """Put the engine to sleep at ``level`` (it waits for the admitted requests); the figures. 503
+        while the model loads, 400 for a level the worker cannot sleep at."""
+        engine, sleeper = self.engine, self.sleeper
+        if engine is None or sleeper is None:
+            raise EngineError.loading()
+        sleeper.check_level(level)
+        result = await engine.sleep(level, reason)
+        self.changed.set()
+        return result
+
+    async def wake(self, reason: str = "request") -> dict[str, Any]:
+        """Wake the engine (reloading the weights after level 2); the figures. 503 while loading."""
+        engine = self.engine
+        if engine is None:
+            raise EngineError.loading()
+        result = await engine.wake(reason)
+        self.changed.set()
+        return result
+
+    def sleep_due(self, now: float | None = None) -> bool:
+        """Whether ``memoryRelease.sleepAfterIdleSeconds`` have passed without a request."""
+        engine, after = self.engine, self.policy.sleepAfterIdleSeconds
+        if engine is None or after <= 0 or engine.sleeping or not engine.idle:
+            return False
+        now = self.clock() if now is None else now
+        return now - self.last_active >= after
+
     def due(self, now: float | None = None) -> str | None:
         """Why an automatic release is due now (``"idle"`` or ``"watermark"``), or ``None``."""
         engine = self.engine
-        if engine is None:
+        if engine is None or engine.sleeping:
             return None
         now = self.clock() if now is None else now
         busy = engine.running > 0 or engine.queue_depth > 0
@@ -448,8 +518,15 @@ class MemoryMonitor(EngineHooks):
         return None
 
     async def check(self, now: float | None = None) -> dict[str, Any] | None:
-        """Release if :meth:`due`; the release's result, else ``None``."""
+        """Sleep if :meth:`sleep_due` (at ``sleepLevel``; 1 where the model cannot be reloaded), else
+        release if :meth:`due`; the sleep's or the release's result, else ``None``."""
         now = self.clock() if now is None else now
+        if self.sleep_due(now):
+            level = self.policy.sleepLevel
+            if level == 2 and self.sleeper is not None and self.sleeper.reload is None:
+                log.warning("memoryRelease.sleepLevel 2 needs the model files: sleeping at level 1")
+                level = 1
+            return await self.sleep(level, "idle")
         reason = self.due(now)
         if reason is None:
             return None
@@ -468,4 +545,4 @@ class MemoryMonitor(EngineHooks):
             except asyncio.CancelledError:
                 raise
             except Exception:
-                log.exception("automatic memory release failed")
+                log.exception("automatic memory release or sleep failed")

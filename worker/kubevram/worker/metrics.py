@@ -1,15 +1,24 @@
-"""Prometheus metrics of one worker, in a registry of its own (several apps can live in one process)."""
+"""Prometheus metrics of one worker, in a registry of its own (several apps can live in one process).
+
+Besides kubevram's own series, the gauges an Inference Gateway's endpoint picker reads from a model
+server (the Gateway API Inference Extension's model server protocol), with vLLM's names and labels
+(``model_name``, ``engine``), so that the default configuration picks kubevram workers as it picks vLLM
+(:class:`GatewayCollector`).
+"""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.registry import Collector
 
-from kubevram.worker.engine import EngineHooks
+from kubevram.worker.engine import Engine, EngineHooks
 
-__all__ = ["CONTENT_TYPE_LATEST", "WorkerMetrics"]
+__all__ = ["CONTENT_TYPE_LATEST", "GatewayCollector", "WorkerMetrics"]
 
 _LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 
@@ -66,12 +75,14 @@ class WorkerMetrics(EngineHooks):
             registry=r,
         )
 
-    def bind(self, engine: Any) -> None:
-        """Read queue depth, running batch, OOM count and whether it runs from ``engine`` at scrape time."""
+    def bind(self, engine: Any, model_name: str = "") -> None:
+        """Read queue depth, running batch, OOM count, whether it runs and the gateway's gauges
+        (:class:`GatewayCollector`, labelled ``model_name``) from ``engine`` at scrape time."""
         self.queue_depth.set_function(lambda: engine.queue_depth)
         self.running.set_function(lambda: engine.running)
         self.oom.set_function(lambda: engine.oom_count)
         self.ready.set_function(lambda: float(engine.failure is None))
+        self.registry.register(GatewayCollector(engine, model_name))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
@@ -86,3 +97,63 @@ class WorkerMetrics(EngineHooks):
 
     def on_finished(self, reason: str) -> None:
         self.finished.labels(reason=reason).inc()
+
+
+class GatewayCollector(Collector):
+    """vLLM's gauges with the meanings an Inference Gateway's endpoint picker expects, read from the
+    engine at scrape time:
+
+    - ``vllm:num_requests_waiting``: requests waiting for the engine (queued, or parked while it sleeps);
+    - ``vllm:num_requests_running``: requests in the running batch or being prefilled;
+    - ``vllm:kv_cache_usage_perc``: the share (0-1) of the planned KV cache budget that the running
+      batch's cache holds (:attr:`Engine.kv_cache_usage`);
+    - ``vllm:cache_config_info``: an info gauge (value 1) whose labels describe that cache as vLLM's
+      ``CacheConfig`` does: ``block_size`` 1 (the cache grows a position at a time), ``num_gpu_blocks``
+      the positions the budget holds, ``kv_cache_memory_bytes`` the budget, ``cache_dtype``,
+      ``enable_prefix_caching`` False (each request is prefilled afresh). Absent until the loop has
+      measured the cache.
+    """
+
+    def __init__(self, engine: Engine, model_name: str) -> None:
+        self.engine = engine
+        self.labels = {"model_name": model_name, "engine": "0"}
+
+    def describe(self) -> list[Any]:
+        return []  # collected at scrape time only
+
+    def _gauge(self, name: str, doc: str, value: float) -> GaugeMetricFamily:
+        family = GaugeMetricFamily(name, doc, labels=list(self.labels))
+        family.add_metric(list(self.labels.values()), value)
+        return family
+
+    def collect(self) -> Iterator[Any]:
+        engine = self.engine
+        yield self._gauge(
+            "vllm:num_requests_waiting", "Number of requests waiting to be processed.", engine.queue_depth
+        )
+        yield self._gauge(
+            "vllm:num_requests_running",
+            "Number of requests in model execution batches.",
+            engine.requests_running,
+        )
+        yield self._gauge(
+            "vllm:kv_cache_usage_perc",
+            "KV-cache usage: the share of the planned KV cache budget in use. 1 means 100 percent usage.",
+            engine.kv_cache_usage,
+        )
+        budget, per_position = engine.kv_cache_budget_bytes, engine.kv_bytes_per_position
+        if budget is None or not per_position:
+            return
+        info = {
+            "block_size": "1",
+            "cache_dtype": engine.kv_cache_dtype or "auto",
+            "enable_prefix_caching": "False",
+            "engine": self.labels["engine"],
+            "kv_cache_memory_bytes": str(budget),
+            "num_gpu_blocks": str(budget // per_position),
+        }
+        family = GaugeMetricFamily(
+            "vllm:cache_config_info", "Information of the engine's KV cache.", labels=list(info)
+        )
+        family.add_metric(list(info.values()), 1)
+        yield family

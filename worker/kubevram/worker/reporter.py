@@ -24,6 +24,9 @@ The entry (bytes are integers)::
                activeBytes, fragmentationBytes, allocRetries, ooms, totalBytes, usedBytes, freeBytes,
                budgetBytes}],
     lastRelease: {time, reason, freedBytes, rssFreedBytes, seconds} | null,
+    sleep: {level, since, wakeOnRequest, lastSleep: {level, reason, time, seconds, freedBytes,
+            rssFreedBytes, weightsBytes} | null, lastWake: {level, reason, time, seconds,
+            weightsBytes} | null, sleeps: {"<level>": {"<reason>": n}}, wakes: {"<reason>": n}},
     samples: [{tokens, batch, peakAllocatedBytes, baseAllocatedBytes}]   # CUDA workers only
 
 ``samples`` are the operator's calibration input: per prefill size (prompt tokens of the batch) the
@@ -151,9 +154,7 @@ class StatusReporter:
             namespace = namespace or plan.deployment.namespace
         api = KubeAPI.from_env(env)
         if not (pod and deployment and api):
-            log.info(
-                "status reporting is off: it needs KUBEVRAM_POD_NAME, KUBEVRAM_DEPLOYMENT and an API"
-            )
+            log.info("status reporting is off: it needs KUBEVRAM_POD_NAME, KUBEVRAM_DEPLOYMENT and an API")
             return None
         return cls(
             monitor,
@@ -181,6 +182,7 @@ class StatusReporter:
             "oomCount": stats["oomCount"],
             "devices": stats["devices"],
             "lastRelease": stats["lastRelease"],
+            "sleep": stats["sleep"],
             "samples": stats["samples"],
         }
         return {k: v for k, v in entry.items() if v is not None}  # a merge patch's null deletes

@@ -101,7 +101,7 @@ def load_into(
 ) -> None:
     """Load the model, start the engine and make ``state`` ready (on the calling thread)."""
     from kubevram.worker.engine import Engine
-    from kubevram.worker.loader import load
+    from kubevram.worker.loader import load, load_weights
 
     loaded = load(model_id, plan, state.generation.chinese)
     limit = state.serving.maxSequenceLength
@@ -120,11 +120,13 @@ def load_into(
         token_classes=loaded.token_classes,
         eos_token_ids=loaded.eos_token_ids,
         hooks=state.memory if state.memory is not None else state.metrics,
+        kv_cache_budget_bytes=plan.kvCacheBytes if plan is not None else None,
     )
     if state.memory is not None:
-        state.memory.bind(engine)
+        # Sleep level 2 drops the model; the wake loads it from the files again, as here.
+        state.memory.bind(engine, reload=lambda: load_weights(model_id, plan))
     engine.start()
-    state.metrics.bind(engine)
+    state.metrics.bind(engine, state.model_names[0])
     state.engine = engine
     log.info(
         "ready: serving %s (max batch %d, max sequence %d) after %.1f s",

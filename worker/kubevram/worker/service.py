@@ -182,7 +182,7 @@ class WorkerState:
         if isinstance(prompt, list) and prompt and isinstance(prompt[0], int):
             if len(prompt) > self.serving.maxSequenceLength:
                 engine.check_admission(len(prompt), 0)
-            vocab = engine.model.get_output_embeddings().weight.shape[0]
+            vocab = engine.vocab_size  # the model itself may be asleep (level 2)
             bad = [t for t in prompt if not isinstance(t, int) or not 0 <= t < vocab]
             if bad:
                 raise EngineError(
