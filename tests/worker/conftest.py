@@ -3,8 +3,14 @@
 from __future__ import annotations
 
 import random
+import threading
+import time
 
 import pytest
+from http_helpers import free_port
+
+TOKEN = "s3cret-token"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
 
 CJK_TEXT = (
     "你好世界我们他们的是在有不了人这中大为上个国和地到以说时要就出会可也你对生能而子那得于着下自之年过发后作里用道"
@@ -121,14 +127,6 @@ class Served:
         return 0.0 if value is None else value
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="session")
 def serve():
     """``serve(state)`` starts a real HTTP server for ``state``; all are stopped at the end."""
@@ -142,7 +140,7 @@ def serve():
     started = []
 
     def start(state) -> Served:
-        config = uvicorn.Config(create_app(state), host="127.0.0.1", port=_free_port(), log_level="warning")
+        config = uvicorn.Config(create_app(state), host="127.0.0.1", port=free_port(), log_level="warning")
         server = uvicorn.Server(config)
         thread = threading.Thread(target=server.run, daemon=True)
         thread.start()
@@ -163,7 +161,15 @@ def serve():
         served.thread.join(10)
 
 
-def worker_over(loaded, serve, max_batch_size=4, max_queue=64, max_sequence_length=512, generation=None):
+def worker_over(
+    loaded,
+    serve,
+    max_batch_size=4,
+    max_queue=64,
+    max_sequence_length=512,
+    generation=None,
+    kv_cache_budget_bytes=None,
+):
     """A fresh engine over the shared model, its own metrics registry, served over HTTP."""
     from kubevram.api.v1alpha1 import GenerationSpec, ServingSpec
     from kubevram.worker.engine import Engine
@@ -180,9 +186,10 @@ def worker_over(loaded, serve, max_batch_size=4, max_queue=64, max_sequence_leng
         token_classes=loaded.token_classes,
         eos_token_ids=loaded.eos_token_ids,
         hooks=metrics,
+        kv_cache_budget_bytes=kv_cache_budget_bytes,
     )
     engine.start()
-    metrics.bind(engine)
+    metrics.bind(engine, "tiny")
     state = WorkerState(
         model_names=["tiny"],
         serving=ServingSpec(maxBatchSize=max_batch_size, maxSequenceLength=max_sequence_length),
@@ -195,8 +202,8 @@ def worker_over(loaded, serve, max_batch_size=4, max_queue=64, max_sequence_leng
 
 @pytest.fixture
 def make_worker(loaded, serve):
-    """``make_worker(max_batch_size=4, max_queue=64, max_sequence_length=512, generation=None)``: a fresh
-    worker (:func:`worker_over`)."""
+    """``make_worker(max_batch_size=4, max_queue=64, max_sequence_length=512, generation=None,
+    kv_cache_budget_bytes=None)``: a fresh worker (:func:`worker_over`)."""
 
     def make(**kwargs):
         return worker_over(loaded, serve, **kwargs)
@@ -208,3 +215,96 @@ def make_worker(loaded, serve):
 def worker(loaded, serve):
     """One worker shared by a module's tests: max batch 4, queue 64, sequence limit 512."""
     return worker_over(loaded, serve)
+
+
+class Admin:
+    """A worker whose engine's hooks are a memory monitor; the admin routes on ``url`` or ``admin_url``."""
+
+    def __init__(self, state, servers) -> None:
+        self.state = state
+        self.servers = servers
+        self.url = f"http://127.0.0.1:{servers[0].config.port}"
+        self.admin_url = f"http://127.0.0.1:{servers[-1].config.port}"
+
+    @property
+    def engine(self):
+        assert self.state.engine is not None
+        return self.state.engine
+
+    @property
+    def monitor(self):
+        assert self.state.memory is not None
+        return self.state.memory
+
+
+@pytest.fixture
+def make_admin(loaded):
+    """``make_admin(token=TOKEN, separate=False, max_batch_size=4, policy=None, reload=None, clock=None)``:
+    a served worker over the shared tiny model with the admin routes installed (``separate``: on an app
+    of their own); ``policy`` is its ``memoryRelease``, ``reload`` what sleep level 2 wakes with."""
+    import uvicorn
+
+    from kubevram.api.v1alpha1 import MemoryReleaseSpec, ServingSpec
+    from kubevram.worker.admin import create_admin_app, install_admin, register_metrics
+    from kubevram.worker.api import create_app
+    from kubevram.worker.engine import Engine
+    from kubevram.worker.memory import MemoryMonitor
+    from kubevram.worker.metrics import WorkerMetrics
+    from kubevram.worker.service import WorkerState
+
+    made = []
+
+    def make(token=TOKEN, separate=False, max_batch_size=4, policy=None, reload=None, clock=None) -> Admin:
+        metrics = WorkerMetrics()
+        monitor = MemoryMonitor(inner=metrics, policy=policy or MemoryReleaseSpec())
+        if clock is not None:
+            monitor.clock = clock
+        engine = Engine(
+            loaded.model,
+            loaded.tokenizer,
+            max_batch_size=max_batch_size,
+            max_queue=64,
+            max_sequence_length=512,
+            token_classes=loaded.token_classes,
+            eos_token_ids=loaded.eos_token_ids,
+            hooks=monitor,
+        )
+        monitor.bind(engine, reload)
+        engine.start()
+        metrics.bind(engine, "tiny")
+        register_metrics(metrics.registry, monitor)
+        state = WorkerState(
+            model_names=["tiny"],
+            serving=ServingSpec(maxBatchSize=max_batch_size, maxSequenceLength=512),
+            metrics=metrics,
+            engine=engine,
+            memory=monitor,
+        )
+        app = create_app(state)
+        apps = [app]
+        if separate:
+            apps.append(create_admin_app(monitor, token))
+        else:
+            install_admin(app, monitor, token)
+        servers = [
+            uvicorn.Server(uvicorn.Config(a, host="127.0.0.1", port=free_port(), log_level="warning"))
+            for a in apps
+        ]
+        threads = [threading.Thread(target=s.run, daemon=True) for s in servers]
+        for thread in threads:
+            thread.start()
+        deadline = time.monotonic() + 30
+        while not all(s.started for s in servers):
+            assert time.monotonic() < deadline, "the test servers did not start"
+            time.sleep(0.01)
+        admin = Admin(state, servers)
+        made.append((admin, threads))
+        return admin
+
+    yield make
+    for admin, threads in made:
+        for server in admin.servers:
+            server.should_exit = True
+        admin.engine.stop()
+        for thread in threads:
+            thread.join(10)

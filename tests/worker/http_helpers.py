@@ -1,10 +1,22 @@
-"""Helpers the worker's HTTP tests share: waiting for a condition, reading SSE events."""
+"""Helpers the worker's HTTP tests share: waiting for a condition, reading SSE events and metrics,
+holding the engine between two steps, running ``kubevram worker`` in a process of its own."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import os
+import socket
+import subprocess
+import sys
+import threading
 import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
 
 import httpx
+from prometheus_client.parser import text_string_to_metric_families
 
 
 def wait_for(condition, what: str, timeout: float = 30.0) -> None:
@@ -17,3 +29,114 @@ def wait_for(condition, what: str, timeout: float = 30.0) -> None:
 
 def sse_events(response: httpx.Response) -> list[str]:
     return [line[len("data: ") :] for line in response.iter_lines() if line.startswith("data: ")]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+Samples = dict[str, list[tuple[dict[str, str], float]]]
+_scraper = httpx.Client(timeout=30)  # one client: each new one builds an SSL context (~0.1 s)
+
+
+def scrape(url: str) -> Samples:
+    """``GET url/metrics``, parsed: sample name -> [(labels, value), ...]."""
+    samples: Samples = {}
+    for family in text_string_to_metric_families(_scraper.get(f"{url}/metrics").text):
+        for sample in family.samples:
+            samples.setdefault(sample.name, []).append((dict(sample.labels), sample.value))
+    return samples
+
+
+def metric(source: str | Samples, name: str, **labels: str) -> float | None:
+    """One sample (of ``source``: a worker's URL or what :func:`scrape` read) whose labels include
+    ``labels``; None if there is none."""
+    samples = scrape(source) if isinstance(source, str) else source
+    for have, value in samples.get(name, []):
+        if labels.items() <= have.items():
+            return value
+    return None
+
+
+class Pause:
+    """Hold ``engine`` between two steps, from the next turn of its loop on (a function on its thread
+    waits): a test looks at a state that would pass in milliseconds. A pause asked while another holds
+    takes effect one turn later, after the step the first one held back."""
+
+    def __init__(self, engine: Any) -> None:
+        self.entered, self.gate = threading.Event(), threading.Event()
+
+        def hold() -> None:
+            self.entered.set()
+            self.gate.wait(120)
+
+        self.thread = threading.Thread(
+            target=lambda: asyncio.run(engine.run_between_steps(hold)), daemon=True
+        )
+        self.thread.start()
+
+    def wait(self) -> Pause:
+        assert self.entered.wait(60), "the engine did not reach the end of a step"
+        return self
+
+    def resume(self) -> None:
+        self.gate.set()
+        self.thread.join(60)
+
+
+@contextlib.contextmanager
+def engine_paused(engine: Any) -> Iterator[None]:
+    """:class:`Pause` ``engine`` for the block."""
+    pause = Pause(engine).wait()
+    try:
+        yield
+    finally:
+        pause.resume()
+
+
+@contextlib.contextmanager
+def stopping(proc: subprocess.Popen[str]) -> Iterator[dict[str, str]]:
+    """Wait for ``proc`` at the end (its output under ``"out"``); kill it if the block fails."""
+    done: dict[str, str] = {}
+    try:
+        yield done
+    except BaseException:
+        proc.kill()
+        raise
+    finally:
+        done["out"], _ = proc.communicate(timeout=60)
+
+
+def start_worker(
+    model_dir: Path, *flags: str, env: dict[str, str] | None = None
+) -> tuple[subprocess.Popen[str], str, int]:
+    """``kubevram worker --model model_dir *flags`` in a process of its own on a free port, once
+    ``/readyz`` answers 200 (``/readyz`` answers nothing else before): (process, url, port)."""
+    port = free_port()
+    command = [sys.executable, "-m", "kubevram.cli", "worker", "--model", str(model_dir)]
+    proc = subprocess.Popen(
+        [*command, "--host", "127.0.0.1", "--port", str(port), *flags],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 180
+    seen = set()
+    while True:
+        if proc.poll() is not None:
+            raise AssertionError(proc.stdout.read() if proc.stdout else "the worker exited")
+        assert time.monotonic() < deadline, "the worker did not turn ready"
+        try:
+            status: int | None = httpx.get(f"{url}/readyz", timeout=5).status_code
+        except httpx.TransportError:
+            status = None
+        seen.add(status)
+        if status == 200:
+            break
+        time.sleep(0.1)
+    assert seen <= {None, 503, 200}
+    return proc, url, port

@@ -4,111 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import socket
 import threading
 import time
 
 import httpx
 import pytest
-import uvicorn
+from conftest import AUTH, TOKEN
+from http_helpers import free_port
 
-from kubevram.api.v1alpha1 import ServingSpec
 from kubevram.worker import memory
-from kubevram.worker.admin import create_admin_app, install_admin, register_metrics
-from kubevram.worker.api import create_app
-from kubevram.worker.engine import Engine
-from kubevram.worker.memory import MemoryMonitor
-from kubevram.worker.metrics import WorkerMetrics
-from kubevram.worker.service import WorkerState
 
-TOKEN = "s3cret-token"
-AUTH = {"Authorization": f"Bearer {TOKEN}"}
 PROMPTS = ["hello world", "the quick brown fox", "asks a question about memory", "kubernetes clusters"]
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-class Admin:
-    """A worker whose engine's hooks are a memory monitor; the admin routes on ``url`` or ``admin_url``."""
-
-    def __init__(self, state: WorkerState, servers: list[uvicorn.Server]) -> None:
-        self.state = state
-        self.servers = servers
-        self.url = f"http://127.0.0.1:{servers[0].config.port}"
-        self.admin_url = f"http://127.0.0.1:{servers[-1].config.port}"
-
-    @property
-    def engine(self) -> Engine:
-        assert self.state.engine is not None
-        return self.state.engine
-
-    @property
-    def monitor(self) -> MemoryMonitor:
-        assert self.state.memory is not None
-        return self.state.memory
-
-
-@pytest.fixture
-def make_admin(loaded):
-    """``make_admin(token=TOKEN, separate=False)``: a served worker with the admin routes installed."""
-    made: list[tuple[Admin, list[threading.Thread]]] = []
-
-    def make(token: str | None = TOKEN, separate: bool = False, max_batch_size: int = 4) -> Admin:
-        metrics = WorkerMetrics()
-        monitor = MemoryMonitor(inner=metrics)
-        engine = Engine(
-            loaded.model,
-            loaded.tokenizer,
-            max_batch_size=max_batch_size,
-            max_queue=64,
-            max_sequence_length=512,
-            token_classes=loaded.token_classes,
-            eos_token_ids=loaded.eos_token_ids,
-            hooks=monitor,
-        )
-        monitor.bind(engine)
-        engine.start()
-        metrics.bind(engine)
-        register_metrics(metrics.registry, monitor)
-        state = WorkerState(
-            model_names=["tiny"],
-            serving=ServingSpec(maxBatchSize=max_batch_size, maxSequenceLength=512),
-            metrics=metrics,
-            engine=engine,
-            memory=monitor,
-        )
-        app = create_app(state)
-        apps = [app]
-        if separate:
-            apps.append(create_admin_app(monitor, token))
-        else:
-            install_admin(app, monitor, token)
-        servers = [
-            uvicorn.Server(uvicorn.Config(a, host="127.0.0.1", port=_free_port(), log_level="warning"))
-            for a in apps
-        ]
-        threads = [threading.Thread(target=s.run, daemon=True) for s in servers]
-        for thread in threads:
-            thread.start()
-        deadline = time.monotonic() + 30
-        while not all(s.started for s in servers):
-            assert time.monotonic() < deadline, "the test servers did not start"
-            time.sleep(0.01)
-        admin = Admin(state, servers)
-        made.append((admin, threads))
-        return admin
-
-    yield make
-    for admin, threads in made:
-        for server in admin.servers:
-            server.should_exit = True
-        admin.engine.stop()
-        for thread in threads:
-            thread.join(10)
 
 
 BAD_HEADERS = [
@@ -275,7 +181,7 @@ def test_kubevram_worker_serves_admin_on_its_own_port(tiny_model_dir):
     import subprocess
     import sys
 
-    port, admin_port = _free_port(), _free_port()
+    port, admin_port = free_port(), free_port()
     command = [sys.executable, "-m", "kubevram.cli", "worker", "--model", str(tiny_model_dir),
                "--host", "127.0.0.1", "--port", str(port), "--admin-port", str(admin_port)]
     env = {**os.environ, "KUBEVRAM_ADMIN_TOKEN": TOKEN, "PYTHONUNBUFFERED": "1"}

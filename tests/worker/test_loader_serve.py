@@ -4,21 +4,17 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
-import os
 import signal
 import subprocess
 import sys
 import threading
-import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
 import torch
-from http_helpers import wait_for
+from http_helpers import start_worker, stopping, wait_for
 
 from kubevram.api.errors import SpecError
 from kubevram.api.v1alpha1 import ChineseSpec, GenerationDefaults, GenerationSpec, ServingSpec
@@ -214,14 +210,6 @@ async def test_run_between_steps_runs_on_the_engine_thread(loaded):
         engine.stop()
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def test_bad_plan_exits_2_naming_the_field(tmp_path):
     path = tmp_path / "plan.json"
     path.write_text(
@@ -254,22 +242,8 @@ def test_bad_worker_flags_are_one_line_and_exit_2(flags, line, capsys):
     assert capsys.readouterr().err == line + "\n"
 
 
-@contextlib.contextmanager
-def _stopping(proc) -> Iterator[dict]:
-    """Wait for ``proc`` at the end (its output under ``"out"``); kill it if the block fails."""
-    done: dict = {}
-    try:
-        yield done
-    except BaseException:
-        proc.kill()
-        raise
-    finally:
-        done["out"], _ = proc.communicate(timeout=60)
-
-
 def _start_worker(model_dir: Path, tmp_path: Path, *flags: str, env: dict | None = None):
-    """``kubevram worker`` in a process of its own, once ``/readyz`` answers 200: (process, url)."""
-    port = _free_port()
+    """``kubevram worker`` with a plan of batch 2, sequences of 512, steering on: (process, url)."""
     path = tmp_path / "plan.json"
     path.write_text(
         plan(
@@ -278,30 +252,7 @@ def _start_worker(model_dir: Path, tmp_path: Path, *flags: str, env: dict | None
             generation={"chinese": {"enabled": True, "alpha": 10000.0}},
         ).to_json()
     )
-    command = [sys.executable, "-m", "kubevram.cli", "worker", "--model", str(model_dir), "--plan", str(path)]
-    proc = subprocess.Popen(
-        [*command, "--host", "127.0.0.1", "--port", str(port), *flags],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
-    )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 180
-    seen = set()
-    while True:
-        if proc.poll() is not None:
-            raise AssertionError(proc.stdout.read() if proc.stdout else "the worker exited")
-        assert time.monotonic() < deadline, "the worker did not turn ready"
-        try:
-            status = httpx.get(f"{url}/readyz", timeout=5).status_code
-        except httpx.TransportError:
-            status = None
-        seen.add(status)
-        if status == 200:
-            break
-        time.sleep(0.1)
-    assert seen <= {None, 503, 200}
+    proc, url, _ = start_worker(model_dir, "--plan", str(path), *flags, env=env)
     return proc, url
 
 
@@ -332,7 +283,7 @@ def test_kubevram_worker_serves_then_drains_on_sigterm(tiny_model_dir, tmp_path)
             "KUBEVRAM_NAMESPACE": "default",
         }
         proc, url = _start_worker(tiny_model_dir, tmp_path, env=env)
-        with _stopping(proc) as done:
+        with stopping(proc) as done:
             models = httpx.get(f"{url}/v1/models").json()["data"]
             assert [m["id"] for m in models] == ["tiny", str(tiny_model_dir)]
             assert models[0]["max_model_len"] == 512
@@ -387,7 +338,7 @@ def test_sigterm_ends_what_cannot_finish_with_a_final_event_and_exits_0(tiny_mod
             proc.send_signal(signal.SIGTERM)
             return list(await asyncio.gather(*streams))
 
-    with _stopping(proc) as done:
+    with stopping(proc) as done:
         streams = asyncio.run(run())
     out = done["out"]
     assert proc.returncode == 0, out

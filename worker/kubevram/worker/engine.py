@@ -568,6 +568,8 @@ class Engine:
                 if not transition and not self.sleep_level and (self._batch is None or self._joinable):
                     while self._pending and len(new) < room:
                         new.append(self._pending.popleft())
+                # Taken: counted as running (and failed by an abort) while the callbacks run.
+                self._prefilling = new
             for fn, future in callbacks:
                 if future.set_running_or_notify_cancel():
                     try:
@@ -688,6 +690,7 @@ class Engine:
 
     def _step(self, new: list[RequestHandle]) -> None:
         """One step: prefill the requests just taken from the queue, else decode the running batch."""
+        new = [h for h in new if not h.finished]  # a callback (an abort) may have ended them
         for handle in new:
             if handle.cancelled.is_set():
                 handle.finished = True
