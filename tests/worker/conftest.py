@@ -12,6 +12,17 @@ from http_helpers import free_port
 TOKEN = "s3cret-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 
+
+class Clock:
+    """A clock the test moves by hand (the idle policy is about elapsed time, not about waiting)."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
 CJK_TEXT = (
     "你好世界我们他们的是在有不了人这中大为上个国和地到以说时要就出会可也你对生能而子那得于着下自之年过发后作里用道"
     "行所然家种事成方多经么去法学如都同现当没动面起看定天分还进好小部其些主样理心她本前开但因只从想实日军者意无力它与"
@@ -60,18 +71,18 @@ def build_tokenizer():
     return fast
 
 
-def build_model(vocab_size: int, tokenizer, seed: int = 0):
+def build_model(vocab_size: int, tokenizer, seed: int = 0, hidden=64, intermediate=128, layers=2, heads=4):
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
     config = LlamaConfig(
         vocab_size=vocab_size,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=heads // 2,
         max_position_embeddings=512,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
@@ -129,7 +140,8 @@ class Served:
 
 @pytest.fixture(scope="session")
 def serve():
-    """``serve(state)`` starts a real HTTP server for ``state``; all are stopped at the end."""
+    """``serve(state, token=None)`` starts a real HTTP server for ``state`` (with the admin routes when
+    ``token`` is given); all are stopped at the end."""
     import threading
     import time
 
@@ -139,8 +151,13 @@ def serve():
 
     started = []
 
-    def start(state) -> Served:
-        config = uvicorn.Config(create_app(state), host="127.0.0.1", port=free_port(), log_level="warning")
+    def start(state, token=None) -> Served:
+        app = create_app(state)
+        if token is not None:  # the admin routes on the same port, over the state's memory monitor
+            from kubevram.worker.admin import install_admin
+
+            install_admin(app, state.memory, token)
+        config = uvicorn.Config(app, host="127.0.0.1", port=free_port(), log_level="warning")
         server = uvicorn.Server(config)
         thread = threading.Thread(target=server.run, daemon=True)
         thread.start()

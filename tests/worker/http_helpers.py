@@ -76,6 +76,11 @@ class Pause:
             target=lambda: asyncio.run(engine.run_between_steps(hold)), daemon=True
         )
         self.thread.start()
+        # Asked once the engine holds it (not when the thread gets round to it): the order is the test's.
+        wait_for(
+            lambda: self.entered.is_set() or any(fn is hold for fn, _ in list(engine._callbacks)),
+            "the pause to be asked",
+        )
 
     def wait(self) -> Pause:
         assert self.entered.wait(60), "the engine did not reach the end of a step"

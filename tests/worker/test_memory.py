@@ -8,6 +8,7 @@ import time
 
 import pytest
 import torch
+from conftest import Clock
 
 from kubevram.api.v1alpha1 import MemoryReleaseSpec
 from kubevram.api.workerplan import WorkerPlan
@@ -15,16 +16,6 @@ from kubevram.worker import memory
 from kubevram.worker.engine import Engine, EngineError, SamplingParams
 from kubevram.worker.memory import MemoryMonitor, model_devices, release_now, snapshot
 from kubevram.worker.metrics import WorkerMetrics
-
-
-class Clock:
-    """A clock the test moves by hand (the idle policy is about elapsed time, not about waiting)."""
-
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 @pytest.fixture

@@ -630,7 +630,7 @@ class Engine:
             orders, self._wake_orders = self._wake_orders, []
         futures = [future for _, future in orders]
         try:
-            result = dict(self.sleeper.wake(orders[0][0] if orders else "request"))
+            result = dict(self.sleeper.wake(orders[0][0] if orders else "arrival"))
         except BaseException as exc:
             log.error("waking up failed: %s: %s", type(exc).__name__, exc)
             error = EngineError(
@@ -646,7 +646,7 @@ class Engine:
             self._fail(parked, error)
             _settle(futures, error)
             return
-        self.last_wake_seconds = time.monotonic() - started
+        self.last_wake_seconds = float(result.get("seconds", time.monotonic() - started))
         with self._cond:
             self.sleep_level = 0
             self._pending.extend(self._parked)
