@@ -9,7 +9,11 @@ worker's own engine with the memory monitor as its hooks: greedy generations at 
   (weights + KV + activations at that many tokens, ``kubevram.planner.estimate``) and the error;
 * the release: reserved, allocated and NVML-used bytes before and after, the share of the
   reserved-but-unallocated bytes returned (goal >= 95 %) and the seconds it took (goal <= 1 s);
-* the refitted line ``peak = a x tokens + b`` and activation coefficient (``kubevram.planner.calibration``).
+* the refitted line ``peak = a x tokens + b`` and activation coefficient (``kubevram.planner.calibration``);
+* sleep and wake (``POST /v1/admin/sleep?level=1|2``'s procedure, ``MemoryMonitor.sleep``/``wake``): per
+  level the weights' bytes moved (1) or dropped (2), the reserved and NVML-used bytes before and after,
+  the seconds to sleep and to wake (level 2 reloads the weights from a ``save_pretrained`` copy), and
+  whether the same greedy answer comes back.
 
 GPU: ``python bench/gpu_release_bench.py`` (defaults: cuda, bfloat16, lengths 256..8192).
 CPU (the same procedure; RSS before/after instead of the allocator): ``python bench/gpu_release_bench.py
@@ -24,6 +28,7 @@ import asyncio
 import json
 import platform
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -35,6 +40,7 @@ from kubevram.planner.catalog import CONFIGS
 from kubevram.planner.estimate import Workload, estimate, layer_activation_bytes
 from kubevram.planner.facts import facts_from_config
 from kubevram.worker.engine import Engine, SamplingParams
+from kubevram.worker.loader import load_weights
 from kubevram.worker.memory import MemoryMonitor
 
 MODEL = "meta-llama/llama-3.2-1b"
@@ -74,6 +80,7 @@ class Run:
     release: dict[str, Any] = field(default_factory=dict)
     after_release: dict[str, Any] = field(default_factory=dict)
     fit: dict[str, Any] = field(default_factory=dict)
+    sleep: dict[str, dict[str, Any]] = field(default_factory=dict)
     environment: dict[str, Any] = field(default_factory=dict)
 
 
@@ -104,19 +111,22 @@ async def measure(
     torch_dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[dtype]
     model = build_model(config, device, torch_dtype)
     tokenizer = build_tokenizer(config["vocab_size"])
+    files = tempfile.TemporaryDirectory(prefix="kubevram-bench-")  # what sleep level 2 reloads from
+    model.save_pretrained(files.name)
     monitor = MemoryMonitor()
     engine = Engine(
         model, tokenizer, max_batch_size=1, max_sequence_length=max(lengths) + 2 * NEW_TOKENS,
         eos_token_ids=[1], hooks=monitor,
     )
-    monitor.bind(engine)
+    del model  # the engine holds it: sleep level 2 must be able to drop it
+    monitor.bind(engine, reload=lambda: load_weights(files.name, None))
     engine.start()
     run = Run(config, device, dtype)
     run.environment = {
         "python": platform.python_version(),
         "torch": torch.__version__,
         "device": torch.cuda.get_device_name(0) if device == "cuda" else platform.processor() or "cpu",
-        "parameters": sum(p.numel() for p in model.parameters()),
+        "parameters": sum(p.numel() for p in engine.model.parameters()),
     }
     generator = torch.Generator().manual_seed(1)
     params = SamplingParams(max_tokens=NEW_TOKENS, temperature=0, ignore_eos=True)
@@ -161,7 +171,7 @@ async def measure(
                 }
             )
         run.release = release
-        again = await engine.submit(reference, params).result()
+        again = await engine.submit(reference, params).result()  # also the answer sleeping must keep
         run.after_release = {"completionTokens": again.completion_tokens, "engineSteps": engine.steps}
         points = [(s["tokens"], s["peakAllocatedBytes"]) for s in monitor.samples()]
         fit = fit_line(points)
@@ -178,8 +188,28 @@ async def measure(
             }
         else:
             run.fit = {"reason": fit.reason}
+        for level in (1, 2):
+            slept = await monitor.sleep(level, "bench")
+            woke = await monitor.wake("bench")
+            answer = await engine.submit(reference, params).result()
+            figures: dict[str, Any] = {
+                "weightsBytes": slept["weightsBytes"],
+                "freedBytes": slept["freedBytes"],
+                "rssFreedBytes": slept["rssFreedBytes"],
+                "sleepSeconds": slept["seconds"],
+                "wakeSeconds": woke["seconds"],
+                "sameAnswer": answer.text == again.text,
+            }
+            if slept["before"]["devices"]:
+                figures.update(
+                    before=slept["before"]["devices"][0],
+                    asleep=slept["after"]["devices"][0],
+                    awake=woke["after"]["devices"][0],
+                )
+            run.sleep[str(level)] = figures
     finally:
         engine.stop()
+        files.cleanup()
     return run
 
 
@@ -215,6 +245,22 @@ def report(run: Run) -> str:
     )
     lines.append(f"after the release: {run.after_release['completionTokens']} tokens generated, same process")
     lines.append(f"fit: {json.dumps(run.fit)}")
+    for level, s in run.sleep.items():
+        where = f"{s['freedBytes'] / MiB:.1f} MiB of GPU memory freed" if "before" in s else "RSS"
+        lines.append(
+            f"sleep level {level}: {s['weightsBytes'] / MiB:.1f} MiB of weights "
+            f"{'moved to CPU memory' if level == '1' else 'dropped'}, {where} "
+            f"({s['rssFreedBytes'] / MiB:+.1f} MiB RSS) in {s['sleepSeconds']:.3f} s; woke in "
+            f"{s['wakeSeconds']:.3f} s; same answer: {s['sameAnswer']}"
+        )
+        if "before" in s:
+            b, a, w = s["before"], s["asleep"], s["awake"]
+            lines.append(
+                f"  reserved {b['reservedBytes'] / MiB:.1f} -> {a['reservedBytes'] / MiB:.1f} -> "
+                f"{w['reservedBytes'] / MiB:.1f} MiB, NVML used {(b['nvmlUsedBytes'] or 0) / MiB:.0f} -> "
+                f"{(a['nvmlUsedBytes'] or 0) / MiB:.0f} -> {(w['nvmlUsedBytes'] or 0) / MiB:.0f} MiB "
+                "(awake, asleep, awake again)"
+            )
     return "\n".join(lines)
 
 

@@ -1,11 +1,14 @@
-"""GPU tier (opt-in: KUBEVRAM_GPU_TESTS=1 on a CUDA machine): release and estimate on Llama-3.2-1B's shape.
+"""GPU tier (opt-in: KUBEVRAM_GPU_TESTS=1 on a CUDA machine): release, sleep and estimate on
+Llama-3.2-1B's shape.
 
 The model is built from the published config with random weights (``bench/gpu_release_bench.py``
 builds it and runs the worker's engine and memory monitor); generations at growing lengths, then the
-release between two engine steps. Asserted: at least 95 % of the reserved-but-unallocated bytes are
-returned, the same process then generates again, and the estimate (weights + KV + activations) is
-within 3 % of the measured prefill peak at every length. The release's duration (goal: under 1 s) is a
-benchmark figure, recorded by the bench script in ``bench/README.md``, not asserted here.
+release between two engine steps, then sleep and wake at levels 1 and 2. Asserted: at least 95 % of the
+reserved-but-unallocated bytes are returned, the same process then generates again, and the estimate
+(weights + KV + activations) is within 3 % of the measured prefill peak at every length; each sleep
+level frees the weights' VRAM (allocator and NVML), and the wake brings them back with the same greedy
+answer. The durations (release, sleep, wake) are benchmark figures, recorded by the bench script in
+``bench/README.md``, not asserted here.
 """
 
 from __future__ import annotations
@@ -69,3 +72,17 @@ def test_the_samples_fit_a_line_with_a_positive_activation_term(run):
     assert "reason" not in fit, fit
     assert fit["r2"] > 0.99
     assert fit["activationBytesPerToken"] is not None and fit["activationBytesPerToken"] > 0
+
+
+@pytest.mark.parametrize("level", ["1", "2"])
+def test_sleep_frees_the_weights_vram_and_wakes_to_the_same_answer(run, level):
+    s = run.sleep[level]
+    weights = s["weightsBytes"]
+    assert weights > 2 * 2**30, s  # Llama-3.2-1B in bfloat16: about 2.5 GB (1.24 B parameters, tied)
+    before, asleep, awake = s["before"], s["asleep"], s["awake"]
+    assert s["freedBytes"] >= 0.95 * weights, s  # the weights' blocks and the cache went back to CUDA
+    assert before["allocatedBytes"] - asleep["allocatedBytes"] >= 0.95 * weights, s
+    if before["nvmlUsedBytes"] is not None:
+        assert before["nvmlUsedBytes"] - asleep["nvmlUsedBytes"] >= 0.9 * weights, s
+    assert awake["allocatedBytes"] >= asleep["allocatedBytes"] + 0.95 * weights, s  # back on the GPU
+    assert s["sameAnswer"], s
