@@ -7,21 +7,7 @@ import threading
 import time
 
 import pytest
-from http_helpers import free_port
-
-TOKEN = "s3cret-token"
-AUTH = {"Authorization": f"Bearer {TOKEN}"}
-
-
-class Clock:
-    """A clock the test moves by hand (the idle policy is about elapsed time, not about waiting)."""
-
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
+from http_helpers import TOKEN, free_port
 
 CJK_TEXT = (
     "你好世界我们他们的是在有不了人这中大为上个国和地到以说时要就出会可也你对生能而子那得于着下自之年过发后作里用道"
@@ -110,6 +96,20 @@ def tiny_model_dir(tmp_path_factory):
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+@pytest.fixture(scope="session")
+def make_model_dir(tmp_path_factory, cjk_tokenizer):
+    """``make_model_dir(name, hidden=64, intermediate=128, layers=2, heads=4)``: a random Llama of that
+    shape with the tiny tokenizer, saved like a real model; its directory."""
+
+    def make(name, **shape):
+        path = tmp_path_factory.mktemp(name)
+        build_model(len(cjk_tokenizer), cjk_tokenizer, **shape).save_pretrained(path)
+        cjk_tokenizer.save_pretrained(path)
+        return path
+
+    return make
 
 
 @pytest.fixture(scope="session")

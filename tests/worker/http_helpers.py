@@ -1,5 +1,6 @@
-"""Helpers the worker's HTTP tests share: waiting for a condition, reading SSE events and metrics,
-holding the engine between two steps, running ``kubevram worker`` in a process of its own."""
+"""Helpers the worker's tests share: the admin token, a hand-moved clock, waiting for a condition, reading
+SSE events and metrics, holding the engine between two steps, running ``kubevram worker`` in a process of
+its own. (Imported by name: ``from conftest import`` would find whichever conftest.py pytest loaded last.)"""
 
 from __future__ import annotations
 
@@ -17,6 +18,19 @@ from typing import Any
 
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
+
+TOKEN = "s3cret-token"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+
+
+class Clock:
+    """A clock the test moves by hand (the idle policy is about elapsed time, not about waiting)."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
 
 
 def wait_for(condition, what: str, timeout: float = 30.0) -> None:

@@ -9,8 +9,7 @@ import time
 
 import httpx
 import pytest
-from conftest import AUTH, TOKEN
-from http_helpers import free_port
+from http_helpers import AUTH, TOKEN, free_port
 
 from kubevram.worker import memory
 

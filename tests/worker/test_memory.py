@@ -8,7 +8,7 @@ import time
 
 import pytest
 import torch
-from conftest import Clock
+from http_helpers import Clock
 
 from kubevram.api.v1alpha1 import MemoryReleaseSpec
 from kubevram.api.workerplan import WorkerPlan

@@ -17,8 +17,7 @@ import threading
 import httpx
 import psutil
 import pytest
-from conftest import AUTH, TOKEN, Clock, build_model
-from http_helpers import Pause, metric, wait_for
+from http_helpers import AUTH, TOKEN, Clock, Pause, metric, wait_for
 
 from kubevram.api.v1alpha1 import MemoryReleaseSpec
 from kubevram.api.workerplan import WorkerPlan
@@ -206,14 +205,9 @@ def test_bad_levels_and_missing_tokens_are_refused(make_admin):
 
 
 @pytest.fixture(scope="module")
-def model_50mb(tmp_path_factory, cjk_tokenizer):
+def model_50mb(make_model_dir):
     """A Llama of about 50 MB (float32) with the tiny tokenizer, saved like a real model."""
-    path = tmp_path_factory.mktemp("llama-50mb")
-    tokenizer = cjk_tokenizer
-    model = build_model(len(tokenizer), tokenizer, hidden=384, intermediate=1024, layers=8, heads=8)
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
+    return make_model_dir("llama-50mb", hidden=384, intermediate=1024, layers=8, heads=8)
 
 
 def test_a_worker_loaded_from_its_plan_frees_the_measured_memory_when_it_sleeps(model_50mb, tmp_path, serve):
