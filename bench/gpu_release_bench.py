@@ -109,16 +109,19 @@ async def measure(
     if layers is not None:
         config["num_hidden_layers"] = layers
     torch_dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[dtype]
-    model = build_model(config, device, torch_dtype)
     tokenizer = build_tokenizer(config["vocab_size"])
-    files = tempfile.TemporaryDirectory(prefix="kubevram-bench-")  # what sleep level 2 reloads from
-    model.save_pretrained(files.name)
+    # Saved, then loaded as a worker loads it (``load_weights``, no plan): sleep level 2 reloads from the
+    # same files, so its answer is comparable (a model built in memory keeps e.g. rotary buffers in the
+    # build dtype, one loaded from files does not).
+    files = tempfile.TemporaryDirectory(prefix="kubevram-bench-")
+    build_model(config, device, torch_dtype).save_pretrained(files.name)
+    if device == "cuda":
+        torch.cuda.empty_cache()  # the built copy is gone: start from an empty cache
     monitor = MemoryMonitor()
     engine = Engine(
-        model, tokenizer, max_batch_size=1, max_sequence_length=max(lengths) + 2 * NEW_TOKENS,
-        eos_token_ids=[1], hooks=monitor,
+        load_weights(files.name, None), tokenizer, max_batch_size=1,
+        max_sequence_length=max(lengths) + 2 * NEW_TOKENS, eos_token_ids=[1], hooks=monitor,
     )
-    del model  # the engine holds it: sleep level 2 must be able to drop it
     monitor.bind(engine, reload=lambda: load_weights(files.name, None))
     engine.start()
     run = Run(config, device, dtype)

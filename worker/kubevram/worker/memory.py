@@ -14,9 +14,10 @@ resident set size. A CPU-only worker reports the process figures and an empty de
 2. run one tiny forward (2 tokens, no cache kept) so that whatever modules keep from their last forward
    (remote-code models cache rotary tables and buffers sized by the longest input) shrinks to that size,
    then drop its outputs;
-3. collect garbage, ``torch.cuda.empty_cache()`` (only unreferenced cached blocks are returned: the
-   running batch keeps its cache), and on glibc ``malloc_trim(0)``, the CPU allocator's equivalent,
-   which hands freed heap pages back to the OS.
+3. collect garbage, free cuBLAS's workspaces (live allocator blocks that pin the segments they sit in),
+   ``torch.cuda.empty_cache()`` (only unreferenced cached blocks are returned: the running batch keeps
+   its cache), and on glibc ``malloc_trim(0)``, the CPU allocator's equivalent, which hands freed heap
+   pages back to the OS.
 
 The figures before and after (allocated, reserved, NVML used per device; process RSS) come back.
 
@@ -226,10 +227,19 @@ def forget_last_exception() -> None:
 
 
 def free_caches(devices: Sequence[int]) -> bool:
-    """Collect garbage, return the CUDA allocator's unreferenced cached blocks (when there are
-    ``devices``) and trim the C heap; whether ``malloc_trim`` ran."""
+    """Collect garbage, free cuBLAS's workspaces and return the CUDA allocator's unreferenced cached
+    blocks (when there are ``devices``), and trim the C heap; whether ``malloc_trim`` ran.
+
+    cuBLAS and cuBLASLt keep their workspaces (64 MiB per stream on an H100) as live blocks of the
+    caching allocator, carved out of whatever segment was free at the first matrix product, often one
+    of a prefill's large segments: ``empty_cache`` can return no segment that holds one (measured on an
+    H100: 36 of 476 MiB cached returned with them, PyTorch issue 95668). They are allocated again,
+    lazily, by the next matrix product."""
     gc.collect()
     if devices:
+        clear_workspaces = getattr(torch._C, "_cuda_clearCublasWorkspaces", None)
+        if clear_workspaces is not None:  # absent from CPU-only builds
+            clear_workspaces()
         torch.cuda.empty_cache()  # every device's allocator
     return _malloc_trim()
 
