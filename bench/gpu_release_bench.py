@@ -1,7 +1,8 @@
 """In-process memory release and estimate accuracy on a real model shape with random weights.
 
-Llama-3.2-1B from its published config (``kubevram.planner.catalog``) with random weights, served by the
-worker's own engine with the memory monitor as its hooks: greedy generations at growing prompt lengths
+Llama-3.2-1B from its published config (``kubevram.planner.catalog``) with random weights, saved and
+loaded as a worker loads it (``load_weights``), served by the worker's own engine with the memory monitor
+as its hooks: greedy generations at growing prompt lengths
 (the monitor records each prefill's peak), then ``POST /v1/admin/release``'s procedure through
 ``MemoryMonitor.release`` (between two engine steps), then one more generation (no restart). Reports:
 
