@@ -75,8 +75,13 @@ def admin_router(monitor: MemoryMonitor, token: str | None, prefix: str = "/v1/a
 
         @router.get("/stats")
         async def stats() -> dict[str, Any]:
-            """Allocator, NVML and process figures; the last release and sleep; the prefill samples."""
-            return monitor.stats()
+            """Allocator, NVML and process figures; the last release and sleep; the prefill samples; on
+            the leader of a multi-node replica, every rank's weights and KV cache peak (``group.ranks``)."""
+            out = monitor.stats()
+            engine = monitor.engine
+            if engine is not None and engine.group is not None and engine.group.rank == 0 and engine.alive:
+                out["group"] = {"ranks": await engine.group_stats()}
+            return out
 
     @router.post("/sleep")
     async def sleep(level: str = "1") -> dict[str, Any]:

@@ -20,8 +20,8 @@ debug level). A request cancelled while it waits leaves the queue at once; every
 exactly one ``on_finished`` reason: ``stop``, ``length``, ``cancelled`` or ``error``.
 
 If the loop itself dies, :attr:`Engine.failure` says why, every waiting request is answered 503 at once
-and new ones are refused (readiness turns 503). Hook points for the states of the loop (sleep/wake, a
-distributed mode to come): :meth:`run_between_steps` runs a function on the engine thread between two
+and new ones are refused (readiness turns 503). Hook points for the states of the loop (sleep/wake, the
+distributed mode): :meth:`run_between_steps` runs a function on the engine thread between two
 steps (the VRAM release uses it; so do :meth:`abort_all` and a drain), :class:`EngineHooks` sees every
 prefill, step and finished request, :meth:`_step` is the one place a step is chosen, and
 :meth:`_transition` the one place the loop changes state.
@@ -42,6 +42,15 @@ values, padding included, updated after each step) over the planned KV budget
 (``kv_cache_budget_bytes``, the plan's ``kvCacheBytes``); without one, ``max_batch_size x
 max_sequence_length`` positions at the bytes one position takes in this model's cache, measured with a
 one-token forward by :meth:`Engine.start`, before the loop's thread starts.
+
+**A multi-node replica** (``group``: a :class:`kubevram.worker.group.Group`) is the same engine on every
+rank. Rank 0 admits requests and, in :meth:`_step`, shares which ones it prefills; every other rank runs
+:meth:`run_follower`, which takes each shared step and runs the very same :meth:`_step`. After sampling,
+rank 0 shares the tokens it drew and the rows cancelled or failed meanwhile, and every rank keeps those
+(:meth:`_agree`), so that stop strings, lengths and cache shrinking stay identical everywhere. A failed
+step is fatal in a group (ranks cannot diverge), and so is a lost rank (:meth:`fail_group`): the engine
+fails like a dead loop, and the leader answers 503. A pipeline stage's cache holds only its own layers
+(transformers' ``DummyLayer`` for the others, :meth:`_new_cache`).
 """
 
 from __future__ import annotations
@@ -141,7 +150,7 @@ class RequestHandle:
     _ids = itertools.count()
 
     def __init__(
-        self, prompt_ids: Sequence[int], params: SamplingParams, loop: asyncio.AbstractEventLoop
+        self, prompt_ids: Sequence[int], params: SamplingParams, loop: asyncio.AbstractEventLoop | None
     ) -> None:
         self.id = next(self._ids)
         self.prompt_ids = list(prompt_ids)
@@ -161,6 +170,8 @@ class RequestHandle:
             self._withdraw(self)
 
     def _put(self, output: Output) -> None:
+        if self.loop is None:  # a rank other than 0 of a group steps the request; nobody reads it here
+            return
         try:
             self.loop.call_soon_threadsafe(self.queue.put_nowait, output)
         except RuntimeError:  # the event loop is closed: nobody is listening any more
@@ -256,6 +267,7 @@ class Engine:
         eos_token_ids: Sequence[int] = (),
         hooks: EngineHooks | None = None,
         kv_cache_budget_bytes: int | None = None,
+        group: Any = None,
     ) -> None:
         if max_batch_size < 1 or max_queue < 1:
             raise ValueError(f"max_batch_size ({max_batch_size}) and max_queue ({max_queue}) must be >= 1")
@@ -308,6 +320,11 @@ class Engine:
         self._sleep_order: _SleepOrder | None = None
         self._wake_orders: list[tuple[str, concurrent.futures.Future[dict[str, Any]]]] = []
         self._parked: collections.deque[RequestHandle] = collections.deque()
+        # A multi-node replica: this rank's group (None: the replica is this process alone).
+        self.group = group
+        self.kv_peak_bytes = 0  # the largest KV cache this rank held (groups report it per rank)
+        if group is not None:
+            group.watch(self.fail_group)
 
     # ---- the outside: any thread --------------------------------------------------------------
 
@@ -347,7 +364,8 @@ class Engine:
     def start(self) -> None:
         """Measure the KV cache (the gauges' budget, module docstring), then start the loop's thread."""
         if self._thread is None:
-            self._measure_kv_position()
+            if self.group is None:  # a group's ranks forward only together: the plan gives the budget
+                self._measure_kv_position()
             self._thread = threading.Thread(target=self._run, name="kubevram-engine", daemon=True)
             self._thread.start()
 
@@ -375,6 +393,14 @@ class Engine:
         self, prompt_ids: Sequence[int], params: SamplingParams, loop: asyncio.AbstractEventLoop | None = None
     ) -> RequestHandle:
         """Queue a request; 400 if it is too long, 429 (with a Retry-After) if the queue is full."""
+        if self.group is not None and self.group.rank != 0:
+            raise EngineError(
+                503,
+                f"this pod is {self.group.member.describe()} of a multi-node replica; its leader "
+                "(LWS_WORKER_INDEX 0) serves the requests",
+                type="service_unavailable",
+                code="not_leader",
+            )
         if not prompt_ids:
             raise EngineError(400, "the prompt has no tokens", param="prompt")
         self.check_admission(len(prompt_ids), params.max_tokens)
@@ -414,7 +440,47 @@ class Engine:
         """Fail every running and waiting request with ``error`` (between two steps); how many."""
         if self.failure is not None or self._thread is None:
             return 0
-        return await self.run_between_steps(lambda: self._fail_all(error))
+
+        def abort() -> int:
+            if self.group is not None:
+                self.group.share(("reset",))  # every rank drops the batch too
+            return self._fail_all(error)
+
+        return await self.run_between_steps(abort)
+
+    def fail_group(self, why: str) -> None:
+        """A rank of the group is gone (any thread): fail like a dead loop, at once; the loop ends."""
+        with self._cond:
+            if self.failure is not None:
+                return
+            self.failure = why
+            self._stopping = True
+            self._fail_all(self.dead_error())
+            self._cond.notify_all()
+
+    async def group_stats(self) -> list[dict[str, int]]:
+        """Every rank's weights and KV cache peak (rank 0 of a group, between two steps)."""
+        if self.group is None:
+            return [self.rank_stats()]
+
+        def gather() -> list[dict[str, int]]:
+            self.group.share(("stats",))
+            return list(self.group.gather(self.rank_stats()) or [])
+
+        return await self.run_between_steps(gather)
+
+    def rank_stats(self) -> dict[str, int]:
+        """This process's share of the model: bytes of its parameters and buffers (tensor-parallel
+        shards as held here), and the largest KV cache it held."""
+        seen: set[int] = set()
+        weights = 0
+        for tensor in [*self.model.parameters(), *self.model.buffers()]:
+            if id(tensor) not in seen:  # a tied weight is one tensor
+                seen.add(id(tensor))
+                local = tensor.to_local() if hasattr(tensor, "to_local") else tensor
+                weights += local.numel() * local.element_size()
+        return {"rank": self.group.rank if self.group is not None else 0, "weightsBytes": weights,
+                "kvCachePeakBytes": self.kv_peak_bytes}
 
     async def sleep(self, level: int, reason: str = "request") -> dict[str, Any]:
         """Order a sleep at ``level`` and wait for it: the admitted requests finish first, new ones are
@@ -508,9 +574,10 @@ class Engine:
 
     def drop_cancelled(self) -> int:
         """Remove the running batch's rows whose client went away, their KV cache rows with them; how
-        many. The next step drops them anyway; a memory release does it now. Engine thread only."""
+        many. The next step drops them anyway; a memory release does it now. Engine thread only. In a
+        group the ranks drop them together, at the next step."""
         batch = self._batch
-        if batch is None:
+        if batch is None or self.group is not None:
             return 0
         keep = [i for i, row in enumerate(batch.rows) if not row.handle.cancelled.is_set()]
         dropped = len(batch.rows) - len(keep)
@@ -531,8 +598,13 @@ class Engine:
     def _run(self) -> None:
         """The thread's body: the loop; if it dies, fail everything and refuse what comes."""
         try:
-            self._loop()
+            if self.group is not None and self.group.rank != 0:
+                self._follow()
+            else:
+                self._loop()
         except BaseException as exc:
+            if self.failure is not None:  # the group was lost: its collectives fail, as they must
+                return
             self.failure = f"{type(exc).__name__}: {exc}"
             log.critical("the engine loop died: %s", self.failure, exc_info=True)
             with self._cond:
@@ -580,6 +652,8 @@ class Engine:
                 self._transition(transition)
                 continue
             self._step(new)
+        if self.group is not None and self.failure is None:
+            self.group.share(("stop",))
         stopped = EngineError(503, "the worker is shutting down", type="service_unavailable")
         with self._cond:
             self._fail_all(stopped)
@@ -688,6 +762,39 @@ class Engine:
     def _update_kv_bytes(self) -> None:
         self.kv_cache_bytes = cache_bytes(self._batch.cache) if self._batch is not None else 0
 
+    def run_follower(self) -> None:
+        """A rank other than 0: step as rank 0 shares, on the calling thread, until it stops or the group
+        is lost (then :attr:`failure` says why)."""
+        self._run()
+
+    def _follow(self) -> None:
+        """The loop of a rank other than 0: each step is the one rank 0 shared (its requests in order);
+        functions asked for run between two of them."""
+        assert self.group is not None
+        log.info("%s: following the leader's steps", self.group.member.describe())
+        while not self._stopping:
+            message = self.group.share()
+            with self._cond:
+                callbacks = list(self._callbacks)
+                self._callbacks.clear()
+            for fn, future in callbacks:
+                if future.set_running_or_notify_cancel():
+                    try:
+                        future.set_result(fn())
+                    except BaseException as exc:
+                        future.set_exception(exc)
+            kind = message[0]
+            if kind == "stop":
+                break
+            if kind == "reset":
+                self._batch = None
+                self.running = 0
+            elif kind == "stats":
+                self.group.gather(self.rank_stats())
+            else:
+                self._step([RequestHandle(ids, params, None) for ids, params in message[1]])
+        self._stopping = True  # the leader stopped the group: this rank is done
+
     def _step(self, new: list[RequestHandle]) -> None:
         """One step: prefill the requests just taken from the queue, else decode the running batch."""
         new = [h for h in new if not h.finished]  # a callback (an abort) may have ended them
@@ -696,6 +803,8 @@ class Engine:
                 handle.finished = True
                 self.hooks.on_finished("cancelled")
         new = [h for h in new if not h.cancelled.is_set()]
+        if self.group is not None and self.group.rank == 0 and (new or self._batch is not None):
+            self.group.share(("step", [(h.prompt_ids, h.params) for h in new]))
         self._prefilling = new
         if new:
             self._guarded(self._prefill, new)
@@ -720,6 +829,8 @@ class Engine:
                 step(arg)
         except torch.OutOfMemoryError as exc:
             self.oom_count += 1
+            if self.group is not None:
+                raise
             oom = True
             log.error(
                 "out of memory in a step of %d requests; failing them and freeing the batch: %s",
@@ -733,6 +844,8 @@ class Engine:
                 code="out_of_memory",
             )
         except Exception as exc:
+            if self.group is not None:
+                raise  # the ranks would diverge: the group fails
             error = _step_error(exc, len(rows))
         if error is None:
             return
@@ -793,7 +906,7 @@ class Engine:
         position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
         rows = [_Row(h, _row_generator(h.params.seed, self.device)) for h in handles]
         self.hooks.on_prefill(len(rows), sum(len(h.prompt_ids) for h in handles))
-        cache = DynamicCache(config=self.model.config)
+        cache = self._new_cache(DynamicCache)
         out = self.model(
             input_ids=ids,
             attention_mask=mask,
@@ -836,6 +949,9 @@ class Engine:
         self._sampled = True
         # Sampling happens where the inputs live (the output head may sit on another device).
         tokens, failed = self._sample_isolated(batch, logits.to(self.device).float())
+        cancelled = {i for i, row in enumerate(batch.rows) if row.handle.cancelled.is_set()}
+        if self.group is not None:
+            tokens, cancelled, failed = self._agree(batch, tokens, cancelled, failed)
         batch.input_ids = torch.cat([batch.input_ids, tokens[:, None]], dim=-1)
         ones = batch.attention_mask.new_ones((len(tokens), 1))
         batch.attention_mask = torch.cat([batch.attention_mask, ones], dim=-1)
@@ -843,7 +959,7 @@ class Engine:
         is_eos = torch.isin(tokens, self._eos).tolist()
         keep = []
         for i, (row, token, eos) in enumerate(zip(batch.rows, tokens.tolist(), is_eos, strict=True)):
-            if row.handle.cancelled.is_set():
+            if i in cancelled:
                 row.handle.finished = True
                 self.hooks.on_finished("cancelled")
                 continue
@@ -858,6 +974,33 @@ class Engine:
         if len(keep) < len(batch.rows):
             _select(batch, keep)
         return batch
+
+    def _agree(
+        self, batch: _Batch, tokens: torch.Tensor, cancelled: set[int], failed: dict[int, EngineError]
+    ) -> tuple[torch.Tensor, set[int], dict[int, EngineError]]:
+        """Rank 0's draw, cancellations and failed rows, on every rank (which also notes its KV cache)."""
+        assert self.group is not None
+        self.kv_peak_bytes = max(self.kv_peak_bytes, cache_bytes(batch.cache))
+        mine = (tokens.tolist(), sorted(cancelled), {i: (e.status, e.message) for i, e in failed.items()})
+        drawn, gone, bad = self.group.share(mine if self.group.rank == 0 else None)
+        for i in gone:
+            batch.rows[i].handle.cancelled.set()
+        errors = {i: EngineError(code, text, type="server_error") for i, (code, text) in bad.items()}
+        return torch.tensor(drawn, dtype=torch.long, device=tokens.device), set(gone), errors
+
+    def _new_cache(self, cache_class: Any) -> Any:
+        """A KV cache for the model; a pipeline stage's holds only the layers it owns (transformers'
+        ``DummyLayer`` for the others, which its masks then skip)."""
+        cache = cache_class(config=self.model.config)
+        stage = getattr(self.model, "_pp_stage", None)
+        if stage is not None:
+            from transformers.cache_utils import DummyLayer
+
+            first, end = stage.layer_range_for_rank(stage.pp_rank, len(cache.layers))
+            for i in range(len(cache.layers)):
+                if not first <= i < end:
+                    cache.layers[i] = DummyLayer()
+        return cache
 
     def _append(self, row: _Row, token: int, eos: bool) -> bool:
         """Add a token to a row and send its new text; False when the row is finished."""
@@ -1055,18 +1198,25 @@ def _input_device(model: Any) -> torch.device:
         device = model.get_input_embeddings().weight.device
         if device.type != "meta":
             return torch.device(device)
-    except AttributeError:
-        pass
+    except AttributeError:  # a later pipeline stage holds no embeddings: its own parameters' device
+        for param in model.parameters():
+            if param.device.type != "meta":
+                return torch.device(param.device)
     return torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
 
 
 def _plain_dynamic_cache(cache: Any) -> bool:
     """Whether every layer of ``cache`` is a plain growing ``DynamicLayer`` (no sliding window, no
     quantisation): only such caches can be padded and concatenated along the batch."""
-    from transformers.cache_utils import DynamicLayer
+    from transformers.cache_utils import DummyLayer, DynamicLayer
 
-    layers = getattr(cache, "layers", None) or []
+    layers = [layer for layer in getattr(cache, "layers", None) or [] if type(layer) is not DummyLayer]
     return bool(layers) and all(type(layer) is DynamicLayer for layer in layers)
+
+
+def _held(cache: Any) -> list[Any]:
+    """The layers of ``cache`` that hold keys and values (not a pipeline stage's ``DummyLayer``)."""
+    return [layer for layer in cache.layers if getattr(layer, "keys", None) is not None]
 
 
 def _select(batch: _Batch, keep: list[int]) -> None:
@@ -1083,7 +1233,7 @@ def _select(batch: _Batch, keep: list[int]) -> None:
     if lead > 0:
         batch.input_ids = batch.input_ids[:, lead:]
         batch.attention_mask = batch.attention_mask[:, lead:]
-        for layer in batch.cache.layers:
+        for layer in _held(batch.cache):
             layer.keys = layer.keys[:, :, lead:, :]
             layer.values = layer.values[:, :, lead:, :]
 
@@ -1097,10 +1247,10 @@ def _merge(batch: _Batch, group: _Batch, pad_token_id: int) -> _Batch:
         if missing:
             part.input_ids = torch.nn.functional.pad(part.input_ids, (missing, 0), value=pad_token_id)
             part.attention_mask = torch.nn.functional.pad(part.attention_mask, (missing, 0), value=0)
-            for layer in part.cache.layers:
+            for layer in _held(part.cache):
                 layer.keys = torch.nn.functional.pad(layer.keys, (0, 0, missing, 0))
                 layer.values = torch.nn.functional.pad(layer.values, (0, 0, missing, 0))
-    for mine, theirs in zip(batch.cache.layers, group.cache.layers, strict=True):
+    for mine, theirs in zip(_held(batch.cache), _held(group.cache), strict=True):
         mine.keys = torch.cat([mine.keys, theirs.keys], dim=0)
         mine.values = torch.cat([mine.values, theirs.values], dim=0)
     batch.rows = batch.rows + group.rows

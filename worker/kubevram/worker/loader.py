@@ -7,6 +7,13 @@ line where bitsandbytes cannot be imported. A pre-quantized checkpoint (a ``quan
 ``config.json``: fp8, AWQ, GPTQ, bitsandbytes, compressed-tensors) loads as transformers loads it: its
 own quantization applies and the plan's precision only sets the dtype of the other layers. Without a
 plan the worker runs on what it finds: every GPU with ``device_map="auto"``, else the CPU in float32.
+
+A pod of a multi-node group (``plan.group``) loads its rank's share with transformers' own parallelism,
+``DistributedConfig(tp_size, pp_size)`` (no device map: a rank's modules go to its GPU), after two small
+patches where transformers 5.24 does not do what the plan says (:func:`patch_for_group`): the pipeline
+stages take the plan's layer boundaries instead of an even split by count, and the tensor-parallel plan
+is applied to the modules a stage keeps (transformers resolves it on the whole model, then pipeline
+parallelism replaces the layers a stage does not own, and the lookup of those fails with a KeyError).
 """
 
 from __future__ import annotations
@@ -53,6 +60,31 @@ def require_bitsandbytes(weights: str) -> None:
         ) from None
 
 
+def patch_for_group(stages: list[tuple[int, int]], tensor_parallel: int) -> None:
+    """Make transformers' pipeline stages the plan's (``stages``: decoder layers ``[first, end)`` per
+    stage) and, with tensor parallel too, shard only the modules a stage keeps."""
+    from transformers.distributed import mixin, pipeline_parallel
+
+    def layer_range_for_rank(self: Any, rank: int, num_layers: int) -> tuple[int, int]:
+        if stages[-1][1] != num_layers:
+            raise LoadError(f"the plan's stages cover {stages[-1][1]} layers, the model has {num_layers}")
+        return stages[rank]
+
+    setattr(pipeline_parallel.PipelineStage, "layer_range_for_rank", layer_range_for_rank)  # noqa: B010
+    if tensor_parallel > 1 and len(stages) > 1 and not getattr(mixin, "_kubevram_patched", False):
+        apply = mixin.apply_tensor_parallelism
+        identity = pipeline_parallel.PipelineIdentityLayer
+
+        def apply_kept(model: Any, mesh: Any, plan: dict[str, str]) -> Any:
+            modules, params = dict(model.named_modules()), dict(model.named_parameters())
+            kept = {k: v for k, v in plan.items()
+                    if k in params or (k in modules and not isinstance(modules[k], identity))}
+            return apply(model, mesh, kept)
+
+        setattr(mixin, "apply_tensor_parallelism", apply_kept)  # noqa: B010
+        setattr(mixin, "_kubevram_patched", True)  # noqa: B010
+
+
 def from_pretrained_kwargs(
     plan: WorkerPlan | None, *, cuda: bool | None = None, prequantized: bool = False
 ) -> dict[str, Any]:
@@ -84,7 +116,14 @@ def from_pretrained_kwargs(
             kwargs["quantization_config"] = BitsAndBytesConfig(
                 load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float16
             )
-    if plan.deviceMap is not None:
+    if plan.group is not None:
+        from transformers.distributed import DistributedConfig
+
+        group = plan.group
+        kwargs["distributed_config"] = DistributedConfig(
+            tp_size=group.tensorParallel, pp_size=group.pipelineParallel
+        )
+    elif plan.deviceMap is not None:
         kwargs["device_map"] = dict(plan.deviceMap)
     elif cuda:
         kwargs["device_map"] = "auto"
@@ -114,6 +153,9 @@ def _describe(kwargs: dict[str, Any]) -> str:
         parts.append(f"quantization={type(kwargs['quantization_config']).__name__}")
     if "offload_folder" in kwargs:
         parts.append(f"offload_folder={kwargs['offload_folder']}")
+    config = kwargs.get("distributed_config")
+    if config is not None:
+        parts.append(f"tensor parallel {config.tp_size} x {config.pp_size} pipeline stages")
     return "; ".join(parts)
 
 
@@ -161,17 +203,25 @@ def load_weights(model_id: str, plan: WorkerPlan | None) -> Any:
     return model
 
 
-def load(model_id: str, plan: WorkerPlan | None, chinese: ChineseSpec | None = None) -> LoadedModel:
-    """Load tokenizer and model as ``plan`` says, logging each stage; compute the steering token sets."""
+def load(
+    model_id: str, plan: WorkerPlan | None, chinese: ChineseSpec | None = None, group: Any = None
+) -> LoadedModel:
+    """Load tokenizer and model as ``plan`` says, logging each stage; compute the steering token sets.
+    ``group`` (a joined :class:`kubevram.worker.group.Group`): this rank's share of a multi-node replica."""
     from transformers import AutoTokenizer
 
     start = time.monotonic()
+    if plan is not None and plan.group is not None:
+        if group is None:
+            raise LoadError("the plan is a multi-node group's: join the group before loading")
+        patch_for_group([(s.layers[0], s.layers[1]) for s in plan.group.stages], plan.group.tensorParallel)
     trust = bool(plan.model.trustRemoteCode) if plan is not None else False
     log.info("loading tokenizer from %s", model_id)
     tokenizer = AutoTokenizer.from_pretrained(model_id, trust_remote_code=trust)
     model = load_weights(model_id, plan)
     eos = eos_ids(model, tokenizer)
-    vocab = model.get_output_embeddings().weight.shape[0]
+    head = getattr(model.get_output_embeddings(), "weight", None)  # a pipeline stage may hold no head
+    vocab = int(head.shape[0]) if head is not None else int(model.config.get_text_config().vocab_size)
     ranges = parse_ranges((chinese or ChineseSpec()).ranges)
     t0 = time.monotonic()
     classes = token_classes(tokenizer, vocab, eos, ranges)

@@ -265,7 +265,7 @@ def release_now(engine: Engine, devices: Sequence[int], reason: str = "request")
     before = snapshot(devices)
     forget_last_exception()
     dropped = drop_cancelled_rows(engine)
-    if not engine.sleep_level:
+    if not engine.sleep_level and engine.group is None:  # a group's ranks forward only together
         tiny_forward(engine)
     trimmed = free_caches(devices)
     after = snapshot(devices)
@@ -358,8 +358,9 @@ class MemoryMonitor(EngineHooks):
         from kubevram.worker.sleep import Sleeper  # it builds on this module's figures
 
         self.devices = model_devices(engine.model)
-        self.sleeper = Sleeper(engine, self.devices, reload, on_wake=self._woken)
-        engine.sleeper = self.sleeper
+        if engine.group is None:  # a multi-node replica's ranks do not sleep (they step only together)
+            self.sleeper = Sleeper(engine, self.devices, reload, on_wake=self._woken)
+            engine.sleeper = self.sleeper
         engine.wake_on_request = self.policy.wakeOnRequest
         self.engine = engine
         self.last_active = self.clock()
@@ -481,6 +482,10 @@ class MemoryMonitor(EngineHooks):
         """Put the engine to sleep at ``level`` (it waits for the admitted requests); the figures. 503
         while the model loads, 400 for a level the worker cannot sleep at."""
         engine, sleeper = self.engine, self.sleeper
+        if engine is not None and engine.group is not None:
+            raise EngineError(
+                409, "a multi-node replica does not sleep: its ranks step only together", code="group_cannot_sleep"
+            )
         if engine is None or sleeper is None:
             raise EngineError.loading()
         sleeper.check_level(level)
@@ -500,7 +505,7 @@ class MemoryMonitor(EngineHooks):
     def sleep_due(self, now: float | None = None) -> bool:
         """Whether ``memoryRelease.sleepAfterIdleSeconds`` have passed without a request."""
         engine, after = self.engine, self.policy.sleepAfterIdleSeconds
-        if engine is None or after <= 0 or engine.sleeping or not engine.idle:
+        if engine is None or after <= 0 or engine.sleeping or not engine.idle or engine.group is not None:
             return False
         now = self.clock() if now is None else now
         return now - self.last_active >= after

@@ -96,14 +96,37 @@ def check_model_path(model: str) -> None:
         raise SpecError("--model", f"{model!r}: no such directory")
 
 
+def join_group(plan: WorkerPlan | None, model_id: str, plan_path: str | None) -> Any:
+    """A pod of a multi-node replica: start this pod's other local ranks and join the group (None for a
+    single-pod replica)."""
+    if plan is None or plan.group is None:
+        return None
+    from kubevram.worker.group import Group, member_from_env, start_local_ranks
+
+    group = Group(member_from_env(plan.group))
+    if plan.group.gpusPerPod > 1:
+        assert plan_path is not None
+        start_local_ranks(model_id, plan_path, plan.group.gpusPerPod, group.fail)
+    group.join()
+    return group
+
+
 def load_into(
-    state: WorkerState, model_id: str, plan: WorkerPlan | None, max_queue: int = DEFAULT_MAX_QUEUE
+    state: WorkerState,
+    model_id: str,
+    plan: WorkerPlan | None,
+    max_queue: int = DEFAULT_MAX_QUEUE,
+    plan_path: str | None = None,
 ) -> None:
-    """Load the model, start the engine and make ``state`` ready (on the calling thread)."""
+    """Load the model, start the engine and make ``state`` ready (on the calling thread). A pod of a
+    multi-node replica joins its group first, and is ready once every rank has loaded."""
     from kubevram.worker.engine import Engine
     from kubevram.worker.loader import load, load_weights
 
-    loaded = load(model_id, plan, state.generation.chinese)
+    group = join_group(plan, model_id, plan_path)
+    loaded = load(model_id, plan, state.generation.chinese, group=group)
+    if group is not None:
+        group.barrier()  # every rank has its share
     limit = state.serving.maxSequenceLength
     positions = getattr(loaded.model.config, "max_position_embeddings", None)
     if isinstance(positions, int) and positions < limit:
@@ -120,7 +143,8 @@ def load_into(
         token_classes=loaded.token_classes,
         eos_token_ids=loaded.eos_token_ids,
         hooks=state.memory if state.memory is not None else state.metrics,
-        kv_cache_budget_bytes=plan.kvCacheBytes if plan is not None else None,
+        kv_cache_budget_bytes=kv_budget(plan, group),
+        group=group,
     )
     if state.memory is not None:
         # Sleep level 2 drops the model; the wake loads it from the files again, as here.
@@ -137,18 +161,28 @@ def load_into(
     )
 
 
+def kv_budget(plan: WorkerPlan | None, group: Any) -> int | None:
+    """The KV cache this process may hold (the gauges' budget): the plan's, or this rank's in a group."""
+    if plan is None:
+        return None
+    if group is not None and plan.group is not None:
+        return plan.group.ranks[group.rank].kvCache
+    return plan.kvCacheBytes
+
+
 def start_loading(
     state: WorkerState,
     model_id: str,
     plan: WorkerPlan | None,
     max_queue: int = DEFAULT_MAX_QUEUE,
     on_failure: Callable[[], None] | None = None,
+    plan_path: str | None = None,
 ) -> threading.Thread:
     """:func:`load_into` on a background thread; a failure is logged, kept in ``state`` and reported."""
 
     def target() -> None:
         try:
-            load_into(state, model_id, plan, max_queue)
+            load_into(state, model_id, plan, max_queue, plan_path)
         except Exception as exc:
             state.load_error = f"{type(exc).__name__}: {exc}"
             log.error("loading %s failed: %s", model_id, " ".join(state.load_error.split()))
@@ -278,11 +312,14 @@ def run_worker(args: argparse.Namespace) -> int:
             server.should_exit = True
 
     start_loading(
-        state, args.model, plan, getattr(args, "max_queue", None) or DEFAULT_MAX_QUEUE, on_failure=stop
+        state, args.model, plan, getattr(args, "max_queue", None) or DEFAULT_MAX_QUEUE, on_failure=stop,
+        plan_path=getattr(args, "plan", None),
     )
     log.info("listening on %s:%d; loading %s", args.host, args.port, args.model)
     reporter = StatusReporter.from_env(state.memory, plan)
     background = [state.memory.watch()] + ([reporter.run()] if reporter is not None else [])
+    if plan is not None and plan.group is not None:
+        background.append(follow_group(state, stop))
     drain_seconds = getattr(args, "drain_seconds", None)
     asyncio.run(
         serve_all(
@@ -293,4 +330,20 @@ def run_worker(args: argparse.Namespace) -> int:
         state.engine.stop()
     state.close()
     log.info("stopped")
-    return 1 if state.load_error else 0
+    lost = state.engine is not None and state.engine.group is not None and state.engine.failure
+    return 1 if state.load_error or lost else 0
+
+
+async def follow_group(state: WorkerState, stop: Callable[[], None], interval: float = 0.2) -> None:
+    """A pod of a multi-node replica other than the leader's ends when its ranks stop stepping (the leader
+    stopped them, or the group was lost: then with status 1, so that the pod restarts and LeaderWorkerSet
+    recreates the group). The leader stays up, answering 503 and not ready, when the group is lost."""
+    while True:
+        await asyncio.sleep(interval)
+        engine = state.engine
+        if engine is None or engine.group is None or engine.group.rank == 0:
+            continue
+        if not engine.alive:
+            log.info("the group's steps have ended here (%s); stopping", engine.failure or "stopped")
+            stop()
+            return
