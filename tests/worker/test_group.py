@@ -9,142 +9,27 @@ Two pods of one rank each (two pipeline stages), and two pods of two local ranks
 
 from __future__ import annotations
 
-import json
 import os
 import signal
-import socket
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+from group_helpers import TOKEN, Group, start_group, status, stop_group
 
-from kubevram.api.load import parse_deployment
-from kubevram.api.workerplan import WorkerPlan
-from kubevram.controller import render
-from kubevram.planner.placement import plan_cluster
-
-TOKEN = "group-token"
 SEQUENCE, BATCH = 64, 2
 GREEDY = {"temperature": 0}
-
-
-def _free_ports(count: int) -> list[int]:
-    """``count`` consecutive free ports (the group's rendezvous port and the leader's health port)."""
-    for _ in range(50):
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            base = probe.getsockname()[1]
-        if base + count > 65535:
-            continue
-        try:
-            for port in range(base, base + count):
-                with socket.socket() as sock:
-                    sock.bind(("127.0.0.1", port))
-        except OSError:
-            continue
-        return list(range(base, base + count))
-    raise RuntimeError("no free ports")
-
-
-def group_plan(model_dir: Path, pods: int, gpus_per_pod: int) -> tuple[WorkerPlan, dict[str, Any]]:
-    """The plan the operator would mount: planned by the planner on ``pods`` nodes of ``gpus_per_pod``
-    GPUs, rendered by the operator's renderer. Returns (worker plan, the replica's plan JSON)."""
-    config = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
-    body = {"apiVersion": "llm.kubevram.io/v1alpha1", "kind": "LLMDeployment",
-            "metadata": {"name": "tiny", "namespace": "ai", "uid": "u"},
-            "spec": {"model": {"id": str(model_dir), "config": config}, "precision": {"weights": "float32"},
-                     "serving": {"maxSequenceLength": SEQUENCE, "maxBatchSize": BATCH},
-                     "generation": {"chinese": {"enabled": False}},
-                     "placement": {"multiNode": "always", "maxGroupSize": pods,
-                                   "gpusPerReplica": pods * gpus_per_pod}}}
-    deployment = parse_deployment(body)
-    nodes = [{"apiVersion": "v1", "kind": "Node",
-              "metadata": {"name": f"n{i}", "labels": {"nvidia.com/gpu.memory": "8192",
-                                                      "nvidia.com/gpu.count": str(gpus_per_pod)}},
-              "status": {"allocatable": {"nvidia.com/gpu": str(gpus_per_pod)},
-                         "conditions": [{"type": "Ready", "status": "True"}]}} for i in range(pods)]
-    (replica,) = plan_cluster([deployment], nodes).to_json()[0]["replicas"]
-    return render.worker_plan(body, deployment.spec, replica), replica
-
-
-@dataclass
-class Pod:
-    proc: subprocess.Popen[str]
-    url: str
-    admin: str
-
-
-@dataclass
-class Group:
-    pods: list[Pod]
-    plan: WorkerPlan
-    replica: dict[str, Any]
-
-    @property
-    def leader(self) -> Pod:
-        return self.pods[0]
-
-
-def start_group(model_dir: Path, directory: Path, pods: int, gpus_per_pod: int) -> Group:
-    """The pods of one group as LeaderWorkerSet starts them, once the leader's /readyz answers 200."""
-    plan, replica = group_plan(model_dir, pods, gpus_per_pod)
-    group_port, _health, *ports = _free_ports(2 + 2 * pods)
-    assert plan.group is not None
-    plan = plan.model_copy(update={"group": plan.group.model_copy(update={"port": group_port})})
-    path = directory / "plan.json"
-    path.write_text(plan.to_json(), encoding="utf-8")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("LWS_")}
-    started = []
-    for index in range(pods):
-        http, admin = ports[2 * index], ports[2 * index + 1]
-        lws = {"LWS_LEADER_ADDRESS": "127.0.0.1", "LWS_GROUP_SIZE": str(pods), "LWS_WORKER_INDEX": str(index)}
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "kubevram.cli", "worker", "--model", str(model_dir), "--plan", str(path),
-             "--host", "127.0.0.1", "--port", str(http), "--admin-port", str(admin)],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-            env={**env, **lws, "PYTHONUNBUFFERED": "1", "KUBEVRAM_ADMIN_TOKEN": TOKEN},
-            start_new_session=True,  # the pod: its local ranks go with it
-        )
-        started.append(Pod(proc, f"http://127.0.0.1:{http}", f"http://127.0.0.1:{admin}"))
-    group = Group(started, plan, replica)
-    deadline = time.monotonic() + 240
-    while not all(_status(pod) == 200 for pod in started):
-        for pod in started:
-            if pod.proc.poll() is not None:
-                stop_group(group)
-                raise AssertionError(pod.proc.stdout.read() if pod.proc.stdout else "a pod exited")
-        if time.monotonic() > deadline:
-            stop_group(group)
-            raise AssertionError("the group did not turn ready")
-        time.sleep(0.1)
-    return group
-
-
-def _status(pod: Pod) -> int | None:
-    try:
-        return httpx.get(f"{pod.url}/readyz", timeout=5).status_code
-    except httpx.TransportError:
-        return None
-
-
-def stop_group(group: Group) -> None:
-    for pod in group.pods:
-        if pod.proc.poll() is None:
-            os.killpg(pod.proc.pid, signal.SIGKILL)
-        pod.proc.communicate(timeout=30)
 
 
 @pytest.fixture(scope="module")
 def pipeline(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Group]:
     """Two pods of one rank each: two pipeline stages."""
-    group = start_group(tiny_model_dir, tmp_path_factory.mktemp("group-2"), pods=2, gpus_per_pod=1)
+    group = start_group(tiny_model_dir, tmp_path_factory.mktemp("group-2"), pods=2, gpus_per_pod=1,
+                        sequence=SEQUENCE, batch=BATCH)
     yield group
     stop_group(group)
 
@@ -229,7 +114,7 @@ def test_every_rank_holds_what_the_planner_budgeted(pipeline: Group) -> None:
 
 def test_only_the_leader_serves(pipeline: Group) -> None:
     worker = pipeline.pods[1]
-    assert _status(worker) == 200
+    assert status(worker) == 200
     model = httpx.get(f"{worker.url}/v1/models", timeout=30).json()["data"][0]["id"]
     response = httpx.post(f"{worker.url}/v1/completions", json={"model": model, "prompt": "hi"}, timeout=30)
     assert response.status_code == 503 and response.json()["error"]["code"] == "not_leader"
@@ -238,7 +123,7 @@ def test_only_the_leader_serves(pipeline: Group) -> None:
 def test_tensor_and_pipeline_parallel_over_two_pods_of_two(
     tiny_model_dir: Path, tmp_path: Path, single: Any
 ) -> None:
-    group = start_group(tiny_model_dir, tmp_path, pods=2, gpus_per_pod=2)
+    group = start_group(tiny_model_dir, tmp_path, pods=2, gpus_per_pod=2, sequence=SEQUENCE, batch=BATCH)
     try:
         layout = group.replica["group"]
         assert (layout["tensorParallel"], layout["pipelineParallel"]) == (2, 2)
@@ -256,7 +141,7 @@ def test_a_killed_worker_rank_turns_the_leader_not_ready(pipeline: Group) -> Non
     worker = pipeline.pods[1]
     os.killpg(worker.proc.pid, signal.SIGKILL)
     deadline = time.monotonic() + 30
-    while _status(pipeline.leader) != 503 and time.monotonic() < deadline:
+    while status(pipeline.leader) != 503 and time.monotonic() < deadline:
         time.sleep(0.05)
     ready = httpx.get(f"{pipeline.leader.url}/readyz", timeout=5)
     assert ready.status_code == 503 and "rank 1 (pod 1)" in ready.json()["error"]
