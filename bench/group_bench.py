@@ -14,13 +14,14 @@ On a CPU the ranks share the machine's cores, so these figures are the cost of t
 (one control broadcast per step, the stages' send/receive, the tensor-parallel all-reduces), not a
 speed-up.
 
-    python bench/group_bench.py [--tokens 64] [--repeat 3]
+    python bench/group_bench.py [--tokens 64] [--repeat 3] [--threads 1]
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib.util
+import os
 import statistics
 import sys
 import tempfile
@@ -87,7 +88,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=1, help="OpenMP threads per process (OMP_NUM_THREADS)")
     args = parser.parse_args()
+    os.environ["OMP_NUM_THREADS"] = str(args.threads)  # every worker process inherits it
     helpers = _load("group_helpers", ROOT / "tests" / "worker" / "group_helpers.py")
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
