@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import sys
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -26,18 +25,20 @@ pytestmark = [
 WORKER_TESTS = Path(__file__).resolve().parents[1] / "worker"
 
 
-def _module(name: str, path: Path) -> ModuleType:
-    spec = importlib.util.spec_from_file_location(name, path)
+def _bench() -> ModuleType:
+    """bench/group_bench.py, whose loader this test shares (it builds nothing at import)."""
+    path = Path(__file__).resolve().parents[2] / "bench" / "group_bench.py"
+    spec = importlib.util.spec_from_file_location("group_bench", path)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
     spec.loader.exec_module(module)
     return module
 
 
 def test_two_pods_with_nccl_answer_what_one_process_answers(tmp_path: Path) -> None:
-    helpers = _module("group_helpers", WORKER_TESTS / "group_helpers.py")
-    models = _module("worker_models", WORKER_TESTS / "conftest.py")
+    bench = _bench()
+    helpers = bench._load("group_helpers", WORKER_TESTS / "group_helpers.py")
+    models = bench._load("worker_models", WORKER_TESTS / "conftest.py")
     tokenizer = models.build_tokenizer()
     model_dir = tmp_path / "model"
     models.build_model(len(tokenizer), tokenizer).save_pretrained(model_dir)

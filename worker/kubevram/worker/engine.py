@@ -642,12 +642,7 @@ class Engine:
                         new.append(self._pending.popleft())
                 # Taken: counted as running (and failed by an abort) while the callbacks run.
                 self._prefilling = new
-            for fn, future in callbacks:
-                if future.set_running_or_notify_cancel():
-                    try:
-                        future.set_result(fn())
-                    except BaseException as exc:
-                        future.set_exception(exc)
+            _run_callbacks(callbacks)
             if transition:
                 self._transition(transition)
                 continue
@@ -777,12 +772,7 @@ class Engine:
             with self._cond:
                 callbacks = list(self._callbacks)
                 self._callbacks.clear()
-            for fn, future in callbacks:
-                if future.set_running_or_notify_cancel():
-                    try:
-                        future.set_result(fn())
-                    except BaseException as exc:
-                        future.set_exception(exc)
+            _run_callbacks(callbacks)
             kind = message[0]
             if kind == "stop":
                 break
@@ -1168,6 +1158,16 @@ def _vocab_size(model: Any) -> int:
         return int(model.get_output_embeddings().weight.shape[0])
     except AttributeError:
         return int(getattr(model.config, "vocab_size", 0) or 0)
+
+
+def _run_callbacks(callbacks: Sequence[tuple[Callable[[], Any], concurrent.futures.Future[Any]]]) -> None:
+    """Run the functions :meth:`Engine.run_between_steps` queued, each answering its future."""
+    for fn, future in callbacks:
+        if future.set_running_or_notify_cancel():
+            try:
+                future.set_result(fn())
+            except BaseException as exc:
+                future.set_exception(exc)
 
 
 def _step_error(exc: Exception, requests: int) -> EngineError:
