@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from http_helpers import free_port
 
 from kubevram.api.load import parse_deployment
 from kubevram.api.workerplan import WorkerPlan
@@ -120,7 +121,7 @@ def _start(
     env = {k: v for k, v in os.environ.items() if not k.startswith("LWS_")}
     started = []
     for extra in pod_env:
-        http, admin = _free_ports(2)
+        http, admin = free_port(), free_port()
         proc = subprocess.Popen(
             [sys.executable, "-m", "kubevram.cli", "worker", "--model", str(model_dir), "--plan", str(path),
              "--host", "127.0.0.1", "--port", str(http), "--admin-port", str(admin)],

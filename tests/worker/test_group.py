@@ -20,6 +20,7 @@ from typing import Any
 import httpx
 import pytest
 from group_helpers import TOKEN, Group, start_group, status, stop_group
+from http_helpers import metric
 
 SEQUENCE, BATCH = 64, 2
 GREEDY = {"temperature": 0}
@@ -70,11 +71,9 @@ def test_the_leader_answers_what_one_process_answers(pipeline: Group, single: An
 
 def test_a_cancelled_stream_leaves_the_ranks_in_step(pipeline: Group, single: Any) -> None:
     url = pipeline.leader.url
-    finished = 'kubevram_worker_sequences_finished_total{reason="cancelled"}'
 
     def cancelled() -> float:
-        lines = [line for line in httpx.get(f"{url}/metrics").text.splitlines() if line.startswith(finished)]
-        return float(lines[0].rsplit(" ", 1)[1]) if lines else 0.0
+        return metric(url, "kubevram_worker_sequences_finished_total", reason="cancelled") or 0.0
 
     before = cancelled()
     model = httpx.get(f"{url}/v1/models", timeout=30).json()["data"][0]["id"]

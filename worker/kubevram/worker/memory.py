@@ -484,7 +484,9 @@ class MemoryMonitor(EngineHooks):
         engine, sleeper = self.engine, self.sleeper
         if engine is not None and engine.group is not None:
             raise EngineError(
-                409, "a multi-node replica does not sleep: its ranks step only together", code="group_cannot_sleep"
+                409,
+                "a multi-node replica does not sleep: its ranks step only together",
+                code="group_cannot_sleep",
             )
         if engine is None or sleeper is None:
             raise EngineError.loading()
