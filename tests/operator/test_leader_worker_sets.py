@@ -139,6 +139,11 @@ def test_a_model_larger_than_a_node_runs_as_one_leader_worker_set(lws_cluster: E
         ]
 
         status = obj["status"]
+        # What the API server keeps of the status: nothing the CRD's structural schema does not name.
+        crd = yaml.safe_load((ROOT / "crds" / "llmdeployment.yaml").read_text(encoding="utf-8"))
+        schema = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["status"]
+        checker = jsonschema.Draft4Validator(chart_module().openapi_to_jsonschema(copy.deepcopy(schema)))
+        assert [e.message for e in checker.iter_errors(status)] == []
         (placement,) = status["placements"]
         assert [p["node"] for p in placement["pods"]] == ["gpu-h100-0", "gpu-h100-1"]
         assert conditions(obj)["Scheduled"]["reason"] == "AllPlaced"

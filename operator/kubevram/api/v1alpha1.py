@@ -445,12 +445,22 @@ class EstimateStatus(BaseModel):
     totalBytes: int = Field(description="Everything for one replica on one GPU.")
 
 
+class GroupPodStatus(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    node: str = Field(description="Node the pod is planned on.")
+    gpus: list[int] = Field(description="Node GPU indices it reserves.")
+
+
 class PlacementStatus(BaseModel):
     model_config = ConfigDict(extra="allow")
 
-    node: str = Field(description="Node the replica is planned on.")
+    node: str = Field(description="Node the replica is planned on (a multi-node replica's leader's).")
     gpus: list[int] = Field(description="Node GPU indices the plan reserves.")
     budgets: dict[str, int] = Field(description="Per pod GPU index (and cpu/disk): bytes reserved.")
+    pods: list[GroupPodStatus] | None = Field(
+        default=None, description="A multi-node replica's pods, leader first: node and GPUs of each."
+    )
 
 
 class AutoscalingStatus(BaseModel):
