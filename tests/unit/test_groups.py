@@ -276,3 +276,16 @@ def test_table_shows_the_group_and_its_rank_budgets(capsys: pytest.CaptureFixtur
     assert "pod 0 (leader) gpu-h100-0 GPU 0-7: stage 0: layers 0-62 + model.embed_tokens" in out
     assert "pod 1 (worker) gpu-h100-1 GPU 0-7: stage 1: layers 63-125 + model.norm + lm_head" in out
     assert "ranks 0-7 " in out and "ranks 8-15 " in out and "sum of the ranks: weights" in out
+
+
+def test_a_deployment_of_groups_waits_rather_than_mixing_in_an_offloaded_replica() -> None:
+    # Two nodes make one group; the third alone could take an offloaded replica, which would not serve
+    # behind the group's Service: the second replica waits for a node instead.
+    nodes = [gfd_node(f"h{i}", H100_80, 8, memory="2Ti") for i in range(3)]
+    plan = plan_cluster([_l405(replicas=2, offload="cpu", maxGroupSize=2)], nodes)
+    dp = plan.by_key()[("default", "l405")]
+    assert [r.group is not None for r in dp.replicas] == [True] and dp.unscheduled == 1
+    # No group can ever form on one node: offload, as before multi-node groups.
+    alone = plan_cluster([_l405(offload="cpu")], [gfd_node("h0", H100_80, 8, memory="2Ti")])
+    (replica,) = alone.by_key()[("default", "l405")].replicas
+    assert replica.group is None and "cpu" in replica.plan.device_map.values()

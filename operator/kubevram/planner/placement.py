@@ -570,6 +570,17 @@ class _Planner:
             )
         return False
 
+    def group_possible(self, d: _Demand) -> bool:
+        """Whether some group shape fits the admitting nodes of one class, all their GPUs free."""
+        pool = self.pool(d)
+        for ck, buckets in pool.buckets.items():
+            if ck[0] != "gpu":
+                continue
+            nodes = sum(len(names) for names in buckets.values())
+            if any(pods <= nodes for pods, _, _ in d.group_shapes(ck[1], pool.max_devices[ck])):
+                return True
+        return False
+
     def group_place(self, d: _Demand, used_nodes: set[str]) -> PlacedReplica | None:
         """One pod per node on ``pods`` nodes of one whole-GPU class: the shape taking the least VRAM (then
         the fewest pods, the smaller GPU), on the nodes ``binpack`` fills first (least room that fits),
@@ -938,7 +949,9 @@ def _plan_deployment(planner: _Planner, d: _Demand, classes: Sequence[NodeClass]
                 rp = planner.replica_plan(d, choice)
                 if isinstance(rp, ReplicaPlan):
                     replica = planner.commit(d, choice, rp)
-        if replica is None:
+        # A deployment that runs as groups does not mix in offloaded single-node replicas (its Service
+        # selects group leaders), unless no group could ever form on this cluster.
+        if replica is None and not (grouped and planner.group_possible(d)):
             replica = planner.offload_place(d, used)
         if replica is None:
             d.plan.unscheduled = d.replicas - placed_count
