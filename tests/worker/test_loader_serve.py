@@ -14,7 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 import torch
-from http_helpers import start_worker, stopping, wait_for
+from http_helpers import metric, scrape, start_worker, stopping, wait_for
 
 from kubevram.api.errors import SpecError
 from kubevram.api.v1alpha1 import ChineseSpec, GenerationDefaults, GenerationSpec, ServingSpec
@@ -335,6 +335,9 @@ def test_sigterm_ends_what_cannot_finish_with_a_final_event_and_exits_0(tiny_mod
             started = [asyncio.Event() for _ in range(3)]  # two run (max batch 2), the third waits
             streams = [asyncio.ensure_future(stream(client, event)) for event in started]
             await started[0].wait()
+            # SIGTERM only once the server holds all three (a request that arrives after it is refused
+            # with a plain 503, which is another test's subject): two running, one waiting.
+            await asyncio.to_thread(wait_for, lambda: _admitted(url) == 3, "three admitted requests")
             proc.send_signal(signal.SIGTERM)
             return list(await asyncio.gather(*streams))
 
@@ -353,6 +356,12 @@ def test_sigterm_ends_what_cannot_finish_with_a_final_event_and_exits_0(tiny_mod
             assert last["usage"]["completion_tokens"] == 480
     assert cut >= 1
     assert f"drain time is up: {cut} request(s) ended with an error" in out
+
+
+def _admitted(url: str) -> float:
+    samples = scrape(url)
+    names = ("vllm:num_requests_running", "vllm:num_requests_waiting")
+    return sum(metric(samples, name) or 0 for name in names)
 
 
 def test_drain_stops_admission_and_lets_the_running_request_finish(make_worker, loaded):
