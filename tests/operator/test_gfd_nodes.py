@@ -59,3 +59,28 @@ def test_mig_strategy_single_nodes_take_big_models_whole_and_refuse_slices(
         if mine and render.RESERVATION in annotations:
             reservation = json.loads(annotations[render.RESERVATION])  # placeholders reserve nothing
             assert reservation["node"] != A10G, reservation
+
+
+def test_a_node_whose_disk_cannot_take_the_checkpoint_gets_no_replica(
+    cluster: EmulatedCluster, operator: Any
+) -> None:
+    """Llama-3-70B in 4-bit fits a g5.12xlarge's 4 x A10G, but its worker downloads the 141 GB bfloat16
+    checkpoint into an emptyDir the node's 89 GiB of allocatable ephemeral storage cannot hold:
+    kube-scheduler would leave the pod Pending forever. The replica waits, and the status says why."""
+    cluster.add_node(eks_node(A10G))
+    cluster.create_llmd(llm_deployment(
+        "llama70", "meta-llama/Meta-Llama-3-70B-Instruct",
+        precision={"weights": "int4"}, serving={"maxSequenceLength": 4096, "maxBatchSize": 2},
+    ))
+
+    def scheduled() -> dict[str, Any] | None:
+        obj = cluster.llmd("llama70")
+        found = [c for c in ((obj or {}).get("status") or {}).get("conditions") or [] if c["type"] == "Scheduled"]
+        return found[0] if found and found[0]["status"] == "False" else None
+
+    condition = cluster.wait_for("Scheduled=False", scheduled)
+    assert "ephemeral-storage" in condition["message"] and A10G in condition["message"], condition
+    assert "spec.model.volume" in condition["message"], condition
+    pinned = [d for d in cluster.deployments()
+              if A10G in json.dumps(d["spec"]["template"]["spec"].get("affinity") or {})]
+    assert pinned == []

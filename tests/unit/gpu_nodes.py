@@ -30,8 +30,10 @@ def gfd_node(
     labels: dict[str, str] | None = None,
     drop: tuple[str, ...] = (),
     memory: str = "512Gi",
+    disk: str | None = "1Ti",
 ) -> dict[str, Any]:
-    """A Node as `kubectl get nodes -o yaml` prints it, with GPU Feature Discovery labels."""
+    """A Node as `kubectl get nodes -o yaml` prints it, with GPU Feature Discovery labels (``disk``: its
+    allocatable ephemeral-storage, None to leave it out)."""
     product, mib = gpu
     node_labels = {
         "kubernetes.io/hostname": name,
@@ -49,7 +51,7 @@ def gfd_node(
     alloc = {
         "cpu": "64",
         "memory": memory,
-        "ephemeral-storage": "1Ti",
+        **({"ephemeral-storage": disk} if disk is not None else {}),
         "nvidia.com/gpu": str(count * replicas if allocatable is None else allocatable),
     }
     spec: dict[str, Any] = {}
