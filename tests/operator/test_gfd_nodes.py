@@ -75,7 +75,8 @@ def test_a_node_whose_disk_cannot_take_the_checkpoint_gets_no_replica(
 
     def scheduled() -> dict[str, Any] | None:
         obj = cluster.llmd("llama70")
-        found = [c for c in ((obj or {}).get("status") or {}).get("conditions") or [] if c["type"] == "Scheduled"]
+        conditions = ((obj or {}).get("status") or {}).get("conditions") or []
+        found = [c for c in conditions if c["type"] == "Scheduled"]
         return found[0] if found and found[0]["status"] == "False" else None
 
     condition = cluster.wait_for("Scheduled=False", scheduled)

@@ -23,6 +23,7 @@ from kubevram.api.quantity import parse_quantity
 from kubevram.api.v1alpha1 import LLMDeployment
 from kubevram.cli import main
 from kubevram.controller import render
+from kubevram.planner.catalog import CONFIGS
 from kubevram.planner.placement import plan_cluster
 
 LLAMA3_70B = "meta-llama/Meta-Llama-3-70B-Instruct"
@@ -31,6 +32,7 @@ EKS_NODES = Path(__file__).resolve().parents[1] / "data" / "eks-gpu-nodes.yaml"
 T4 = ("Tesla-T4", 15360)
 G5_DISK = "95491944840"  # allocatable ephemeral-storage of the EKS list's g5.12xlarge nodes
 
+QWEN2_7B = CONFIGS["qwen/qwen2-7b"]
 INT4_70B: dict[str, Any] = {"seq": 4096, "batch": 2, "weights": "int4"}
 
 
@@ -42,12 +44,18 @@ def int4_70b(**spec: Any) -> LLMDeployment:
     return LLMDeployment.model_validate(raw)
 
 
-def pod_requests(dep: LLMDeployment, plan: dict[str, Any]) -> dict[str, str]:
-    """What the rendered worker pod asks the scheduler for."""
+def worker_pod(dep: LLMDeployment, plan: dict[str, Any]) -> dict[str, Any]:
+    """The rendered worker pod's spec."""
     body = {"metadata": {"name": dep.name, "namespace": dep.namespace, "uid": "u1"}, "spec": {}}
     (workload,) = [w for w in render.render_workloads(body, dep.spec, plan, image="img")
                    if w["kind"] == "Deployment"]
-    requests: dict[str, str] = workload["spec"]["template"]["spec"]["containers"][0]["resources"]["requests"]
+    pod: dict[str, Any] = workload["spec"]["template"]["spec"]
+    return pod
+
+
+def pod_requests(dep: LLMDeployment, plan: dict[str, Any]) -> dict[str, str]:
+    """What the rendered worker pod asks the scheduler for."""
+    requests: dict[str, str] = worker_pod(dep, plan)["containers"][0]["resources"]["requests"]
     return requests
 
 
@@ -129,3 +137,19 @@ def test_kubevram_plan_on_the_eks_node_list_says_why_the_g5s_cannot_run_it(tmp_p
     text = out.getvalue()
     assert "0/1 placed" in text, text
     assert "ephemeral-storage 88.9 GiB" in text, text
+
+
+def test_a_pre_quantized_checkpoint_takes_its_stored_size_on_disk() -> None:
+    """Qwen2.5-7B-Instruct-AWQ's safetensors files total 5.58 GB on the hub (4-bit layers, bfloat16
+    embeddings and head), not the 15.2 GB of its parameters in bfloat16: the model cache's size limit,
+    and what the node must have free, follow the checkpoint."""
+    config = {**QWEN2_7B, "quantization_config": {"quant_method": "awq", "bits": 4, "group_size": 128,
+                                                  "zero_point": True, "version": "gemm"}}
+    dep = LLMDeployment.model_validate(
+        manifest("awq", "Qwen/Qwen2.5-7B-Instruct-AWQ", weights="float16", config=config)
+    )
+    (plan,) = plan_cluster([dep], [gfd_node("l4")]).deployments
+    as_json = plan.to_json()
+    assert 5.3e9 < as_json["host"]["checkpointBytes"] < 5.58e9 * 1.1
+    (cache,) = [v for v in worker_pod(dep, as_json)["volumes"] if v["name"] == "model-cache"]
+    assert parse_quantity(cache["emptyDir"]["sizeLimit"]) < 8 * GiB

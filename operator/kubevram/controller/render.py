@@ -38,11 +38,12 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
-from kubevram.api.quantity import GiB, MiB
+from kubevram.api.quantity import MiB
 from kubevram.api.v1alpha1 import API_VERSION, GROUP, KIND, PLURAL, LLMDeploymentSpec
 from kubevram.api.workerplan import DEFAULT_GROUP_PORT, DEFAULT_OFFLOAD_FOLDER, WorkerPlan
 from kubevram.controller import claims
 from kubevram.planner.dra import DRIVER
+from kubevram.planner.host import CACHE_HEADROOM, TMP_BYTES, WORKER_MEMORY, unquantized_checkpoint_bytes
 
 MANAGED_BY = "kubevram"
 LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
@@ -92,15 +93,7 @@ WORKER_UID = 65532
 HOME_DIR = "/home/kubevram"
 HF_HOME = f"{HOME_DIR}/.cache/huggingface"
 TMP_DIR = "/tmp"
-TMP_SIZE = 2 * GiB  # tokenizer and torch temporary files
-CACHE_HEADROOM = 2 * GiB  # config, tokenizer, CUDA's and Triton's kernel caches beside the weights
-CHECKPOINT_SLACK = 1.05  # a checkpoint's files hold a little more than its tensors
-# Host memory of a worker besides CPU-offloaded layers: Python, torch, the CUDA context's host side and
-# the safetensors shard being read. spec.worker.resources overrides it.
-WORKER_MEMORY = 4 * GiB
 WORKER_CPU = "1"
-# Bytes per parameter of the checkpoint the worker downloads, by the config's dtype (bf16 when unsaid).
-_CHECKPOINT_DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 
 
 def _digest(value: Any, length: int = 8) -> str:
@@ -393,13 +386,16 @@ def _parse_mebibytes(quantity: str) -> int:
 
 
 def checkpoint_bytes(spec: LLMDeploymentSpec, plan: Mapping[str, Any]) -> int:
-    """Disk the Hugging Face cache needs for the model's checkpoint: its parameters at the config's
-    dtype (bfloat16 when the config does not say), whatever precision the worker loads it in."""
-    estimate = plan.get("estimate") or {}
+    """Disk the Hugging Face cache needs for the model's checkpoint, as the planner sized it
+    (``plan.host``, ``kubevram.planner.host``); for a plan written before it said so, the parameters at
+    the config's dtype."""
+    host = plan.get("host") or {}
+    if "checkpointBytes" in host:
+        return int(host["checkpointBytes"])
     config = spec.model.config or {}
-    dtype = str(config.get("torch_dtype") or config.get("dtype") or "bfloat16")
-    parameters = int(estimate.get("parameters") or 0)
-    return int(parameters * _CHECKPOINT_DTYPE_BYTES.get(dtype, 2) * CHECKPOINT_SLACK)
+    dtype = config.get("torch_dtype") or config.get("dtype")
+    return unquantized_checkpoint_bytes(int((plan.get("estimate") or {}).get("parameters") or 0),
+                                        str(dtype) if dtype else None)
 
 
 def _volumes(
@@ -420,7 +416,7 @@ def _volumes(
                 "items": [{"key": key, "path": key}],
             },
         },
-        {"name": "tmp", "emptyDir": {"sizeLimit": _mebibytes(TMP_SIZE)}},
+        {"name": "tmp", "emptyDir": {"sizeLimit": _mebibytes(TMP_BYTES)}},
         {"name": "model-cache", "emptyDir": {"sizeLimit": _mebibytes(cache)}},
     ]
     mounts: list[dict[str, Any]] = [

@@ -53,6 +53,7 @@ from kubevram.planner.dra import DRIVER, build_dra_inventory
 from kubevram.planner.estimate import Estimate, Workload, estimate
 from kubevram.planner.facts import ModelFacts
 from kubevram.planner.groups import GroupPlan, plan_group, why_no_group
+from kubevram.planner.host import HostNeed, host_need, offload_room, refusal
 from kubevram.planner.inventory import (
     LABEL_COUNT,
     LABEL_MEMORY,
@@ -235,6 +236,7 @@ class DeploymentPlan:
     autoscaling: dict[str, Any] | None = None
     error: SpecError | None = None
     resource_api: str = "devicePlugin"  # how the inventory was read: devicePlugin | dra
+    host: HostNeed | None = None  # what each worker pod requests of its node besides GPUs
 
     @property
     def key(self) -> tuple[str, str]:
@@ -246,6 +248,7 @@ class DeploymentPlan:
             "namespace": self.namespace,
             "resourceAPI": self.resource_api,
             "estimate": self.estimate.to_json() if self.estimate is not None else None,
+            "host": self.host.to_json() if self.host is not None else None,
             "replicas": [r.to_json() for r in self.replicas],
             "unscheduled": {
                 "count": self.unscheduled,
@@ -290,6 +293,7 @@ class _Demand:
     node_selector: dict[str, str]
     tolerations: list[dict[str, Any]]
     order: int
+    host: HostNeed
     _need: dict[int, int] = field(default_factory=dict)
     _fewest: dict[tuple[int, int], int | None] = field(default_factory=dict)
     _shapes: dict[tuple[int, int], list[tuple[int, int, GroupPlan]]] = field(default_factory=dict)
@@ -357,7 +361,7 @@ class _Demand:
     def constraints(self) -> tuple[Any, ...]:
         if self._constraints is None:
             tol = tuple(sorted(tuple(sorted((k, str(v)) for k, v in t.items())) for t in self.tolerations))
-            self._constraints = (tuple(sorted(self.node_selector.items())), tol)
+            self._constraints = (tuple(sorted(self.node_selector.items())), tol, self.host)
         return self._constraints
 
 
@@ -463,7 +467,8 @@ class _Planner:
             ok: list[NodeInventory] = []
             refused: dict[str, list[str]] = {}
             for node in self.nodes:
-                why = admits(node, d.node_selector, d.tolerations)
+                why = admits(node, d.node_selector, d.tolerations) or refusal(
+                    node.cpu_memory_bytes, node.disk_bytes, d.host)
                 if why:
                     refused.setdefault(why, []).append(node.name)
                 else:
@@ -644,8 +649,9 @@ class _Planner:
         (_, mem, name), ck, n = best
         node = pool.by_name[name]
         indices = _whole_free(node, self.classes[name][ck])[:n]
+        cpu_bytes, disk_bytes = offload_room(node.cpu_memory_bytes, node.disk_bytes, d.host)
         plan = plan_replica(d.facts, d.workload, [mem] * n, strategy=d.strategy, gpu_count=n,
-                            offload=d.offload, cpu_bytes=node.cpu_memory_bytes, disk_bytes=node.disk_bytes)
+                            offload=d.offload, cpu_bytes=cpu_bytes, disk_bytes=disk_bytes)
         if not isinstance(plan, ReplicaPlan):
             return None
         return self.commit(d, _Choice(node, indices, mem * n, mem, n, ck[2], 0), plan)
@@ -880,6 +886,7 @@ def plan_cluster(
             facts = resolve(dep, configs.get(plan.key, model_config))
             workload = Workload.from_spec(spec, deployment_coefficient(dep))
             plan.estimate = _estimate(facts, workload)
+            plan.host = host = host_need(spec, facts, plan.estimate)
         except SpecError as exc:
             plan.error = exc
             continue
@@ -903,6 +910,7 @@ def plan_cluster(
                 node_selector=dict(p.nodeSelector),
                 tolerations=[*(t.model_dump(exclude_none=True) for t in p.tolerations), GPU_TOLERATION],
                 order=i,
+                host=host,
             )
         )
 
