@@ -322,22 +322,17 @@ def test_sigterm_ends_what_cannot_finish_with_a_final_event_and_exits_0(tiny_mod
     body = {**LONG_STREAM, "max_tokens": 480}
 
     async def run() -> list[list[str]]:
-        async def stream(client: httpx.AsyncClient, first: asyncio.Event) -> list[str]:
+        async def stream(client: httpx.AsyncClient) -> list[str]:
             async with client.stream("POST", "/v1/completions", json=body) as response:
-                events = []
-                async for line in response.aiter_lines():
-                    if line.startswith("data: "):
-                        events.append(line)
-                        first.set()
-                return events
+                return [line async for line in response.aiter_lines() if line.startswith("data: ")]
 
         async with httpx.AsyncClient(base_url=url, timeout=60) as client:
-            started = [asyncio.Event() for _ in range(3)]  # two run (max batch 2), the third waits
-            streams = [asyncio.ensure_future(stream(client, event)) for event in started]
-            await started[0].wait()
-            # SIGTERM only once the server holds all three (a request that arrives after it is refused
-            # with a plain 503, which is another test's subject): two running, one waiting.
-            await asyncio.to_thread(wait_for, lambda: _admitted(url) == 3, "three admitted requests")
+            streams = [asyncio.ensure_future(stream(client)) for _ in range(3)]  # batch 2: one waits
+            # SIGTERM once the engine holds all three (one that arrives after it is refused with a plain
+            # 503, another test's subject) while a quarter of a request's tokens remain: whichever
+            # reached the server last waits for a slot and then has 480 tokens to make, so that moment
+            # comes, whatever order the three arrive in and however fast the first two finish.
+            await asyncio.to_thread(wait_for, lambda: _all_admitted_with_work_left(url, 3, 480), "the moment")
             proc.send_signal(signal.SIGTERM)
             return list(await asyncio.gather(*streams))
 
@@ -358,10 +353,15 @@ def test_sigterm_ends_what_cannot_finish_with_a_final_event_and_exits_0(tiny_mod
     assert f"drain time is up: {cut} request(s) ended with an error" in out
 
 
-def _admitted(url: str) -> float:
+def _all_admitted_with_work_left(url: str, requests: int, tokens: int) -> bool:
+    """Whether the engine has taken ``requests`` requests of ``tokens`` tokens each (running, waiting or
+    finished) and more than a quarter of a request's tokens are still to come."""
     samples = scrape(url)
-    names = ("vllm:num_requests_running", "vllm:num_requests_waiting")
-    return sum(metric(samples, name) or 0 for name in names)
+    gauges = ("vllm:num_requests_running", "vllm:num_requests_waiting")
+    running = sum(metric(samples, name) or 0 for name in gauges)
+    finished = sum(value for _, value in samples.get("kubevram_worker_sequences_finished_total", []))
+    made = metric(samples, "kubevram_worker_generation_tokens_total") or 0
+    return running + finished == requests and running > 0 and made < requests * tokens - tokens / 4
 
 
 def test_drain_stops_admission_and_lets_the_running_request_finish(make_worker, loaded):
