@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from http_helpers import free_port
+from http_helpers import free_port, output, spawn
 
 from kubevram.api.load import parse_deployment
 from kubevram.api.workerplan import WorkerPlan
@@ -122,11 +122,10 @@ def _start(
     started = []
     for extra in pod_env:
         http, admin = free_port(), free_port()
-        proc = subprocess.Popen(
+        proc = spawn(
             [sys.executable, "-m", "kubevram.cli", "worker", "--model", str(model_dir), "--plan", str(path),
              "--host", "127.0.0.1", "--port", str(http), "--admin-port", str(admin)],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-            env={**env, **extra, "PYTHONUNBUFFERED": "1", "KUBEVRAM_ADMIN_TOKEN": TOKEN},
+            {**env, **extra, "PYTHONUNBUFFERED": "1", "KUBEVRAM_ADMIN_TOKEN": TOKEN},
             start_new_session=True,
         )
         started.append(Pod(proc, f"http://127.0.0.1:{http}", f"http://127.0.0.1:{admin}"))
@@ -136,7 +135,7 @@ def _start(
         for pod in started:
             if pod.proc.poll() is not None:
                 stop_group(group)
-                raise AssertionError(pod.proc.stdout.read() if pod.proc.stdout else "a pod exited")
+                raise AssertionError(output(pod.proc))
         if time.monotonic() > deadline:
             stop_group(group)
             raise AssertionError("the group did not turn ready")
@@ -155,4 +154,4 @@ def stop_group(group: Group) -> None:
     for pod in group.pods:
         if pod.proc.poll() is None:
             os.killpg(pod.proc.pid, signal.SIGKILL)
-        pod.proc.communicate(timeout=30)
+        pod.proc.wait(timeout=30)

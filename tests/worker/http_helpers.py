@@ -10,6 +10,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -115,6 +116,23 @@ def engine_paused(engine: Any) -> Iterator[None]:
         pause.resume()
 
 
+def spawn(command: list[str], env: dict[str, str], **kwargs: Any) -> subprocess.Popen[str]:
+    """``command`` in a process of its own, its stdout and stderr going to a file (read with
+    :func:`output`): a pipe that nobody reads until the end fills after 64 KiB of log (a thousand access
+    log lines of a test that polls ``/metrics``), and the worker then blocks on its next line."""
+    with tempfile.NamedTemporaryFile("w", prefix="kubevram-worker-", suffix=".log", delete=False) as log:
+        proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, text=True, env=env, **kwargs)
+    proc.log_path = log.name  # type: ignore[attr-defined]
+    return proc
+
+
+def output(proc: subprocess.Popen[str], timeout: float | None = None) -> str:
+    """What a process started by :func:`spawn` wrote; with ``timeout``, once it has exited."""
+    if timeout is not None:
+        proc.wait(timeout)
+    return Path(proc.log_path).read_text(encoding="utf-8", errors="replace")  # type: ignore[attr-defined]
+
+
 @contextlib.contextmanager
 def stopping(proc: subprocess.Popen[str]) -> Iterator[dict[str, str]]:
     """Wait for ``proc`` at the end (its output under ``"out"``); kill it if the block fails."""
@@ -125,7 +143,7 @@ def stopping(proc: subprocess.Popen[str]) -> Iterator[dict[str, str]]:
         proc.kill()
         raise
     finally:
-        done["out"], _ = proc.communicate(timeout=60)
+        done["out"] = output(proc, timeout=60)
 
 
 def start_worker(
@@ -135,19 +153,14 @@ def start_worker(
     ``/readyz`` answers 200 (``/readyz`` answers nothing else before): (process, url, port)."""
     port = free_port()
     command = [sys.executable, "-m", "kubevram.cli", "worker", "--model", str(model_dir)]
-    proc = subprocess.Popen(
-        [*command, "--host", "127.0.0.1", "--port", str(port), *flags],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
-    )
+    proc = spawn([*command, "--host", "127.0.0.1", "--port", str(port), *flags],
+                 env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 180
     seen = set()
     while True:
         if proc.poll() is not None:
-            raise AssertionError(proc.stdout.read() if proc.stdout else "the worker exited")
+            raise AssertionError(output(proc))
         assert time.monotonic() < deadline, "the worker did not turn ready"
         try:
             status: int | None = httpx.get(f"{url}/readyz", timeout=5).status_code

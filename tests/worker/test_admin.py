@@ -9,7 +9,7 @@ import time
 
 import httpx
 import pytest
-from http_helpers import AUTH, TOKEN, free_port
+from http_helpers import AUTH, TOKEN, free_port, output, spawn
 
 from kubevram.worker import memory
 
@@ -177,7 +177,6 @@ def test_kubevram_worker_serves_admin_on_its_own_port(tiny_model_dir):
     """The real command: ``--admin-port`` puts the admin routes on a second server, out of the API port."""
     import os
     import signal
-    import subprocess
     import sys
 
     port, admin_port = free_port(), free_port()
@@ -186,12 +185,12 @@ def test_kubevram_worker_serves_admin_on_its_own_port(tiny_model_dir):
     env = {**os.environ, "KUBEVRAM_ADMIN_TOKEN": TOKEN, "PYTHONUNBUFFERED": "1"}
     for name in ("KUBEVRAM_POD_NAME", "KUBEVRAM_API_URL", "KUBERNETES_SERVICE_HOST"):
         env.pop(name, None)
-    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    proc = spawn(command, env)
     try:
         url, admin_url = f"http://127.0.0.1:{port}", f"http://127.0.0.1:{admin_port}"
         deadline = time.monotonic() + 180
         while True:
-            assert proc.poll() is None, proc.stdout.read() if proc.stdout else ""
+            assert proc.poll() is None, output(proc)
             assert time.monotonic() < deadline, "the worker did not turn ready"
             try:
                 if httpx.get(f"{url}/readyz", timeout=5).status_code == 200:
@@ -210,7 +209,7 @@ def test_kubevram_worker_serves_admin_on_its_own_port(tiny_model_dir):
         assert "kubevram_worker_process_rss_bytes " in metrics
     finally:
         proc.send_signal(signal.SIGTERM)
-        out, _ = proc.communicate(timeout=60)
+        out = output(proc, timeout=60)
     assert proc.returncode in (0, -signal.SIGTERM), out
     assert out.count("Application shutdown complete") == 2, out  # both servers stopped cleanly
     assert "status reporting is off" in out
