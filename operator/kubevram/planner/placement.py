@@ -361,7 +361,7 @@ class _Demand:
     def constraints(self) -> tuple[Any, ...]:
         if self._constraints is None:
             tol = tuple(sorted(tuple(sorted((k, str(v)) for k, v in t.items())) for t in self.tolerations))
-            self._constraints = (tuple(sorted(self.node_selector.items())), tol, self.host)
+            self._constraints = (tuple(sorted(self.node_selector.items())), tol)
         return self._constraints
 
 
@@ -457,18 +457,27 @@ class _Planner:
         self.classes = {n.name: _classes(n) for n in self.nodes}
         self.biggest_device = max((dev.memory_bytes for n in self.nodes for dev in n.devices), default=0)
         self._pools: dict[tuple[Any, ...], _Pool] = {}
+        self._host_refused: dict[HostNeed, dict[str, str]] = {}
         self._plans: dict[tuple[Any, ...], ReplicaPlan | NoFit] = {}
         self._failed: dict[tuple[Any, ...], str] = {}
 
     # -- which nodes admit a deployment's replicas
+    def host_refused(self, host: HostNeed) -> dict[str, str]:
+        """Node name -> why its allocatable memory or ephemeral-storage cannot take a pod of ``host``."""
+        if host not in self._host_refused:
+            self._host_refused[host] = {
+                n.name: why for n in self.nodes if (why := refusal(n.cpu_memory_bytes, n.disk_bytes, host))
+            }
+        return self._host_refused[host]
+
     def pool(self, d: _Demand) -> _Pool:
-        key = d.constraints
+        host = self.host_refused(d.host)
+        key = (d.constraints, frozenset(host.items()))  # demands no node refuses for its host share a pool
         if key not in self._pools:
             ok: list[NodeInventory] = []
             refused: dict[str, list[str]] = {}
             for node in self.nodes:
-                why = admits(node, d.node_selector, d.tolerations) or refusal(
-                    node.cpu_memory_bytes, node.disk_bytes, d.host)
+                why = admits(node, d.node_selector, d.tolerations) or host.get(node.name, "")
                 if why:
                     refused.setdefault(why, []).append(node.name)
                 else:
@@ -939,7 +948,7 @@ def plan_cluster(
 def _plan_deployment(planner: _Planner, d: _Demand, classes: Sequence[NodeClass]) -> None:
     used: set[str] = set()
     fail_key = (d.facts, d.workload, d.strategy, d.offload, d.shared, d.gpus_per_replica, d.multi_node,
-                d.max_group_size, d.constraints)
+                d.max_group_size, d.constraints, d.host)
     for placed_count in range(d.replicas):
         # Capacity only shrinks while planning: what failed for an identical demand fails again (unless
         # spread, whose candidates depend on the deployment's own replicas).
