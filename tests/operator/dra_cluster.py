@@ -20,6 +20,7 @@ k8s.io/apiserver/pkg/cel/library documents them; quantities are parsed by the ku
 from __future__ import annotations
 
 import uuid as uuidlib
+from collections.abc import Sequence
 from decimal import Decimal
 from typing import Any
 
@@ -234,6 +235,21 @@ def allocated_claim(
             }
         },
     }
+
+
+RESOURCE = "/apis/resource.k8s.io/v1"
+
+
+def serve(cluster: Any, slices: Sequence[dict[str, Any]], claims: Sequence[dict[str, Any]] = ()) -> None:
+    """Publish ``slices``, the driver's DeviceClasses and ``claims`` on an emulated API server (what the
+    driver, its chart and the scheduler would have written)."""
+    for item in slices:
+        cluster.create(f"{RESOURCE}/resourceslices", item)
+    for item in DEVICE_CLASSES:
+        cluster.create(f"{RESOURCE}/deviceclasses", item)
+    for claim in claims:
+        namespace = claim["metadata"].get("namespace") or "default"
+        cluster.create(f"{RESOURCE}/namespaces/{namespace}/resourceclaims", claim)
 
 
 # ------------------------------------------------------------------------------------------------- CEL

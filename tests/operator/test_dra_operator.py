@@ -13,14 +13,15 @@ from typing import Any
 import pytest
 from dra_cluster import (
     A100_80,
-    DEVICE_CLASSES,
     L4,
+    RESOURCE,
     MiB,
     allocated_claim,
     dra_node,
     gpu_device,
     resource_slice,
     selects,
+    serve,
 )
 from kubevram_emulator import EmulatedCluster, gpu_node, llm_deployment, running_operator
 from test_inference_pool import assert_valid_inference_pool
@@ -28,7 +29,6 @@ from test_inference_pool import assert_valid_inference_pool
 from kubevram.controller import render
 from kubevram.planner.catalog import known_config
 
-RESOURCE = "/apis/resource.k8s.io/v1"
 SMALL = dict(known_config("Qwen/Qwen2-0.5B-Instruct") or {})  # its published config.json
 
 
@@ -62,16 +62,7 @@ def dra_cluster(cluster: EmulatedCluster) -> list[dict[str, Any]]:
         resource_slice("a100-0", [gpu_device(i, A100_80) for i in range(4)]),
         resource_slice("l4-0", [gpu_device(i, L4, shares="memory") for i in range(2)]),
     ]
-    for item in [*slices, *DEVICE_CLASSES]:
-        cluster.create(
-            f"{RESOURCE}/{item['kind'].lower()}es"
-            if item["kind"] == "DeviceClass"
-            else f"{RESOURCE}/resourceslices",
-            item,
-        )
-    cluster.create(
-        f"{RESOURCE}/namespaces/default/resourceclaims", allocated_claim("training", "a100-0", ["gpu-2"])
-    )
+    serve(cluster, slices, [allocated_claim("training", "a100-0", ["gpu-2"])])
     return [d for s in slices for d in s["spec"]["devices"]]
 
 
