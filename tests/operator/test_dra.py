@@ -306,3 +306,26 @@ def test_the_selectors_are_errors_where_kubernetes_cel_would_fail() -> None:
         evaluate('device.capacity["gpu.nvidia.com"].memory >= 1', device)
     for cls in DEVICE_CLASSES:
         kubernetes_validate.validate(cls, KUBE_VERSION, strict=True)
+
+
+def test_every_pod_template_of_a_group_names_a_rendered_template_of_the_operators_driver() -> None:
+    b = body("qwen-group", QWEN_7B, multiNode="always")
+    deployment = parse_deployment(b)
+    nodes = [dra_node(f"h100-{i}") for i in range(2)]
+    slices = [resource_slice(f"h100-{i}", [gpu_device(j, H100) for j in range(8)]) for i in range(2)]
+    (p,) = plan_cluster([deployment], nodes, [], dra=DraInput(slices)).to_json()
+    assert p["replicas"][0]["group"]["size"] == 2
+    driver = "gpu.example.com"  # the chart's gpus.draDriver
+    children = render.render_children(b, deployment.spec, p, image="w", dra_driver=driver)
+    named = {c["metadata"]["name"]: c for c in children if c["kind"] == "ResourceClaimTemplate"}
+    (lws,) = [c for c in children if c["kind"] == render.LWS_KIND]
+    pods = [lws["spec"]["leaderWorkerTemplate"][role] for role in ("leaderTemplate", "workerTemplate")]
+    used = {claim["resourceClaimTemplateName"] for pod in pods for claim in pod["spec"]["resourceClaims"]}
+    assert used == set(named)  # each one rendered, none left over
+    for template in named.values():
+        kubernetes_validate.validate(template, KUBE_VERSION, strict=True)
+        for request in _requests(template):
+            for selector in request["exactly"]["selectors"]:
+                assert f'device.capacity["{driver}"]' in selector["cel"]["expression"] or (
+                    f'device.attributes["{driver}"]' in selector["cel"]["expression"]
+                )

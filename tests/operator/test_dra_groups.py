@@ -28,22 +28,22 @@ from kubevram_emulator import EmulatedCluster, llm_deployment, running_operator
 from test_leader_worker_sets import L405, conditions, lws_cluster, phase  # noqa: F401 (lws_cluster: fixture)
 
 from kubevram.api.workerplan import WorkerPlan
-from kubevram.controller import render
 
 NODES = ("h100-0", "h100-1")
 
 
-def h100_nodes(cluster: EmulatedCluster, claims: list[dict[str, Any]] = ()) -> list[tuple[str, dict[str, Any]]]:  # type: ignore[assignment]
+def h100_nodes(cluster: EmulatedCluster) -> list[tuple[str, dict[str, Any]]]:
     """Two DRA nodes of eight whole H100s each: ``[(node, device)]``."""
     slices = [resource_slice(node, [gpu_device(i, H100) for i in range(8)]) for node in NODES]
     for node in NODES:
         cluster.add_node(dra_node(node))
-    serve(cluster, slices, claims)
+    serve(cluster, slices)
     return [(s["spec"]["nodeName"], d) for s in slices for d in s["spec"]["devices"]]
 
 
 def claim_templates(cluster: EmulatedCluster) -> dict[str, dict[str, Any]]:
-    return {t["metadata"]["name"]: t for t in cluster.items(f"{RESOURCE}/namespaces/default/resourceclaimtemplates")}
+    found = cluster.items(f"{RESOURCE}/namespaces/default/resourceclaimtemplates")
+    return {t["metadata"]["name"]: t for t in found}
 
 
 def full_plan(cluster: EmulatedCluster, name: str) -> dict[str, Any]:
@@ -88,7 +88,7 @@ def test_a_group_claims_every_pods_gpus_by_memory_through_templates_that_exist(
         size, per_pod, ranks = group["size"], group["gpusPerPod"], group["ranks"]
         assert (size, per_pod) == (2, 8) and [p["node"] for p in group["pods"]] == list(NODES)
         # The stages differ (the first holds the embeddings, the last the norm and the head): so do budgets.
-        assert len({r["total"] for r in ranks if r["pod"] == 0} | {r["total"] for r in ranks if r["pod"] == 1}) > 1
+        assert {r["total"] for r in ranks if r["pod"] == 0} != {r["total"] for r in ranks if r["pod"] == 1}
         # Devices to select from: the slices' H100s, devices just under and at every rank's budget, an A100.
         probes = [
             ("probe", gpu_device(90 + i, {**H100, "memory": total - below}))
@@ -102,7 +102,9 @@ def test_a_group_claims_every_pods_gpus_by_memory_through_templates_that_exist(
             requests = claimed(template[role], found)["spec"]["spec"]["devices"]["requests"]
             assert sum(r["exactly"]["count"] for r in requests) == per_pod  # exactly its pods' GPUs
             # Per pod GPU index, the largest budget of a rank there (one template serves all worker pods).
-            need = [max(r["total"] for r in ranks if r["pod"] in pods and r["gpu"] == i) for i in range(per_pod)]
+            need = [
+                max(r["total"] for r in ranks if r["pod"] in pods and r["gpu"] == i) for i in range(per_pod)
+            ]
             products = {group["pods"][p]["gpuProduct"] for p in pods}
             by_index = [[i] for i in range(per_pod)] if len(requests) == per_pod else [list(range(per_pod))]
             for request, indices in zip(requests, by_index, strict=True):
@@ -121,7 +123,25 @@ def test_a_group_claims_every_pods_gpus_by_memory_through_templates_that_exist(
         assert cm is not None
         plan = WorkerPlan.parse(json.loads(cm["data"][key]))
         assert plan.group is not None
-        assert sorted((r.pod, r.gpu) for r in plan.group.ranks) == [(p, i) for p in range(2) for i in range(8)]
+        assert sorted((r.pod, r.gpu) for r in plan.group.ranks) == [(p, i) for p in (0, 1) for i in range(8)]
+
+        # A change of the spec re-applies the group's LeaderWorkerSet in place (never deleted: that would
+        # take the group down), still naming templates that exist.
+        env = [{"name": "NCCL_DEBUG", "value": "INFO"}]
+        cluster.patch(cluster.llmd_path("l405"), {"spec": {"worker": {"env": env}}})
+
+        def regenerated() -> bool:
+            planned = phase(cluster, "l405", "Planned") or {}
+            return (planned.get("status") or {}).get("observedGeneration") == 2
+
+        cluster.wait_for("generation 2 planned", regenerated)
+        assert not [r for r in cluster.requests() if r[0] == "DELETE" and "/leaderworkersets/" in r[1]]
+        (lws,) = cluster.leader_worker_sets()
+        found = claim_templates(cluster)
+        for role in ("leaderTemplate", "workerTemplate"):
+            pod = lws["spec"]["leaderWorkerTemplate"][role]
+            claimed(pod, found)
+            assert {"name": "NCCL_DEBUG", "value": "INFO"} in pod["spec"]["containers"][0]["env"]
 
 
 def test_a_groups_devices_stay_taken_on_both_nodes_whichever_the_scheduler_gave_its_claims(
@@ -161,7 +181,8 @@ def test_a_groups_devices_stay_taken_on_both_nodes_whichever_the_scheduler_gave_
         pending = cluster.wait_for("g2 waiting", lambda: phase(cluster, "g2", "Scheduling"))
         signal = pending["status"]["autoscaling"]
         (placeholder,) = cluster.wait_for(
-            "g2's placeholder", lambda: [d for d in cluster.deployments() if d["metadata"]["name"] == "g2-placeholder"]
+            "g2's placeholder",
+            lambda: [d for d in cluster.deployments() if d["metadata"]["name"] == "g2-placeholder"],
         )
         assert placeholder["spec"]["replicas"] == signal["nodeCount"] == 2
         pod = placeholder["spec"]["template"]

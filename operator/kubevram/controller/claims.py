@@ -2,7 +2,8 @@
 
 In DRA mode (``spec.placement.resourceAPI``, ``resource.k8s.io/v1``) a worker pod asks for no
 ``nvidia.com/gpu``: it names one ResourceClaimTemplate, and kube-scheduler allocates, for the pod's claim,
-devices the template's requests select. One template per placement shape (the replicas alike):
+devices the template's requests select. One template per placement shape (the replicas alike), and for a
+multi-node group (a LeaderWorkerSet) one for its leader pod and one for its worker pods (``group_claim``):
 
 * one request per GPU of the replica, ``gpu-<i>`` for the pod's own GPU index ``i`` (one request with
   ``count`` when every GPU has the same budget), of the DeviceClass the planner's devices came from
@@ -29,7 +30,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from kubevram.api.quantity import MiB
@@ -115,6 +116,27 @@ def replica_requests(replica: Mapping[str, Any], driver: str = DRIVER) -> list[d
     ]
 
 
+def group_claim(replica: Mapping[str, Any], pods: Sequence[int]) -> dict[str, Any]:
+    """What pods ``pods`` of a multi-node replica claim alike, in the form ``replica_requests`` reads: the
+    group's ``gpusPerPod`` whole devices, at each pod GPU index at least the largest budget of a rank of
+    those pods there (a LeaderWorkerSet has one worker template for every worker pod, and the stages
+    differ: the first holds the embeddings, the last the head), of the product their nodes share (none
+    pinned where they differ: the group's devices have one memory size)."""
+    group = replica["group"]
+    per_pod = int(group["gpusPerPod"])
+    ranks = [r for r in group["ranks"] if int(r["pod"]) in pods]
+    products = {str(group["pods"][p].get("gpuProduct") or "") for p in pods}
+    return {
+        "gpus": list(range(per_pod)),
+        "perGpu": [
+            {"total": max(int(r["total"]) for r in ranks if int(r["gpu"]) == i)} for i in range(per_pod)
+        ],
+        "resource": replica.get("resource"),
+        "deviceKind": replica.get("deviceKind"),
+        "gpuProduct": products.pop() if len(products) == 1 else "",
+    }
+
+
 def pending_requests(
     spec: LLMDeploymentSpec, plan: Mapping[str, Any], driver: str = DRIVER
 ) -> list[dict[str, Any]]:
@@ -162,6 +184,7 @@ __all__ = [
     "POD_CLAIM",
     "claim_template",
     "gfd_product_selector",
+    "group_claim",
     "memory_selector",
     "pending_requests",
     "pod_claim",

@@ -547,14 +547,14 @@ class Reconciler:
             elif child["kind"] == "ConfigMap":
                 child["metadata"]["annotations"] = {PLAN_INPUT: input_hash}
                 self.cluster.apply(child, self._existing_plan_cm)
-            elif child["kind"] == "Deployment":
+            elif child["kind"] in _WORKLOAD_KINDS:
                 self.cluster.apply(child, current.get(child["metadata"]["name"]))
             elif self._existing_plan_cm is None:
                 # First reconciliation (no plan yet): create first; a 409 falls back to a patch.
                 self.cluster.apply(child, None)
             else:
                 self.cluster.apply(child)
-        wanted = {c["metadata"]["name"] for c in children if c["kind"] == "Deployment"}
+        wanted = {c["metadata"]["name"] for c in children if c["kind"] in _WORKLOAD_KINDS}
         self.cluster.delete_workloads([w for n, w in current.items() if n not in wanted])
         if render.is_dra(plan) or self._dra_before:
             templates = {c["metadata"]["name"] for c in children if c["kind"] == "ResourceClaimTemplate"}
@@ -717,6 +717,8 @@ _locks_guard = threading.Lock()
 
 #: Scheduled reasons that say the cluster refuses placed replicas (the periodic check clears them).
 PROBLEM_REASONS = ("FailedCreate", "PodsUnschedulable")
+#: The children that run pods: Deployments (single-node replicas, placeholders) and LeaderWorkerSets (groups).
+_WORKLOAD_KINDS = ("Deployment", render.LWS_KIND)
 #: Nodes where a deployment's pods stayed unschedulable are avoided for this many unschedulable graces.
 AVOID_FACTOR = 5
 

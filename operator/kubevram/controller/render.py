@@ -488,9 +488,11 @@ def _pod_template(
     affinity: Mapping[str, Any],
     image: str,
     dra_driver: str = DRIVER,
+    claimed: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """A worker pod: the single-node replica's, the group leader's and the group workers' alike (the
-    same container, probes, security contexts and volumes; a group's pods add the rendezvous port)."""
+    same container, probes, security contexts and volumes; a group's pods add the rendezvous port). In DRA
+    mode it claims ``claimed`` (one of ``claimed_devices(replica)``; the replica's own devices by default)."""
     name = body["metadata"]["name"]
     key = plan_key(worker_shape(replica))
     volumes, mounts = _volumes(body, spec, plan, replica, key)
@@ -549,7 +551,7 @@ def _pod_template(
     if spec.placement.nodeSelector:
         pod_spec["nodeSelector"] = dict(spec.placement.nodeSelector)
     if is_dra(plan) and replica is not None:
-        template = claim_template(body, spec, plan, replica, dra_driver)
+        template = claim_template(body, spec, plan, replica, dra_driver, claimed)
         resources: dict[str, Any] = container["resources"]  # type: ignore[assignment]
         pod_spec["resourceClaims"], resources["claims"] = claims.pod_claim(template)
     return {
@@ -618,18 +620,25 @@ def render_leader_worker_set(
     replica: Mapping[str, Any],
     count: int,
     image: str,
+    dra_driver: str = DRIVER,
 ) -> dict[str, Any]:
     """One LeaderWorkerSet: ``count`` groups alike of ``size`` pods, one per node of the plan (the leader,
     LWS_WORKER_INDEX 0, on the group's first node and serving the OpenAI API; the workers on the others,
     never two on one node). ``RecreateGroupOnPodRestart``: a pod that fails takes its group down and up
-    again, since no rank can go on without the others. Each pod template carries what its pods reserve."""
+    again, since no rank can go on without the others. Each pod template carries what its pods reserve and,
+    in DRA mode, claims its pods' GPUs (``claimed_devices``: the workers' template the largest budget of any
+    worker pod at each GPU index)."""
     name = body["metadata"]["name"]
     sharing = str(spec.placement.sharing)
     pods = group_pods(replica)
     labels = {**selector_labels(name), LABEL_SHAPE: shape}
     plan_hash = _digest(worker_plan(body, spec, replica, plan).model_dump(mode="json"))
 
-    def template(role: str, nodes: list[str], held: dict[str, Any]) -> dict[str, Any]:
+    leader_claims, worker_claims = claimed_devices(replica)
+
+    def template(
+        role: str, nodes: list[str], held: dict[str, Any], claimed: Mapping[str, Any]
+    ) -> dict[str, Any]:
         affinity = _on_nodes(nodes)
         if role == "worker":  # one pod per node: the leader has its own node, the workers one each
             affinity["podAntiAffinity"] = {
@@ -639,11 +648,11 @@ def render_leader_worker_set(
             }
         annotations = {RESERVATION: json.dumps(held, sort_keys=True), PLAN_HASH: plan_hash}
         return _pod_template(body, spec, plan, replica, labels=labels, annotations=annotations,
-                             affinity=affinity, image=image)
+                             affinity=affinity, image=image, dra_driver=dra_driver, claimed=claimed)
 
-    leader = template("leader", [str(pods[0]["node"])], reservation(pods[0], sharing))
+    leader = template("leader", [str(pods[0]["node"])], reservation(pods[0], sharing), leader_claims)
     workers = group_reservation(replica, sharing, slice(1, None))
-    worker = template("worker", [str(p["node"]) for p in pods[1:]], workers)
+    worker = template("worker", [str(p["node"]) for p in pods[1:]], workers, worker_claims)
     meta = _metadata(body, f"{_base_name(name)}-{shape}", **{LABEL_SHAPE: shape})
     meta["annotations"] = {RESERVATION: json.dumps(group_reservation(replica, sharing), sort_keys=True)}
     return {
@@ -697,7 +706,9 @@ def render_placeholder(
     selector), and the CPU, memory and ephemeral storage a worker asks for. A node that can run it
     is a node the planner can place the replica on; when it joins, the replica is placed there and
     the placeholder goes. In DRA mode the GPUs are a claim instead (``claims.pending_requests``), which
-    the autoscaler satisfies from a node group whose template lists such devices.
+    the autoscaler satisfies from a node group whose template lists such devices. For groups
+    (``nodeCount`` > 1 pods a replica, one per node) no two placeholder pods share a node, so that the
+    autoscaler adds as many nodes as a group has pods (several pending groups ask one node per pod).
     """
     name = body["metadata"]["name"]
     labels = {LABEL_MANAGED_BY: MANAGED_BY, LABEL_PLACEHOLDER: name, LABEL_SHAPE: PLACEHOLDER}
@@ -723,8 +734,17 @@ def render_placeholder(
     }
     if spec.placement.nodeSelector:
         pod_spec["nodeSelector"] = dict(spec.placement.nodeSelector)
+    if int(((plan.get("unscheduled") or {}).get("autoscaling") or {}).get("nodeCount") or 1) > 1:
+        pod_spec["affinity"]["podAntiAffinity"] = {
+            "requiredDuringSchedulingIgnoredDuringExecution": [
+                {"labelSelector": {"matchLabels": dict(labels)}, "topologyKey": HOSTNAME_LABEL}
+            ]
+        }
     if is_dra(plan):
-        del pod_spec["affinity"]  # GFD labels are no promise on a DRA node: the claim says what it needs
+        # GFD labels are no promise on a DRA node: the claim says what it needs.
+        del pod_spec["affinity"]["nodeAffinity"]
+        if not pod_spec["affinity"]:
+            del pod_spec["affinity"]
         template = pending_claim_template(body, spec, plan, dra_driver)
         pause = pod_spec["containers"][0]
         pod_spec["resourceClaims"], pause["resources"]["claims"] = claims.pod_claim(template)
@@ -755,7 +775,8 @@ def render_workloads(
     ``<name>-placeholder`` when replicas are unscheduled."""
     out = [
         render_leader_worker_set(
-            body, spec, plan, shape=shape, replica=replicas[0], count=len(replicas), image=image
+            body, spec, plan, shape=shape, replica=replicas[0], count=len(replicas), image=image,
+            dra_driver=dra_driver,
         )
         if replicas[0].get("group")
         else render_workload(
@@ -777,15 +798,25 @@ def render_workloads(
     return out
 
 
+def claimed_devices(replica: Mapping[str, Any]) -> list[Mapping[str, Any]]:
+    """What each pod template of a replica's workload claims (DRA mode), in ``claims.replica_requests``'
+    form: the replica's own devices, or a group's leader's and then its worker pods'."""
+    if not replica.get("group"):
+        return [replica]
+    size = len(group_pods(replica))
+    return [claims.group_claim(replica, [0]), claims.group_claim(replica, range(1, size))]
+
+
 def claim_template(
     body: Mapping[str, Any], spec: LLMDeploymentSpec, plan: Mapping[str, Any], replica: Mapping[str, Any],
-    driver: str = DRIVER,
+    driver: str = DRIVER, claimed: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """The ResourceClaimTemplate of one placement shape's pods (DRA mode)."""
+    """The ResourceClaimTemplate of one placement shape's pods (DRA mode): of the pods that claim
+    ``claimed`` (one of ``claimed_devices(replica)``; the replica's own devices by default)."""
     name = body["metadata"]["name"]
     return claims.claim_template(
         _metadata(body, "", **{LABEL_SHAPE: placement_shape(replica)}), _base_name(name),
-        claims.replica_requests(replica, driver), selector_labels(name),
+        claims.replica_requests(replica if claimed is None else claimed, driver), selector_labels(name),
     )
 
 
@@ -804,10 +835,15 @@ def pending_claim_template(
 def render_claim_templates(
     body: Mapping[str, Any], spec: LLMDeploymentSpec, plan: Mapping[str, Any], driver: str = DRIVER
 ) -> list[dict[str, Any]]:
-    """Every ResourceClaimTemplate the workloads name (none in device-plugin mode)."""
+    """Every ResourceClaimTemplate the workloads name (none in device-plugin mode): one per placement shape,
+    and a group's leader and workers each theirs (once where they claim alike)."""
     if not is_dra(plan):
         return []
-    out = [claim_template(body, spec, plan, replicas[0], driver) for _, replicas in group_replicas(plan)]
+    out: list[dict[str, Any]] = []
+    for _, replicas in group_replicas(plan):
+        made = (claim_template(body, spec, plan, replicas[0], driver, c) 
+                for c in claimed_devices(replicas[0]))
+        out += {t["metadata"]["name"]: t for t in made}.values()
     if int((plan.get("unscheduled") or {}).get("count") or 0):
         out.append(pending_claim_template(body, spec, plan, driver))
     return out

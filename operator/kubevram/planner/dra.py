@@ -25,7 +25,9 @@ What is already taken comes from ResourceClaims: each allocated result of the dr
 or, on a shareable device, its ``consumedCapacity.memory`` (the device's whole memory when the claim did not
 say) and one share. Claims of kubevram's own workers (label ``llm.kubevram.io/deployment``) are left out:
 the placement ledger counts them, as it counts the device-plugin workers; so are its placeholders' (label
-``app.kubernetes.io/managed-by: kubevram``), which any worker preempts.
+``app.kubernetes.io/managed-by: kubevram``), which any worker preempts. The ledger books device indices
+but the scheduler picks the device, so a claim on a device the ledger booked holds a free one just like it
+(``apply_claims``): what is held per node stays exact.
 
 Only the newest generation of each pool counts (a driver republishing leaves old slices behind for a
 moment); devices that consume shared counters (KEP-4815 partitionable devices) are left out with a warning,
@@ -246,6 +248,18 @@ def _kubevram_claim(claim: Mapping[str, Any]) -> bool:
     return LABEL_DEPLOYMENT in labels or labels.get("app.kubernetes.io/managed-by") == "kubevram"
 
 
+def _free_twin(node: NodeInventory, index: int) -> int | None:
+    """A device of ``node`` like device ``index`` (kind, memory, class) that nothing holds any part of."""
+    device = node.devices[index]
+    like = (device.kind, device.memory_bytes, device.resource, device.slots)
+    for other in node.devices:
+        i = other.index
+        taken = i in node.held_whole or node.slots_used.get(i) or node.committed.get(i)
+        if (other.kind, other.memory_bytes, other.resource, other.slots) == like and not taken:
+            return i
+    return None
+
+
 def apply_claims(
     where: Mapping[tuple[str, str], tuple[NodeInventory, int]],
     claims: Sequence[Any],
@@ -253,7 +267,12 @@ def apply_claims(
     warnings: list[str],
 ) -> None:
     """Subtract what allocated ResourceClaims (other than kubevram workers') hold, in place: ``where`` maps
-    (pool, device name) to the node inventory and device index."""
+    (pool, device name) to the node inventory and device index.
+
+    Run after the ledger's reservations: a reservation books device indices, but kube-scheduler chooses
+    which of a node's matching devices a kubevram claim gets, so another claim may hold the very device the
+    ledger booked while kubevram's pod holds one just like it. Such a claim holds that free twin instead:
+    the count of devices held per node stays exact (for a multi-node group, on every node of the group)."""
     for claim in claims:
         if not isinstance(claim, Mapping) or _kubevram_claim(claim):
             continue
@@ -268,6 +287,14 @@ def apply_claims(
             node, index = found
             device = node.devices[index]
             if device.kind != "timeslice":
+                if index in node.held_whole:  # booked by the ledger: its claim got another device
+                    twin = _free_twin(node, index)
+                    if twin is None:
+                        warnings.append(
+                            f"{label}: device {device.name} of node {node.name} is also booked by a "
+                            "kubevram replica and no device like it is free; counted once"
+                        )
+                    index = index if twin is None else twin
                 node.hold_whole(index)
                 continue
             consumed = _map(result, "consumedCapacity").get("memory")
@@ -310,8 +337,8 @@ def build_dra_inventory(
         node = dra_node_inventory(objects[name], devices[name])
         out.append(node)
         where.update({(d.pool, d.name): (node, i) for i, d in enumerate(devices[name])})
-    apply_claims(where, claims, driver, warnings)
     apply_reservations(out, reservations, warnings, replanned=replanned)
+    apply_claims(where, claims, driver, warnings)
     return Inventory(out, sorted(warnings))
 
 
