@@ -841,7 +841,7 @@ def render_claim_templates(
         return []
     out: list[dict[str, Any]] = []
     for _, replicas in group_replicas(plan):
-        made = (claim_template(body, spec, plan, replicas[0], driver, c) 
+        made = (claim_template(body, spec, plan, replicas[0], driver, c)
                 for c in claimed_devices(replicas[0]))
         out += {t["metadata"]["name"]: t for t in made}.values()
     if int((plan.get("unscheduled") or {}).get("count") or 0):
