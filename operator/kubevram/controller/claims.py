@@ -20,7 +20,8 @@ placement ledger's accounting (devices held whole, slices held) stays true per n
 
 Replicas that fit nowhere get ``<name>-pending-<digest>``: ``count`` GPUs with at least the per-GPU need
 (and the product, when ``spec.placement.nodeSelector`` pins ``nvidia.com/gpu.product``), which the cluster
-autoscaler can satisfy from a node group whose template lists such devices.
+autoscaler can satisfy from a node group whose template lists such devices (a pending group: one such
+placeholder pod per node of the group, ``render.render_placeholder``).
 
 Template specs are immutable in the API: a template is named after a digest of its spec, created once, and
 deleted when no workload names it any more.
