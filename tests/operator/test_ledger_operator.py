@@ -244,3 +244,27 @@ def test_a_replica_only_a_known_node_class_can_hold_waits_for_it_and_is_placed_w
     cluster.add_node(gpu_node("gpu-h100-0", gpus=8, memory_mib=81559, product="NVIDIA-H100-80GB-HBM3"))
     cluster.wait_for("llama on the new node", lambda: placed_on(cluster, "llama") == "gpu-h100-0")
     assert condition(cluster.llmd("llama"), "Scheduled")["status"] == "True"
+
+
+def test_a_deployment_being_deleted_is_not_replanned_by_a_node_event(
+    cluster: EmulatedCluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another finalizer (``kubectl delete --cascade=foreground``, a GitOps tool's) keeps a deleted
+    LLMDeployment around after kubevram's delete handler released it: a GPU node that joins then must
+    not bring its workers back (nor its ledger entry, nor its metrics)."""
+    monkeypatch.setenv("KUBEVRAM_RETRY_DELAY", "600")  # only the node event places anything
+    with running_operator():
+        going = llmd("a-going", replicas=1)
+        going["metadata"]["finalizers"] = ["example.com/hold"]
+        cluster.create_llmd(going)
+        cluster.create_llmd(llmd("b-stays", replicas=1))
+        cluster.wait_for("both waiting for a node", lambda: settled(cluster, ["a-going", "b-stays"]))
+        cluster.delete(cluster.llmd_path("a-going"))
+        cluster.wait_for("kubevram's delete handler to finish", lambda: (
+            (o := cluster.llmd("a-going")) and o["metadata"].get("finalizers") == ["example.com/hold"]))
+        assert workloads(cluster, "a-going") == {}
+
+        cluster.add_node(gpu_node("gpu-l4-0", **L4))  # room for both; re-planned by name: a-going first
+        cluster.wait_for("b-stays placed", lambda: placed_on(cluster, "b-stays") == "gpu-l4-0")
+        assert workloads(cluster, "a-going") == {}
+        cluster.patch(cluster.llmd_path("a-going"), {"metadata": {"finalizers": None}})

@@ -385,7 +385,11 @@ class Reconciler:
         return done
 
     def _replan(self, body: Mapping[str, Any], patch: Any) -> bool:
-        """``plan_and_apply`` whose outcome is in the status and the events: True when nothing is pending."""
+        """``plan_and_apply`` whose outcome is in the status and the events: True when nothing is pending.
+        A deployment being deleted is left alone (its delete handler released it; another finalizer, e.g.
+        a foreground deletion's, may keep it a while): re-planning it would bring its workers back."""
+        if (body.get("metadata") or {}).get("deletionTimestamp"):
+            return True
         try:
             self.plan_and_apply(body, patch)
         except kopf.TemporaryError:
