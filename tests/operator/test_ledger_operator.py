@@ -268,3 +268,22 @@ def test_a_deployment_being_deleted_is_not_replanned_by_a_node_event(
         cluster.wait_for("b-stays placed", lambda: placed_on(cluster, "b-stays") == "gpu-l4-0")
         assert workloads(cluster, "a-going") == {}
         cluster.patch(cluster.llmd_path("a-going"), {"metadata": {"finalizers": None}})
+
+
+def test_an_invalid_update_of_a_waiting_deployment_withdraws_its_autoscaling_signal(
+    cluster: EmulatedCluster, operator: Any
+) -> None:
+    """Failed means nothing to schedule: no pending replicas in the status (the signal an autoscaler
+    integration and the metrics read) and no placeholder keeping a GPU node asked for."""
+    cluster.add_node(gpu_node("gpu-l4-0", **L4))
+    cluster.create_llmd(llmd("llama", replicas=1, model={"id": "meta-llama/Meta-Llama-3-70B"}))
+    cluster.wait_for("llama's placeholder", lambda: "llama-placeholder" in workloads(cluster, "llama"))
+    cluster.patch(cluster.llmd_path("llama"), {"spec": {"model": {"configMapRef": {"name": "no-such"}}}})
+    obj = cluster.wait_for(
+        "phase Failed", lambda: ((o := cluster.llmd("llama")) or {}).get("status", {}).get("phase") == "Failed" and o
+    )
+    assert condition(obj, "Planned")["reason"] == "InvalidSpec"
+    assert not (obj["status"].get("autoscaling") or {}).get("pendingReplicas"), obj["status"]
+    assert not (obj["status"].get("autoscaling") or {}).get("gpuClass"), obj["status"]
+    assert obj["status"].get("vramPerReplica") is None, obj["status"]
+    assert workloads(cluster, "llama") == {}

@@ -193,6 +193,13 @@ class Reconciler:
         )
         patch.status.update(failed)
         key = (meta.get("namespace") or "default", meta["name"])
+        # Nothing is pending any more: the placeholders that ask the autoscaler for nodes go (the workers
+        # of an earlier plan, if any, keep serving).
+        self.cluster.delete_workloads(
+            w for w in self.cluster.list_owned_workloads(*key)
+            if ((w.get("metadata") or {}).get("labels") or {}).get(render.LABEL_SHAPE) == render.PLACEHOLDER
+        )
+        _mark_waiting(key, False)
         metrics.STATE.observe_deployment(key, _desired(body), {**(body.get("status") or {}), **failed})
         self.report(reason, message, True)
 

@@ -224,4 +224,8 @@ def failed_status(
         "readyReplicas": 0,
         "selector": selector_string(name),
         "placements": [],
+        # No plan: no per-replica figure, no estimate and nothing pending (a merge patch removes them).
+        "vramPerReplica": None,
+        "estimate": None,
+        "autoscaling": autoscaling({}),
     }
