@@ -279,9 +279,8 @@ def test_an_invalid_update_of_a_waiting_deployment_withdraws_its_autoscaling_sig
     cluster.create_llmd(llmd("llama", replicas=1, model={"id": "meta-llama/Meta-Llama-3-70B"}))
     cluster.wait_for("llama's placeholder", lambda: "llama-placeholder" in workloads(cluster, "llama"))
     cluster.patch(cluster.llmd_path("llama"), {"spec": {"model": {"configMapRef": {"name": "no-such"}}}})
-    obj = cluster.wait_for(
-        "phase Failed", lambda: ((o := cluster.llmd("llama")) or {}).get("status", {}).get("phase") == "Failed" and o
-    )
+    obj = cluster.wait_for("phase Failed", lambda: (
+        ((o := cluster.llmd("llama")) or {}).get("status", {}).get("phase") == "Failed" and o))
     assert condition(obj, "Planned")["reason"] == "InvalidSpec"
     assert not (obj["status"].get("autoscaling") or {}).get("pendingReplicas"), obj["status"]
     assert not (obj["status"].get("autoscaling") or {}).get("gpuClass"), obj["status"]

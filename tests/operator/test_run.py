@@ -4,6 +4,7 @@ the emulator, which answers a stale ``resourceVersion`` with 409 as the API serv
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import subprocess
@@ -12,12 +13,13 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+import kmock
 import pytest
 from kubevram_emulator import EmulatedCluster, gpu_node
 from test_operator import L4, condition, llmd
 
 from kubevram.controller.adapter import Cluster, api_client
-from kubevram.controller.leader import LeaseLock
+from kubevram.controller.leader import LeaderElector, LeaseLock
 
 LEASE = "/apis/coordination.k8s.io/v1/namespaces/default/leases/kubevram-operator"
 
@@ -72,6 +74,35 @@ def test_of_two_writes_from_the_same_read_one_loses(cluster: EmulatedCluster) ->
     finally:
         c.cluster._get = cluster_get  # type: ignore[method-assign]
     assert cluster.get(LEASE)["spec"]["holderIdentity"] == "b"  # type: ignore[index]
+
+
+def test_a_leader_whose_api_server_stops_answering_gives_up_by_the_renew_deadline(
+    cluster: EmulatedCluster,
+) -> None:
+    """A partition: the renewal's request hangs instead of failing. The leader must still stop by its
+    renew deadline, before a standby takes the Lease over (``leaseDurationSeconds`` later)."""
+    import threading
+
+    elector = LeaderElector(candidate("a", Clock()), retry=0.1, renew_deadline=1.0)
+    assert elector.acquire(threading.Event())
+    answer = asyncio.Event()
+
+    async def hang() -> int:
+        await answer.wait()
+        return 503
+
+    def partition() -> None:
+        assert cluster.emulator is not None
+        cluster.emulator["get", kmock.resource("coordination.k8s.io/v1/leases")] << hang
+
+    cluster.call(partition)
+    lost = threading.Event()
+    elector.keep(lost.set)
+    try:
+        cluster.wait_for("the leader to give the Lease up", lost.is_set, timeout=15)
+    finally:
+        cluster.call(answer.set)
+        elector.stop(release=False)
 
 
 def operator_process(kubeconfig: Path | str, *args: str) -> subprocess.Popen[str]:

@@ -10,8 +10,9 @@ Kubernetes' own controllers:
   comparison of timestamps written by another machine, so clock skew does not matter);
 * the leader renews it every ``retry`` seconds; every write carries the ``resourceVersion`` it read,
   so of two candidates racing only one succeeds (409 for the other);
-* a leader that cannot renew within ``renew_deadline`` seconds has lost it and must stop planning at
-  once (the process exits and its pod restarts as a candidate); one that stops cleanly releases it.
+* a leader that cannot renew within ``renew_deadline`` seconds (a request that hangs counts as failed
+  when the deadline passes) has lost it and must stop planning at once (the process exits and its
+  pod restarts as a candidate); one that stops cleanly releases it.
 
 The operator needs ``get``, ``create`` and ``patch`` on ``leases`` in its namespace (the chart's Role).
 """
@@ -160,9 +161,11 @@ class LeaderElector:
         def renew() -> None:
             last = time.monotonic()
             while not self._stop.wait(self.retry):
-                if self._attempt():
+                if _within(self._attempt, last + self.renew_deadline - time.monotonic()):
                     last = time.monotonic()
-                elif time.monotonic() - last >= self.renew_deadline or self._held_by_another():
+                elif time.monotonic() - last >= self.renew_deadline or _within(
+                    self._held_by_another, last + self.renew_deadline - time.monotonic()
+                ):
                     log.error("lost lease %s/%s: stopping", self.lock.namespace, self.lock.name)
                     on_lost()
                     return
@@ -187,6 +190,16 @@ class LeaderElector:
                 self.lock.release()
             except Exception as exc:
                 log.warning("could not release lease %s/%s: %s", self.lock.namespace, self.lock.name, exc)
+
+
+def _within(call: Callable[[], bool], seconds: float) -> bool:
+    """``call()``, or False when it has not returned within ``seconds``: a partitioned API server may
+    never answer a request (no error, no timeout), and the renew deadline must hold all the same."""
+    result: list[bool] = []
+    thread = threading.Thread(target=lambda: result.append(call()), name="kubevram-lease-call", daemon=True)
+    thread.start()
+    thread.join(max(0.0, seconds))
+    return bool(result and result[0])
 
 
 __all__ = ["LeaderElector", "LeaseLock"]
