@@ -286,3 +286,27 @@ def test_an_invalid_update_of_a_waiting_deployment_withdraws_its_autoscaling_sig
     assert not (obj["status"].get("autoscaling") or {}).get("gpuClass"), obj["status"]
     assert obj["status"].get("vramPerReplica") is None, obj["status"]
     assert workloads(cluster, "llama") == {}
+
+
+def test_a_kept_replica_whose_gpu_another_deployment_took_meanwhile_is_planned_anew(
+    cluster: EmulatedCluster, operator: Any
+) -> None:
+    """The plan ConfigMap says where a replica was; its workload is gone (deleted by hand, or its write
+    failed after the ConfigMap's) and another deployment took the GPU. A scale must not put it back
+    on that GPU beside the other one."""
+    cluster.add_node(gpu_node("gpu-a", **ONE_L4))
+    cluster.create_llmd(llmd("first", replicas=1))
+    cluster.wait_for("first on gpu-a", lambda: placed_on(cluster, "first") == "gpu-a")
+    cluster.create_llmd(llmd("second", replicas=1))
+    cluster.wait_for("second waiting", lambda: settled(cluster, ["second"]))
+    assert condition(cluster.llmd("second"), "Scheduled")["status"] == "False"
+    (name,) = workloads(cluster, "first")
+    cluster.delete(f"/apis/apps/v1/namespaces/default/deployments/{name}")
+    cluster.wait_for("second on the GPU first's left", lambda: placed_on(cluster, "second") == "gpu-a")
+
+    cluster.patch(cluster.llmd_path("first"), {"spec": {"replicas": 2}})
+    obj = cluster.wait_for("first re-planned", lambda: (
+        ((o := cluster.llmd("first")) or {}).get("status", {}).get("observedGeneration") == 2 and o))
+    books = booked(cluster)
+    assert max(books.values()) == 1, books  # no GPU given twice
+    assert obj["status"]["autoscaling"]["pendingReplicas"] == 2, obj["status"]

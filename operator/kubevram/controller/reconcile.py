@@ -51,7 +51,7 @@ from kubevram.controller.nodes import (
 )
 from kubevram.controller.planning import node_classes
 from kubevram.planner.dra import DRIVER, GPU_CLASS, has_gpu_slices
-from kubevram.planner.inventory import Reservation, node_inventory
+from kubevram.planner.inventory import NodeInventory, Reservation, apply_reservations, node_inventory
 from kubevram.planner.placement import KNOWN_PRODUCTS, DraInput, parse_node_classes
 
 log = logging.getLogger(__name__)
@@ -246,9 +246,9 @@ class Reconciler:
 
         ``book``: what the ledger holds for every other deployment; ``previous``: the deployment's last
         plan when only ``spec.replicas`` changed since (else None: every replica is planned anew). A kept
-        replica stays only while its node may hold it (``nodes.placement_problem``) and is not in
-        ``avoid`` (nodes where kube-scheduler left its pods unschedulable); the others are planned again,
-        on the other nodes.
+        replica stays only while its node may hold it (``nodes.placement_problem``), no other deployment
+        holds its GPUs in the book (``_taken``) and its node is not in ``avoid`` (nodes where kube-scheduler
+        left its pods unschedulable); the others are planned again, on the other nodes.
         """
         name, namespace = deployment.name, deployment.namespace
         desired = deployment.spec.replicas
@@ -260,6 +260,8 @@ class Reconciler:
         by_name = {_name(n): n for n in nodes}
         kept: list[dict[str, Any]] = []
         moved: list[str] = []
+        sharing = str(deployment.spec.placement.sharing)
+        left: dict[str, NodeInventory | None] = {}  # per node: what the book and the kept replicas leave
         for replica in previous.get("replicas") or []:
             why = ""
             for pod in render.group_pods(replica) if replica.get("group") else [replica]:
@@ -269,6 +271,9 @@ class Reconciler:
                     if node in avoid
                     else placement_problem(pod, by_name.get(node), now, self.settings.node_grace)
                 )
+            if not why and self._dra is None:
+                held_here = reservations_of((namespace, name), {"replicas": [replica]}, sharing)
+                why = _taken(held_here, by_name, book, left)
             if why:
                 moved.append(why)
             else:
@@ -279,7 +284,6 @@ class Reconciler:
             return plan, "re-planned" if moved else "kept" if unchanged else "scaled-down", moved
         # Plan only the difference; the kept replicas are reservations under another owner (the planner
         # leaves out the reservations of the deployment it is planning).
-        sharing = str(deployment.spec.placement.sharing)
         held = reservations_of((namespace, f"{name}.kept"), {"replicas": kept}, sharing)
         delta = deployment.model_copy(
             update={"spec": deployment.spec.model_copy(update={"replicas": desired - len(kept)})}
@@ -859,6 +863,40 @@ def node_event(
     if problem:
         log.info("%s: re-planning %d deployment(s) with replicas there", problem, len(holders))
         replan_waiting(cluster, settings, holders)
+
+
+def _taken(
+    held: Sequence[Reservation],
+    nodes: Mapping[str, Mapping[str, Any]],
+    book: Sequence[Reservation],
+    left: dict[str, NodeInventory | None],
+) -> str:
+    """Why a placed replica (``held``: its reservations, from the last plan) may not stay on its GPUs: the
+    ledger's ``book`` (every other deployment's reservations) holds them now; empty when it may stay.
+    The plan ConfigMap can name GPUs that no workload holds any more (a workload deleted by hand, or whose
+    write failed after the ConfigMap's), which another deployment may have been given meanwhile.
+    ``left``: per node, what the book and the replicas kept so far leave (filled here)."""
+    for reservation in held:
+        if reservation.node not in left:
+            inventory = node_inventory(nodes[reservation.node], []) if reservation.node in nodes else None
+            if inventory is not None:
+                apply_reservations([inventory], book, [])
+            left[reservation.node] = inventory
+        inventory = left[reservation.node]
+        if inventory is None:
+            continue
+        for index, nbytes in reservation.gpus:
+            if not 0 <= index < len(inventory.devices):
+                continue
+            whole = reservation.sharing != "shared" or inventory.devices[index].kind != "timeslice"
+            free = inventory.free_bytes(index)
+            if free < (inventory.devices[index].memory_bytes if whole else nbytes):
+                others = {r.label for r in book if r.node == reservation.node and index in dict(r.gpus)}
+                holders = ", ".join(sorted(others)) or "another replica"
+                return f"GPU {index} of node {reservation.node} is held by {holders} now"
+    for reservation in held:
+        apply_reservations([n for n in [left.get(reservation.node)] if n is not None], [reservation], [])
+    return ""
 
 
 def without_groups(plan: dict[str, Any]) -> dict[str, Any]:
