@@ -710,14 +710,17 @@ class Reconciler:
         conditions = status.merge_conditions(old_conditions, new, status.now_rfc3339())
         gone = sorted(set(old.get("workers") or {}) - {_name(p) for p in pods})
         same = [_sans_time(c) for c in conditions] == [_sans_time(c) for c in old_conditions]
-        if ready == old.get("readyReplicas") and same and not gone:
+        pending = int(signal.get("pendingReplicas") or 0)
+        phase = status.phase_of(desired, ready, bool(pending or problems))
+        # The phase too: a stale write (this timer computing from a body read before a reconcile wrote
+        # the new status) can leave one that contradicts the conditions.
+        if ready == old.get("readyReplicas") and same and phase == old.get("phase") and not gone:
             return
         if gone:
             patch.status["workers"] = {pod: None for pod in gone}  # a merge patch removes them
-        pending = int(signal.get("pendingReplicas") or 0)
         patch.status["readyReplicas"] = ready
         patch.status["conditions"] = conditions
-        patch.status["phase"] = status.phase_of(desired, ready, bool(pending or problems))
+        patch.status["phase"] = phase
         self._report_problems(old_conditions, conditions)
 
 
