@@ -310,3 +310,32 @@ def test_a_kept_replica_whose_gpu_another_deployment_took_meanwhile_is_planned_a
     books = booked(cluster)
     assert max(books.values()) == 1, books  # no GPU given twice
     assert obj["status"]["autoscaling"]["pendingReplicas"] == 2, obj["status"]
+
+
+def test_a_replan_that_waited_for_its_deployment_reads_it_again(
+    cluster: EmulatedCluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A node event reads a waiting deployment, then waits for the deployment's lock (another
+    reconciliation of it holds it); meanwhile the deployment is deleted and released. The re-plan must
+    plan what is there once it holds the lock, not the body it read before: nothing."""
+    from kubevram.controller.ledger import LEDGER
+
+    monkeypatch.setenv("KUBEVRAM_RETRY_DELAY", "600")  # only the node event places anything
+    with running_operator():
+        cluster.create_llmd(llmd("qwen", replicas=1))
+        cluster.wait_for("qwen waiting for a node", lambda: settled(cluster, ["qwen"]))
+        path = cluster.llmd_path("qwen")
+        with LEDGER.deployment(("default", "qwen")):  # a reconciliation of qwen in progress
+            seen = len(cluster.requests())
+            cluster.add_node(gpu_node("gpu-l4-0", **L4))
+            cluster.wait_for("the node event to read qwen",
+                             lambda: ("GET", path, 200) in cluster.requests()[seen:])
+            # ... and qwen goes, deleted and released (here: without its finalizer, as if released already).
+            cluster.patch(path, {"metadata": {"finalizers": None}})
+            cluster.delete(path)
+            cluster.wait_for("qwen gone", lambda: cluster.llmd("qwen") is None)
+            seen = len(cluster.requests())
+        workloads_path = "/apis/apps/v1/namespaces/default/deployments"
+        cluster.wait_for("the re-plan to read qwen again, or to write its workload", lambda: {
+            ("GET", path), ("POST", workloads_path)} & {(m, p) for m, p, _ in cluster.requests()[seen:]})
+        assert [n for n in workloads(cluster, "qwen") if n != "qwen-placeholder"] == []  # no worker

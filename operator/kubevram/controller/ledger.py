@@ -67,7 +67,7 @@ class Ledger:
         self._writer: int | None = None
         self._guard = threading.Lock()
         self._entries: dict[Key, Entry] = {}
-        self._deployments: dict[Key, threading.Lock] = {}
+        self._deployments: dict[Key, threading.RLock] = {}
 
     # ------------------------------------------------------------------------------------- locks
 
@@ -83,9 +83,10 @@ class Ledger:
 
     @contextlib.contextmanager
     def deployment(self, key: Key) -> Iterator[None]:
-        """One reconciliation of ``key`` at a time (taken before ``deciding``, never inside it)."""
+        """One reconciliation of ``key`` at a time (taken before ``deciding``, never inside it; reentrant: a
+        re-plan holds it while it reads the deployment and plans it)."""
         with self._guard:
-            lock = self._deployments.setdefault(key, threading.Lock())
+            lock = self._deployments.setdefault(key, threading.RLock())
         with lock:
             yield
 

@@ -386,13 +386,18 @@ class Reconciler:
         The status goes out as a merge patch of the status subresource. Returns True when nothing is
         pending any more. The handler's own retry, when it comes, finds the replicas placed.
         """
-        body = self.cluster.get_llmd(namespace, name)
-        if body is None:
-            return True
-        patch = _StatusPatch()
-        done = self._replan(body, patch)
-        if patch.status:
-            self.cluster.patch_llmd_status(namespace, name, patch.status)
+        if self.cluster.get_llmd(namespace, name) is None:
+            return True  # gone: no wait for its lock
+        with self.ledger.deployment((namespace, name)):
+            # Read it again once no other reconciliation of it runs: what that one did (a spec change
+            # applied, a deletion released) is in this read, not in one made before the wait.
+            body = self.cluster.get_llmd(namespace, name)
+            if body is None:
+                return True
+            patch = _StatusPatch()
+            done = self._replan(body, patch)
+            if patch.status:
+                self.cluster.patch_llmd_status(namespace, name, patch.status)
         return done
 
     def _replan(self, body: Mapping[str, Any], patch: Any) -> bool:
