@@ -374,7 +374,9 @@ def _template_removals(desired: dict[str, Any], current: Mapping[str, Any]) -> d
     return {**desired, "spec": {**desired["spec"], **removed}} if removed else desired
 
 
-_OPTIONAL_POD_FIELDS = ("nodeSelector", "affinity", "tolerations")
+# resourceClaims: a replica re-planned from DRA to the device plugin keeps its workload's name; a claim
+# left on the template would name a ResourceClaimTemplate the operator deleted, and no pod could start.
+_OPTIONAL_POD_FIELDS = ("nodeSelector", "affinity", "tolerations", "resourceClaims")
 # Fields the API server never lets change (422): such an object is deleted and created anew. A
 # RoleBinding's roleRef changed when kubevram moved the workers from a shared ClusterRole to a Role each.
 _IMMUTABLE = {"RoleBinding": "roleRef"}
