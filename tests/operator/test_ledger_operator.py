@@ -68,6 +68,14 @@ def test_deployments_created_at_once_get_distinct_gpus(cluster: EmulatedCluster,
 ONE_L4 = {**L4, "gpus": 1}
 
 
+#: A node patch: the device plugin and GFD are gone (no GPU labels, no allocatable GPUs).
+NO_GPUS = {
+    "metadata": {"labels": {k: None for k in ("nvidia.com/gpu.present", "nvidia.com/gpu.count",
+                                              "nvidia.com/gpu.memory", "nvidia.com/gpu.product")}},
+    "status": {"allocatable": {"nvidia.com/gpu": None}, "capacity": {"nvidia.com/gpu": None}},
+}
+
+
 def ago(seconds: float) -> str:
     moment = datetime.datetime.now(tz=datetime.UTC) - datetime.timedelta(seconds=seconds)
     return moment.strftime("%Y-%m-%dT%H:%M:%SZ")
@@ -109,11 +117,7 @@ def test_replicas_leave_nodes_that_are_deleted_cordoned_not_ready_or_lose_their_
         cluster.wait_for("qwen moved off the NotReady node", lambda: placed_on(cluster) == "gpu-d")
 
         # gpu-d loses its GPUs (the device plugin and GFD are gone): no node is left for the replica.
-        cluster.patch("/api/v1/nodes/gpu-d", {
-            "metadata": {"labels": {k: None for k in ("nvidia.com/gpu.present", "nvidia.com/gpu.count",
-                                                      "nvidia.com/gpu.memory", "nvidia.com/gpu.product")}},
-            "status": {"allocatable": {"nvidia.com/gpu": None}, "capacity": {"nvidia.com/gpu": None}},
-        })
+        cluster.patch("/api/v1/nodes/gpu-d", NO_GPUS)
         obj = cluster.wait_for(
             "qwen waiting for a node",
             lambda: condition(o := cluster.llmd("qwen"), "Scheduled").get("status") == "False" and o,
@@ -339,3 +343,35 @@ def test_a_replan_that_waited_for_its_deployment_reads_it_again(
         cluster.wait_for("the re-plan to read qwen again, or to write its workload", lambda: {
             ("GET", path), ("POST", workloads_path)} & {(m, p) for m, p, _ in cluster.requests()[seen:]})
         assert [n for n in workloads(cluster, "qwen") if n != "qwen-placeholder"] == []  # no worker
+
+
+def test_the_periodic_check_that_waited_for_its_deployment_reads_it_again(
+    cluster: EmulatedCluster,
+) -> None:
+    """The same for the periodic check: it finds qwen's node without GPUs (which only it checks), then
+    waits for qwen's lock while qwen is deleted and released: it must not place qwen anew."""
+    from kubevram.controller.ledger import LEDGER
+    from kubevram.controller.nodes import NODES
+
+    cluster.add_node(gpu_node("gpu-a", **ONE_L4))
+    cluster.add_node(gpu_node("gpu-b", **ONE_L4))
+    with running_operator():
+        cluster.create_llmd(llmd("qwen", replicas=1))
+        cluster.wait_for("qwen on gpu-a", lambda: placed_on(cluster) == "gpu-a")
+        path = cluster.llmd_path("qwen")
+        with LEDGER.deployment(("default", "qwen")):  # a reconciliation of qwen in progress
+            cluster.patch("/api/v1/nodes/gpu-a", NO_GPUS)
+            cluster.wait_for("the node watch to see it", lambda: "nvidia.com/gpu.count" not in (
+                (NODES.get("gpu-a") or {}).get("metadata", {}).get("labels", {})))
+            seen = len(cluster.requests())
+            pods = "/api/v1/namespaces/default/pods"
+            # The check that lists qwen's pods now sees the node without GPUs, and waits for the lock.
+            cluster.wait_for("the periodic check", lambda: ("GET", pods, 200) in cluster.requests()[seen:])
+            cluster.patch(path, {"metadata": {"finalizers": None}})
+            cluster.delete(path)
+            cluster.wait_for("qwen gone", lambda: cluster.llmd("qwen") is None)
+            seen = len(cluster.requests())
+        workloads_path = "/apis/apps/v1/namespaces/default/deployments"
+        cluster.wait_for("the check to read qwen again, or to write its workload", lambda: {
+            ("GET", path), ("POST", workloads_path)} & {(m, p) for m, p, _ in cluster.requests()[seen:]})
+        assert [pinned_node(w) for w in workloads(cluster, "qwen").values()] == ["gpu-a"]  # as it was

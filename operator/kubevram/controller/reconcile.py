@@ -691,7 +691,10 @@ class Reconciler:
         moving = self._must_move(list(old.get("placements") or []), stuck, now, dra)
         if moving:
             log.info("%s/%s: re-planning: %s", *key, "; ".join(moving))
-            self._replan(body, patch)
+            with self.ledger.deployment(key):
+                fresh = self.cluster.get_llmd(*key)  # read once no other reconciliation of it runs
+                if fresh is not None:
+                    self._replan(fresh, patch)
             return
         ready = _ready(owned)
         desired = _desired(body)
