@@ -316,6 +316,23 @@ def test_a_kept_replica_whose_gpu_another_deployment_took_meanwhile_is_planned_a
     assert obj["status"]["autoscaling"]["pendingReplicas"] == 2, obj["status"]
 
 
+def gone_while_waiting(cluster: EmulatedCluster, path: str) -> int:
+    """The LLMDeployment at ``path`` goes, deleted and released (here: without kubevram's finalizer, as if
+    its delete handler had run already); the length of the request log then."""
+    cluster.patch(path, {"metadata": {"finalizers": None}})
+    cluster.delete(path)
+    cluster.wait_for("the deployment gone", lambda: cluster.get(path) is None)
+    return len(cluster.requests())
+
+
+def went_on(cluster: EmulatedCluster, path: str, seen: int) -> None:
+    """Wait until the reconciliation that waited for the deployment's lock went on: it read the deployment
+    again, or wrote a workload."""
+    wrote = ("POST", "/apis/apps/v1/namespaces/default/deployments")
+    cluster.wait_for("the waiting reconciliation to read the deployment again, or to write a workload",
+                     lambda: {("GET", path), wrote} & {(m, p) for m, p, _ in cluster.requests()[seen:]})
+
+
 def test_a_replan_that_waited_for_its_deployment_reads_it_again(
     cluster: EmulatedCluster, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -334,14 +351,8 @@ def test_a_replan_that_waited_for_its_deployment_reads_it_again(
             cluster.add_node(gpu_node("gpu-l4-0", **L4))
             cluster.wait_for("the node event to read qwen",
                              lambda: ("GET", path, 200) in cluster.requests()[seen:])
-            # ... and qwen goes, deleted and released (here: without its finalizer, as if released already).
-            cluster.patch(path, {"metadata": {"finalizers": None}})
-            cluster.delete(path)
-            cluster.wait_for("qwen gone", lambda: cluster.llmd("qwen") is None)
-            seen = len(cluster.requests())
-        workloads_path = "/apis/apps/v1/namespaces/default/deployments"
-        cluster.wait_for("the re-plan to read qwen again, or to write its workload", lambda: {
-            ("GET", path), ("POST", workloads_path)} & {(m, p) for m, p, _ in cluster.requests()[seen:]})
+            seen = gone_while_waiting(cluster, path)
+        went_on(cluster, path, seen)
         assert [n for n in workloads(cluster, "qwen") if n != "qwen-placeholder"] == []  # no worker
 
 
@@ -367,11 +378,6 @@ def test_the_periodic_check_that_waited_for_its_deployment_reads_it_again(
             pods = "/api/v1/namespaces/default/pods"
             # The check that lists qwen's pods now sees the node without GPUs, and waits for the lock.
             cluster.wait_for("the periodic check", lambda: ("GET", pods, 200) in cluster.requests()[seen:])
-            cluster.patch(path, {"metadata": {"finalizers": None}})
-            cluster.delete(path)
-            cluster.wait_for("qwen gone", lambda: cluster.llmd("qwen") is None)
-            seen = len(cluster.requests())
-        workloads_path = "/apis/apps/v1/namespaces/default/deployments"
-        cluster.wait_for("the check to read qwen again, or to write its workload", lambda: {
-            ("GET", path), ("POST", workloads_path)} & {(m, p) for m, p, _ in cluster.requests()[seen:]})
+            seen = gone_while_waiting(cluster, path)
+        went_on(cluster, path, seen)
         assert [pinned_node(w) for w in workloads(cluster, "qwen").values()] == ["gpu-a"]  # as it was
