@@ -105,6 +105,36 @@ def test_a_leader_whose_api_server_stops_answering_gives_up_by_the_renew_deadlin
         elector.stop(release=False)
 
 
+def test_a_candidate_whose_first_request_never_comes_back_still_takes_the_free_lease(
+    cluster: EmulatedCluster,
+) -> None:
+    """A read of the Lease lost in a partition (no answer, no error) must not keep a standby from leading
+    once the API server answers again."""
+    import threading
+
+    answer = asyncio.Event()
+
+    async def hang() -> int:
+        await answer.wait()
+        return 503
+
+    def partition() -> None:
+        assert cluster.emulator is not None
+        cluster.emulator["get", kmock.resource("coordination.k8s.io/v1/leases")][:1] << hang
+
+    cluster.call(partition)
+    elector = LeaderElector(candidate("a", Clock()), retry=0.1, renew_deadline=1.0)
+    stop, leads = threading.Event(), threading.Event()
+    thread = threading.Thread(target=lambda: elector.acquire(stop) and leads.set(), daemon=True)
+    thread.start()
+    try:
+        cluster.wait_for("the candidate to lead", leads.is_set, timeout=15)
+    finally:
+        stop.set()
+        cluster.call(answer.set)
+        thread.join(10)
+
+
 def operator_process(kubeconfig: Path | str, *args: str) -> subprocess.Popen[str]:
     return subprocess.Popen(
         [sys.executable, "-m", "kubevram.cli", "operator", *args],

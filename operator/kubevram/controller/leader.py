@@ -144,7 +144,8 @@ class LeaderElector:
         """Block until this candidate leads (True) or ``stop`` is set (False)."""
         waiting_logged = False
         while not stop.is_set():
-            if self._attempt():
+            # An attempt with no answer (a partition) counts as failed after the renew deadline.
+            if _within(self._attempt, self.renew_deadline):
                 log.info("leading: lease %s/%s held by %s", self.lock.namespace, self.lock.name,
                          self.lock.identity)
                 return True
