@@ -52,17 +52,18 @@ def weights_bytes(model) -> int:
 class Call:
     """An HTTP call in a thread (it may wait for the engine): ``result()`` joins it."""
 
-    def __init__(self, method: str, url: str, **kwargs) -> None:
+    def __init__(self, method: str, url: str, timeout: float = 120, **kwargs) -> None:
         self.response: httpx.Response | None = None
+        self.timeout = timeout
         self.thread = threading.Thread(target=self._run, args=(method, url), kwargs=kwargs, daemon=True)
         self.thread.start()
 
     def _run(self, method: str, url: str, **kwargs) -> None:
-        self.response = httpx.request(method, url, timeout=120, **kwargs)
+        self.response = httpx.request(method, url, timeout=self.timeout, **kwargs)
 
     def result(self) -> httpx.Response:
-        self.thread.join(120)
-        assert self.response is not None
+        self.thread.join(self.timeout)
+        assert self.response is not None, "no answer"
         return self.response
 
 
@@ -167,6 +168,57 @@ def test_a_wake_before_the_sleep_could_happen_calls_it_off(make_admin):
     pause.resume()
     assert admitted.result().status_code == 200
     assert is_sleeping(url)["is_sleeping"] is False and engine.sleeper.sleeps == {}
+
+
+def test_a_wake_up_that_arrives_while_the_worker_wakes_is_answered(make_admin, tiny_model_dir):
+    """A wake_up sent while a request is waking the worker (level 2 reloads for seconds on a large
+    model) gets that wake's figures; it waited for ever before."""
+    reloading, gate = threading.Event(), threading.Event()
+
+    def reload():
+        reloading.set()
+        gate.wait(60)
+        return load_weights(str(tiny_model_dir), None)
+
+    admin = make_admin(reload=reload)
+    url = admin.url
+    before = text(complete(url))
+    assert httpx.post(f"{url}/v1/admin/sleep?level=2", headers=AUTH, timeout=60).status_code == 200
+    arrival = Call("POST", f"{url}/v1/completions", json=BODY)  # wakes it (wakeOnRequest)
+    try:
+        assert reloading.wait(60), "the request did not wake the worker"
+        second = Call("POST", f"{url}/v1/admin/wake_up", headers=AUTH, timeout=30)
+        wait_for(lambda: admin.engine._wake_orders, "the wake_up to wait for the wake")
+    finally:
+        gate.set()
+    assert text(arrival.result()) == before
+    woke = second.result()
+    assert woke.status_code == 200, woke.text
+    assert woke.json()["level"] == 2 and woke.json()["reason"] == "arrival"
+    assert is_sleeping(url) == {"is_sleeping": False, "level": 0}
+    assert admin.engine.sleeper.wakes == {"arrival": 1}
+
+
+def test_a_sleep_asked_while_the_worker_wakes_is_not_answered_already_asleep(make_admin):
+    """Asleep, with a request waiting that wakes it: a sleep asked then is 409 ``waking_up`` (the
+    worker is about to be awake), not ``alreadyAsleep`` (it then woke while its caller believed it
+    asleep)."""
+    admin = make_admin()
+    engine, url = admin.engine, admin.url
+    before = text(complete(url))
+    assert httpx.post(f"{url}/v1/admin/sleep?level=1", headers=AUTH, timeout=60).status_code == 200
+    pause = Pause(engine).wait()  # the loop sleeps; hold it so that the wake waits
+    try:
+        arrival = Call("POST", f"{url}/v1/completions", json=BODY)
+        wait_for(lambda: engine.queue_depth == 1, "the request to be parked")
+        again = httpx.post(f"{url}/v1/admin/sleep?level=1", headers=AUTH, timeout=30)
+    finally:
+        pause.resume()
+    assert again.status_code == 409, again.text
+    assert again.json()["error"]["code"] == "waking_up"
+    assert text(arrival.result()) == before
+    assert is_sleeping(url) == {"is_sleeping": False, "level": 0}
+    assert engine.sleeper.sleeps == {(1, "request"): 1}
 
 
 def test_an_idle_worker_falls_asleep_and_a_request_wakes_it(make_admin):

@@ -31,8 +31,10 @@ from then on new requests are *parked* (``wake_on_request``) or refused with 503
 ``Retry-After``; the requests already admitted finish; then, between two steps with no batch left, the
 loop calls its :class:`Sleeper` (what a level does to memory: :mod:`kubevram.worker.sleep`) and is
 asleep at that level. A parked request (``wake_on_request``) or :meth:`Engine.wake` makes the loop call
-the sleeper's ``wake`` between two steps; the parked requests then join the queue in their order. A
-wake that comes before the ordered sleep could happen calls the sleep off. No request is lost: each
+the sleeper's ``wake`` between two steps; the parked requests then join the queue in their order, and
+every wake asked until it is done (those asked while it ran included) gets its figures. A wake that
+comes before the ordered sleep could happen calls the sleep off; a sleep asked while a wake is under
+way or due is refused (409 ``waking_up``). No request is lost: each
 ends in exactly one ``on_finished`` reason, as always.
 
 **Gauges** for an Inference Gateway (:mod:`kubevram.worker.metrics`): :attr:`Engine.queue_depth`
@@ -319,6 +321,7 @@ class Engine:
         self.last_wake_seconds: float | None = None
         self._sleep_order: _SleepOrder | None = None
         self._wake_orders: list[tuple[str, concurrent.futures.Future[dict[str, Any]]]] = []
+        self._waking = False  # the loop is carrying out a wake
         self._parked: collections.deque[RequestHandle] = collections.deque()
         # A multi-node replica: this rank's group (None: the replica is this process alone).
         self.group = group
@@ -486,7 +489,8 @@ class Engine:
         """Order a sleep at ``level`` and wait for it: the admitted requests finish first, new ones are
         parked or refused (module docstring). The sleeper's figures, with ``waitedSeconds`` (the wait
         for the admitted requests). Asleep already at this level or deeper: ``{"alreadyAsleep": true}``;
-        409 for a deeper level than the current (wake it first) or than a sleep already ordered."""
+        409 for a deeper level than the current (wake it first) or than a sleep already ordered, and
+        409 ``waking_up`` while a wake is under way or due (a parked request or a wake_up waits for it)."""
         if self.sleeper is None:
             raise EngineError(409, "this worker cannot sleep (no sleeper is bound to its engine)")
         future: concurrent.futures.Future[dict[str, Any]] = concurrent.futures.Future()
@@ -495,6 +499,14 @@ class Engine:
                 raise self.dead_error()
             if self._stopping:
                 raise EngineError(503, "the worker is shutting down", type="service_unavailable")
+            if self.sleep_level and (self._waking or self._transition_due() == "wake"):
+                raise EngineError(
+                    409,
+                    f"the worker is waking up from level {self.sleep_level} (a request or a wake_up "
+                    "waits for it); sleep once it is awake",
+                    code="waking_up",
+                    retry_after=max(1, math.ceil(self.last_wake_seconds or SLEEP_RETRY_AFTER)),
+                )
             current = self.sleep_level or (self._sleep_order.level if self._sleep_order else 0)
             if current and level > current:
                 raise EngineError(
@@ -635,6 +647,7 @@ class Engine:
                 if transition == "sleep":
                     assert self._sleep_order is not None
                     self._sleep_order.started = True
+                self._waking = transition == "wake"
                 new: list[RequestHandle] = []
                 room = self.max_batch_size - (len(self._batch.rows) if self._batch else 0)
                 if not transition and not self.sleep_level and (self._batch is None or self._joinable):
@@ -696,10 +709,9 @@ class Engine:
             _settle(order.futures, result)
             return
         with self._cond:
-            orders, self._wake_orders = self._wake_orders, []
-        futures = [future for _, future in orders]
+            reason = self._wake_orders[0][0] if self._wake_orders else "arrival"
         try:
-            result = dict(self.sleeper.wake(orders[0][0] if orders else "arrival"))
+            result = dict(self.sleeper.wake(reason))
         except BaseException as exc:
             log.error("waking up failed: %s: %s", type(exc).__name__, exc)
             error = EngineError(
@@ -712,6 +724,7 @@ class Engine:
             with self._cond:
                 parked = list(self._parked)
                 self._parked.clear()
+                futures, self._waking = self._take_wake_orders(), False
             self._fail(parked, error)
             _settle(futures, error)
             return
@@ -720,14 +733,22 @@ class Engine:
             self.sleep_level = 0
             self._pending.extend(self._parked)
             self._parked.clear()
+            # Every wake_up asked until now, those that came while it woke included, is answered.
+            futures, self._waking = self._take_wake_orders(), False
         _settle(futures, result)
+
+    def _take_wake_orders(self) -> list[concurrent.futures.Future[dict[str, Any]]]:
+        """The callers waiting for a wake (with the lock held); the orders are gone."""
+        futures = [future for _, future in self._wake_orders]
+        self._wake_orders = []
+        return futures
 
     def _take_orders(self) -> list[concurrent.futures.Future[dict[str, Any]]]:
         """Every caller still waiting for a sleep or a wake (with the lock held); the orders are gone."""
-        futures = [future for _, future in self._wake_orders]
+        futures = self._take_wake_orders()
         if self._sleep_order is not None:
             futures += self._sleep_order.futures
-        self._wake_orders, self._sleep_order = [], None
+        self._sleep_order = None
         return futures
 
     # ---- the KV gauges (engine thread; the measurement before it starts) ------------------------------
