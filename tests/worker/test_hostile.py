@@ -11,7 +11,7 @@ import threading
 import httpx
 import psutil
 import pytest
-from http_helpers import wait_for
+from http_helpers import metric, scrape, wait_for
 
 # What the 50 MB body may add to the process's resident memory while it is refused (it took RSS
 # from 0.4 GiB to a 10 GiB peak before the limit).
@@ -420,3 +420,8 @@ def test_when_the_engine_thread_dies_readiness_fails_and_waiting_requests_get_50
     assert "the engine has stopped" in error_of(later)["message"]
     assert httpx.get(f"{worker.url}/healthz").status_code == 200  # the process lives: the probe decides
     assert worker.metric("kubevram_worker_ready") == 0
+    # Every request has ended: the gateway's gauges say so (the one being prefilled stayed "running").
+    samples = scrape(worker.url)
+    assert metric(samples, "vllm:num_requests_running") == 0
+    assert metric(samples, "vllm:num_requests_waiting") == 0
+    assert metric(samples, "vllm:kv_cache_usage_perc") == 0

@@ -14,7 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 import torch
-from http_helpers import metric, scrape, start_worker, stopping, wait_for
+from http_helpers import Pause, metric, scrape, start_worker, stopping, wait_for
 
 from kubevram.api.errors import SpecError
 from kubevram.api.v1alpha1 import ChineseSpec, GenerationDefaults, GenerationSpec, ServingSpec
@@ -401,6 +401,46 @@ def test_drain_stops_admission_and_lets_the_running_request_finish(make_worker, 
     assert ended == 0
     assert running.status_code == 200
     assert running.json()["usage"]["completion_tokens"] == 5
+
+
+def test_a_drain_counts_the_requests_the_engine_has_taken_but_not_yet_prefilled(make_worker):
+    """A request the loop has taken from the queue and not yet prefilled (the first step of an idle
+    worker, or the next one of a batch of one) is in flight: a drain of 0 s ends it with a 503. The
+    drain took the worker for idle then, said every request had finished and left the request to
+    uvicorn's shutdown, which cuts a stream without a final event."""
+    from kubevram.worker.serve import drain
+
+    worker = make_worker(max_batch_size=1)
+    engine = worker.engine
+    body = {"prompt": "hello", "max_tokens": 64, "temperature": 0, "ignore_eos": True}
+    held = Pause(engine).wait()
+    answers: list[httpx.Response] = []
+    client = threading.Thread(
+        target=lambda: answers.append(httpx.post(f"{worker.url}/v1/completions", json=body, timeout=60)),
+        daemon=True,
+    )
+    client.start()
+    ended: list[int] = []
+    draining = threading.Thread(target=lambda: ended.append(asyncio.run(drain(worker.state, 0))), daemon=True)
+    taking = None
+    try:
+        wait_for(lambda: engine.queue_depth == 1, "the request to wait")
+        taking = Pause(engine)  # the next turn takes the request, then holds before prefilling it
+        held.resume()
+        taking.wait()
+        assert engine.queue_depth == 0 and engine.requests_running == 1
+        draining.start()
+        # The drain either ends at once or asks the engine to end what is in flight.
+        wait_for(lambda: ended or engine._callbacks, "the drain to decide")
+    finally:
+        held.resume()
+        if taking is not None:
+            taking.resume()
+    draining.join(60)
+    client.join(60)
+    assert ended == [1]
+    assert answers[0].status_code == 503, answers[0].text
+    assert answers[0].json()["error"]["code"] == "shutting_down"
 
 
 def test_the_rendered_pod_leaves_the_worker_time_to_drain():

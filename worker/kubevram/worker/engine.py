@@ -361,8 +361,8 @@ class Engine:
 
     @property
     def idle(self) -> bool:
-        """No request running or waiting."""
-        return self._batch is None and not self._pending and not self._parked
+        """No request running, taken from the queue (about to be prefilled) or waiting."""
+        return self._batch is None and not self._prefilling and not self._pending and not self._parked
 
     def start(self) -> None:
         """Measure the KV cache (the gauges' budget, module docstring), then start the loop's thread."""
@@ -897,6 +897,7 @@ class Engine:
         once the loop has ended)."""
         rows: list[Any] = list(self._batch.rows) if self._batch else []
         rows += self._prefilling + list(self._pending) + list(self._parked)
+        self._prefilling = []
         self._pending.clear()
         self._parked.clear()
         self._drop_batch(rows, error)
