@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import json
+import socket
 import threading
 
 import httpx
@@ -330,6 +331,20 @@ def test_an_unexpected_error_is_an_openai_500_counted_and_logged_in_one_line(mak
     assert counted(worker, 500) == 1
     failures = [r for r in caplog.records if "failed: KeyError" in r.getMessage()]
     assert failures and all(r.exc_info is None for r in failures)
+
+
+def test_a_client_that_leaves_in_the_middle_of_its_body_is_not_a_server_error(make_worker, caplog):
+    """Counted as 499 (the client went away), like the other clients that leave; it was a 500 and an
+    ERROR line each, so that a 5xx alert fired for clients that give up an upload."""
+    worker = make_worker()
+    with socket.create_connection(("127.0.0.1", worker.server.config.port)) as sock:
+        sock.sendall(
+            b"POST /v1/completions HTTP/1.1\r\nHost: worker\r\nContent-Type: application/json\r\n"
+            b'Content-Length: 1000\r\n\r\n{"prompt": "hel'
+        )
+    wait_for(lambda: counted(worker, 499) + counted(worker, 500) > 0, "the request to be answered")
+    assert (counted(worker, 499), counted(worker, 500)) == (1, 0)
+    assert not [r for r in caplog.records if r.levelname == "ERROR"]
 
 
 def test_405_keeps_the_allow_header(worker):

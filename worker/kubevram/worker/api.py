@@ -24,6 +24,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response, Streami
 from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from kubevram.worker.engine import EngineError, Output, RequestHandle
@@ -90,16 +91,22 @@ def _engine_error(exc: EngineError) -> JSONResponse:
 
 
 async def read_body(request: Request, limit: int) -> bytes:
-    """The request body, refused with 413 as soon as it passes ``limit`` bytes (nothing more is read)."""
+    """The request body, refused with 413 as soon as it passes ``limit`` bytes (nothing more is read);
+    a client that leaves before it has sent it all is answered 499, as a client that leaves later."""
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limit:
         raise _too_large(limit)
     chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise _too_large(limit)
-        chunks.append(chunk)
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise _too_large(limit)
+            chunks.append(chunk)
+    except ClientDisconnect:
+        raise EngineError(
+            499, f"the client closed the connection after {size} bytes of its body", code="client_closed"
+        ) from None
     return b"".join(chunks)
 
 
