@@ -221,6 +221,40 @@ def test_a_sleep_asked_while_the_worker_wakes_is_not_answered_already_asleep(mak
     assert engine.sleeper.sleeps == {(1, "request"): 1}
 
 
+def test_a_drain_during_a_long_wake_ends_the_waiting_requests_without_waiting_for_it(make_admin, tiny_model_dir):
+    """SIGTERM while a request wakes the worker from level 2 (a reload of minutes for a large model):
+    the drain ends the requests that wait for the wake at once (503 ``shutting_down``). It waited for
+    the reload to end first, past the pod's grace period: killed, its status entry left behind."""
+    from kubevram.worker.serve import drain
+
+    reloading, gate = threading.Event(), threading.Event()
+
+    def reload():
+        reloading.set()
+        gate.wait(60)
+        return load_weights(str(tiny_model_dir), None)
+
+    admin = make_admin(reload=reload)
+    url = admin.url
+    assert httpx.post(f"{url}/v1/admin/sleep?level=2", headers=AUTH, timeout=60).status_code == 200
+    arrival = Call("POST", f"{url}/v1/completions", json=BODY)  # parked; it wakes the worker
+    ended: list[int] = []
+    draining = threading.Thread(target=lambda: ended.append(asyncio.run(drain(admin.state, 0))), daemon=True)
+    try:
+        assert reloading.wait(60), "the request did not wake the worker"
+        draining.start()
+        draining.join(30)
+        assert ended == [1], "the drain waited for the wake"
+        refused = arrival.result()
+    finally:
+        gate.set()
+    assert refused.status_code == 503, refused.text
+    assert refused.json()["error"]["code"] == "shutting_down"
+    wait_for(lambda: admin.engine.sleep_level == 0, "the wake to end")
+    assert metric(url, "vllm:num_requests_waiting") == 0
+    assert metric(url, "kubevram_worker_sequences_finished_total", reason="error") == 1
+
+
 def test_an_idle_worker_falls_asleep_and_a_request_wakes_it(make_admin):
     clock = Clock()
     policy = MemoryReleaseSpec(idleSeconds=0, sleepAfterIdleSeconds=600)

@@ -440,16 +440,28 @@ class Engine:
         return await asyncio.wrap_future(future)
 
     async def abort_all(self, error: EngineError) -> int:
-        """Fail every running and waiting request with ``error`` (between two steps); how many."""
+        """Fail every running and waiting request with ``error``; how many. The waiting ones (queued,
+        or parked while the loop sleeps or wakes) at once, from any thread: a wake from level 2 can
+        reload for minutes, and a drain must not wait for it; those in the loop's hands (the running
+        batch, a step's prefill) between two steps."""
         if self.failure is not None or self._thread is None:
             return 0
+        with self._cond:
+            waiting = list(self._pending) + list(self._parked)
+            self._pending.clear()
+            self._parked.clear()
+            # Every request the loop holds is in the batch or being prefilled (engine thread).
+            held = self._batch is not None or bool(self._prefilling)
+        self._fail(waiting, error)
+        if not held:
+            return len(waiting)
 
         def abort() -> int:
             if self.group is not None:
                 self.group.share(("reset",))  # every rank drops the batch too
             return self._fail_all(error)
 
-        return await self.run_between_steps(abort)
+        return len(waiting) + await self.run_between_steps(abort)
 
     def fail_group(self, why: str) -> None:
         """A rank of the group is gone (any thread): fail like a dead loop, at once; the loop ends."""
