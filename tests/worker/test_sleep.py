@@ -221,7 +221,7 @@ def test_a_sleep_asked_while_the_worker_wakes_is_not_answered_already_asleep(mak
     assert engine.sleeper.sleeps == {(1, "request"): 1}
 
 
-def test_a_drain_during_a_long_wake_ends_the_waiting_requests_without_waiting_for_it(make_admin, tiny_model_dir):
+def test_a_drain_during_a_long_wake_ends_the_waiting_requests_at_once(make_admin, tiny_model_dir):
     """SIGTERM while a request wakes the worker from level 2 (a reload of minutes for a large model):
     the drain ends the requests that wait for the wake at once (503 ``shutting_down``). It waited for
     the reload to end first, past the pod's grace period: killed, its status entry left behind."""
