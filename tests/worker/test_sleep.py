@@ -170,9 +170,8 @@ def test_a_wake_before_the_sleep_could_happen_calls_it_off(make_admin):
     assert is_sleeping(url)["is_sleeping"] is False and engine.sleeper.sleeps == {}
 
 
-def test_a_wake_up_that_arrives_while_the_worker_wakes_is_answered(make_admin, tiny_model_dir):
-    """A wake_up sent while a request is waking the worker (level 2 reloads for seconds on a large
-    model) gets that wake's figures; it waited for ever before."""
+def _waking_from_level_2(make_admin, tiny_model_dir):
+    """A worker whose wake from level 2 holds in its reload (``reloading`` set) until ``gate`` is set."""
     reloading, gate = threading.Event(), threading.Event()
 
     def reload():
@@ -180,7 +179,13 @@ def test_a_wake_up_that_arrives_while_the_worker_wakes_is_answered(make_admin, t
         gate.wait(60)
         return load_weights(str(tiny_model_dir), None)
 
-    admin = make_admin(reload=reload)
+    return make_admin(reload=reload), reloading, gate
+
+
+def test_a_wake_up_that_arrives_while_the_worker_wakes_is_answered(make_admin, tiny_model_dir):
+    """A wake_up sent while a request is waking the worker (level 2 reloads for seconds on a large
+    model) gets that wake's figures; it waited for ever before."""
+    admin, reloading, gate = _waking_from_level_2(make_admin, tiny_model_dir)
     url = admin.url
     before = text(complete(url))
     assert httpx.post(f"{url}/v1/admin/sleep?level=2", headers=AUTH, timeout=60).status_code == 200
@@ -227,14 +232,7 @@ def test_a_drain_during_a_long_wake_ends_the_waiting_requests_at_once(make_admin
     the reload to end first, past the pod's grace period: killed, its status entry left behind."""
     from kubevram.worker.serve import drain
 
-    reloading, gate = threading.Event(), threading.Event()
-
-    def reload():
-        reloading.set()
-        gate.wait(60)
-        return load_weights(str(tiny_model_dir), None)
-
-    admin = make_admin(reload=reload)
+    admin, reloading, gate = _waking_from_level_2(make_admin, tiny_model_dir)
     url = admin.url
     assert httpx.post(f"{url}/v1/admin/sleep?level=2", headers=AUTH, timeout=60).status_code == 200
     arrival = Call("POST", f"{url}/v1/completions", json=BODY)  # parked; it wakes the worker
