@@ -72,9 +72,12 @@ class Cluster:
     # ------------------------------------------------------------------------------------ reading
 
     def _request(
-        self, method: str, path: str, body: Any = None, content_type: str = "application/json"
+        self, method: str, path: str, body: Any = None, content_type: str = "application/json",
+        expected: tuple[int, ...] = (),
     ) -> Any:
-        """One API call; non-2xx answers raise ``ApiException`` (``.status`` 404, 409, ...)."""
+        """One API call; non-2xx answers raise ``ApiException`` (``.status`` 404, 409, ...). Those not in
+        ``expected`` (what the caller handles as an answer: a 404 for "not created yet", a 409 for "created
+        by someone else first") count in ``kubevram_api_errors_total``."""
         headers = {"Accept": "application/json"}
         if body is not None:
             headers["Content-Type"] = content_type
@@ -85,21 +88,25 @@ class Cluster:
         response.read()
         text = response.data.decode("utf-8") if response.data else ""
         if not 200 <= response.status < 300:
-            metrics.api_error(response.status)
+            if response.status not in expected:
+                metrics.api_error(response.status)
             raise ApiException(status=response.status, reason=response.reason, body=text)
         return json.loads(text) if text else None
 
     def _get(self, path: str) -> dict[str, Any] | None:
         try:
-            data = self._request("GET", path)
+            data = self._request("GET", path, expected=(404,))
         except ApiException as exc:
             if exc.status == 404:
                 return None
             raise
         return data if isinstance(data, dict) else None
 
-    def _raw(self, method: str, path: str, body: Any = None, content_type: str = "application/json") -> Any:
-        return self._request(method, path, body, content_type)
+    def _raw(
+        self, method: str, path: str, body: Any = None, content_type: str = "application/json",
+        expected: tuple[int, ...] = (),
+    ) -> Any:
+        return self._request(method, path, body, content_type, expected)
 
     def list_nodes(self) -> list[dict[str, Any]]:
         """Every Node as the API returns it (plain dicts with GFD labels and allocatable)."""
@@ -284,7 +291,7 @@ class Cluster:
             return self._replace(manifest)
         if existing is ...:
             try:
-                self._raw("PATCH", path, manifest, MERGE_PATCH)
+                self._raw("PATCH", path, manifest, MERGE_PATCH, expected=(404,))
                 return "patched"
             except ApiException as exc:
                 if exc.status == 422 and immutable:
@@ -294,7 +301,7 @@ class Cluster:
             existing = None
         if existing is None:
             try:
-                self._raw("POST", collection, manifest)
+                self._raw("POST", collection, manifest, expected=(409,))
                 return "created"
             except ApiException as exc:
                 if exc.status != 409:
@@ -314,7 +321,7 @@ class Cluster:
     def create_if_absent(self, manifest: dict[str, Any]) -> bool:
         """Create the object unless it exists (never touch an existing one). True when created."""
         try:
-            self._raw("POST", self._collection(manifest), manifest)
+            self._raw("POST", self._collection(manifest), manifest, expected=(409,))
         except ApiException as exc:
             if exc.status == 409:
                 return False
@@ -325,7 +332,7 @@ class Cluster:
         """Delete one object; a missing object is not an error."""
         path = f"{self._collection(manifest_or_kind)}/{manifest_or_kind['metadata']['name']}"
         try:
-            self._raw("DELETE", path, {"propagationPolicy": "Background"})
+            self._raw("DELETE", path, {"propagationPolicy": "Background"}, expected=(404,))
         except ApiException as exc:
             if exc.status != 404:
                 raise

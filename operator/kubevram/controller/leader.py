@@ -115,7 +115,8 @@ class LeaseLock:
 
     def _write(self, method: str, path: str, body: dict[str, Any]) -> bool:
         try:
-            self.cluster._raw(method, path, body, MERGE_PATCH if method == "PATCH" else "application/json")
+            self.cluster._raw(method, path, body, MERGE_PATCH if method == "PATCH" else "application/json",
+                              expected=(404, 409))
         except ApiException as exc:
             if exc.status in (404, 409):  # someone else wrote it first
                 return False

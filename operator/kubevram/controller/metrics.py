@@ -163,7 +163,7 @@ PLANNING_SECONDS_SERIES = Series(
 API_ERRORS_SERIES = Series(
     "kubevram_api_errors_total",
     "counter",
-    "Kubernetes API requests of the operator answered with an error, by HTTP status.",
+    "Kubernetes API requests of the operator answered with an error it did not expect, by HTTP status.",
     ("status",),
 )
 
