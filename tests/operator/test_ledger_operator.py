@@ -383,3 +383,25 @@ def test_the_periodic_check_that_waited_for_its_deployment_reads_it_again(
             seen = gone_while_waiting(cluster, path)
         went_on(cluster, path, seen)
         assert [pinned_node(w) for w in workloads(cluster, "qwen").values()] == ["gpu-a"]  # as it was
+
+
+def test_an_invalid_update_of_a_serving_deployment_says_its_workers_keep_serving(
+    cluster: EmulatedCluster, operator: Any
+) -> None:
+    """A typo in an update must not take a serving model down (the error is permanent: it would never
+    heal), so the previous plan's workers keep running; the status says so instead of "no worker runs",
+    0 replicas and no placement while they serve and hold their GPUs."""
+    cluster.add_node(gpu_node("gpu-l4-0", **L4))
+    cluster.create_llmd(llmd("qwen", replicas=1))
+    cluster.wait_for("qwen placed", lambda: placed_on(cluster, "qwen") == "gpu-l4-0")
+    (worker,) = workloads(cluster, "qwen")
+    cluster.patch(cluster.llmd_path("qwen"), {"spec": {"model": {"configMapRef": {"name": "no-such"}}}})
+    obj = cluster.wait_for("phase Failed", lambda: (
+        ((o := cluster.llmd("qwen")) or {}).get("status", {}).get("phase") == "Failed" and o))
+    assert condition(obj, "Planned")["reason"] == "InvalidSpec"
+    assert list(workloads(cluster, "qwen")) == [worker]  # still serving
+    assert obj["status"]["replicas"] == 1, obj["status"]
+    assert [p["node"] for p in obj["status"]["placements"]] == ["gpu-l4-0"], obj["status"]
+    ready = condition(obj, "Ready")
+    assert ready["reason"] == "PreviousPlanServing" and "previous plan" in ready["message"], ready
+    assert obj["status"].get("vramPerReplica"), obj["status"]  # what the serving replica holds

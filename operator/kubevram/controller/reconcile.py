@@ -182,6 +182,13 @@ class Reconciler:
 
     def _fail(self, body: Mapping[str, Any], patch: Any, type_: str, reason: str, message: str) -> None:
         meta = body["metadata"]
+        key = (meta.get("namespace") or "default", meta["name"])
+        owned = self.cluster.list_owned_workloads(*key)
+        placeholders = [w for w in owned if ((w.get("metadata") or {}).get("labels") or {}).get(
+            render.LABEL_SHAPE) == render.PLACEHOLDER]
+        workers = [w for w in owned if w not in placeholders]
+        # The workers of an earlier plan, if any, keep serving; the status says so.
+        serving = (sum(int((w.get("spec") or {}).get("replicas") or 0) for w in workers), _ready(workers))
         failed = status.failed_status(
             meta["name"],
             type_,
@@ -190,15 +197,11 @@ class Reconciler:
             generation=meta.get("generation"),
             old_conditions=(body.get("status") or {}).get("conditions"),
             now=status.now_rfc3339(),
+            serving=serving,
         )
         patch.status.update(failed)
-        key = (meta.get("namespace") or "default", meta["name"])
-        # Nothing is pending any more: the placeholders that ask the autoscaler for nodes go (the workers
-        # of an earlier plan, if any, keep serving).
-        self.cluster.delete_workloads(
-            w for w in self.cluster.list_owned_workloads(*key)
-            if ((w.get("metadata") or {}).get("labels") or {}).get(render.LABEL_SHAPE) == render.PLACEHOLDER
-        )
+        # Nothing is pending any more: the placeholders that ask the autoscaler for nodes go.
+        self.cluster.delete_workloads(placeholders)
         _mark_waiting(key, False)
         metrics.STATE.observe_deployment(key, _desired(body), {**(body.get("status") or {}), **failed})
         self.report(reason, message, True)

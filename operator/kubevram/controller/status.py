@@ -210,22 +210,33 @@ def failed_status(
     generation: int | None,
     old_conditions: Sequence[Mapping[str, Any]] | None,
     now: str,
+    serving: tuple[int, int] = (0, 0),
 ) -> dict[str, Any]:
-    """The status of a spec that cannot work: the condition names the field and value."""
+    """The status of a spec that cannot work: the condition names the field and value. ``serving``:
+    (replicas, ready) of an earlier plan's workers, which keep running (a typo in an update does not take
+    a serving model down); their placements, estimate and per-replica figure stay in the status."""
+    replicas, ready = serving
     conditions = [condition(type_, False, reason, message, generation)]
     if type_ == PLANNED:
         conditions.append(condition(SCHEDULED, False, "NotPlanned", "nothing to schedule", generation))
-    conditions.append(condition(READY, False, "NotPlanned", "no worker runs", generation))
-    return {
+    if replicas:
+        conditions.append(condition(
+            READY, bool(ready), "PreviousPlanServing",
+            f"{ready} of {replicas} replica(s) of the previous plan ready; they keep serving until the spec "
+            "is fixed", generation,
+        ))
+    else:
+        conditions.append(condition(READY, False, "NotPlanned", "no worker runs", generation))
+    out: dict[str, Any] = {
         "phase": "Failed",
         "observedGeneration": generation,
         "conditions": merge_conditions(old_conditions, conditions, now),
-        "replicas": 0,
-        "readyReplicas": 0,
+        "replicas": replicas,
+        "readyReplicas": ready,
         "selector": selector_string(name),
-        "placements": [],
-        # No plan: no per-replica figure, no estimate and nothing pending (a merge patch removes them).
-        "vramPerReplica": None,
-        "estimate": None,
-        "autoscaling": autoscaling({}),
+        "autoscaling": autoscaling({}),  # nothing pending
     }
+    if not replicas:
+        # No plan: no per-replica figure, no estimate (a merge patch removes them).
+        out.update({"placements": [], "vramPerReplica": None, "estimate": None})
+    return out
