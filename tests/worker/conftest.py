@@ -228,6 +228,25 @@ def make_worker(loaded, serve):
     return make
 
 
+@pytest.fixture
+def gate_tokenizer(loaded, monkeypatch):
+    """Tokenising a text that contains ``BLOCK`` waits for ``gate``; ``blocked`` says it started."""
+    gate, blocked, calls = threading.Event(), threading.Event(), []
+    cls = type(loaded.tokenizer)
+    original = cls.__call__
+
+    def call(self, text, *args, **kwargs):
+        calls.append(threading.current_thread().name)
+        if isinstance(text, str) and "BLOCK" in text:
+            blocked.set()
+            assert gate.wait(60)
+        return original(self, text, *args, **kwargs)
+
+    monkeypatch.setattr(cls, "__call__", call)
+    yield gate, blocked, calls
+    gate.set()
+
+
 @pytest.fixture(scope="module")
 def worker(loaded, serve):
     """One worker shared by a module's tests: max batch 4, queue 64, sequence limit 512."""

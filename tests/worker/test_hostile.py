@@ -34,25 +34,6 @@ def counted(worker, status: int, endpoint: str = "/v1/completions") -> float:
     return worker.metric("kubevram_worker_requests_total", {"endpoint": endpoint, "status": str(status)})
 
 
-@pytest.fixture
-def gate_tokenizer(loaded, monkeypatch):
-    """Tokenising a text that contains ``BLOCK`` waits for ``gate``; ``blocked`` says it started."""
-    gate, blocked, calls = threading.Event(), threading.Event(), []
-    cls = type(loaded.tokenizer)
-    original = cls.__call__
-
-    def call(self, text, *args, **kwargs):
-        calls.append(threading.current_thread().name)
-        if isinstance(text, str) and "BLOCK" in text:
-            blocked.set()
-            assert gate.wait(60)
-        return original(self, text, *args, **kwargs)
-
-    monkeypatch.setattr(cls, "__call__", call)
-    yield gate, blocked, calls
-    gate.set()
-
-
 # ---- 1. size and the event loop -----------------------------------------------------------------
 
 

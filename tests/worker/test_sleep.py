@@ -272,6 +272,25 @@ def test_an_idle_worker_falls_asleep_and_a_request_wakes_it(make_admin):
     assert monitor.sleeper.sleeps == {(1, "idle"): 1} and monitor.sleeper.wakes == {"arrival": 1}
 
 
+def test_a_request_being_prepared_keeps_an_idle_worker_awake(make_admin, gate_tokenizer):
+    """``sleepAfterIdleSeconds`` pass while a request is tokenised (a long chat, a backlog on the
+    preparation thread): it arrived, so the worker is not idle. The idle sleep came first, and the
+    request was refused (``wakeOnRequest: false``) or waited for a sleep and a wake."""
+    gate, blocked, _ = gate_tokenizer
+    clock = Clock()
+    policy = MemoryReleaseSpec(idleSeconds=0, sleepAfterIdleSeconds=600, wakeOnRequest=False)
+    admin = make_admin(policy=policy, clock=clock)
+    clock.now += 600  # idle for long enough
+    arrival = Call("POST", f"{admin.url}/v1/completions", json={**BODY, "prompt": "BLOCK hello"})
+    try:
+        assert blocked.wait(60), "the request was not prepared"
+        assert asyncio.run(admin.monitor.check()) is None
+    finally:
+        gate.set()
+    assert arrival.result().status_code == 200, arrival.result().text
+    assert admin.monitor.sleeper.sleeps == {}
+
+
 def test_bad_levels_and_missing_tokens_are_refused(make_admin):
     admin = make_admin()  # no reload: level 2 cannot wake
     url = admin.url

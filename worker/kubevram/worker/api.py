@@ -297,6 +297,7 @@ def create_app(state: WorkerState) -> FastAPI:
     )
     async def completions(request: Request) -> Response:
         started = time.monotonic()
+        state.arrived()
         prepared = await state.prepare(
             state.prepare_body, await read_body(request, state.body_limit), CompletionRequest
         )
@@ -333,6 +334,7 @@ def create_app(state: WorkerState) -> FastAPI:
     )
     async def chat_completions(request: Request) -> Response:
         started = time.monotonic()
+        state.arrived()
         prepared = await state.prepare(
             state.prepare_body, await read_body(request, state.body_limit), ChatCompletionRequest
         )

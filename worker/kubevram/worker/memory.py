@@ -365,6 +365,13 @@ class MemoryMonitor(EngineHooks):
         self.engine = engine
         self.last_active = self.clock()
 
+    def arrived(self) -> None:
+        """A request came (the event loop, before it is parsed and tokenised): the idle periods start
+        again, so that ``sleepAfterIdleSeconds`` cannot put the worker to sleep under a request that
+        is still being prepared (it would wait for a sleep and a wake, or be refused as if it came
+        late)."""
+        self.last_active = self.clock()
+
     def _woken(self) -> None:
         """A wake is activity: the idle periods (release, sleep) start again."""
         self.last_active = self.clock()

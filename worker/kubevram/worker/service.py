@@ -112,6 +112,11 @@ class WorkerState:
             raise self.engine.dead_error()
         return self.engine
 
+    def arrived(self) -> None:
+        """A generation request came: activity for the memory monitor's idle periods."""
+        if self.memory is not None:
+            self.memory.arrived()
+
     # ---- off the event loop -------------------------------------------------------------------
 
     async def prepare(self, fn: Callable[..., T], *args: Any) -> T:
