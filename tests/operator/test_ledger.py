@@ -85,6 +85,21 @@ def test_abort_holds_both_until_the_api_is_read_again() -> None:
     assert Counter(ledger.snapshot()) == Counter([new[0], *old])
 
 
+def test_a_scale_down_holds_what_it_frees_until_its_deletes_are_written() -> None:
+    """Found by the property below: a scale-down decided (nothing held any more) while its workload still
+    runs must not hand that GPU to a deployment whose write lands before the delete does."""
+    clock = Clock()
+    ledger = Ledger(clock)
+    small, seven = ("ai", "small"), ("ai", "seven")
+    held = [reservation("small", "l4-a", {0: 1})]
+    ledger.observe({small: held}, clock())
+    with ledger.deciding():
+        ledger.reserve(small, [])  # scaled to 0: its workload is being deleted
+        assert ledger.snapshot(exclude=[seven]) == held  # another decision now still sees it taken
+    ledger.confirm(small)  # the delete is written
+    assert ledger.snapshot() == []
+
+
 def test_forget_is_not_undone_by_an_older_read() -> None:
     clock = Clock()
     ledger = Ledger(clock)

@@ -9,7 +9,9 @@ One entry per LLMDeployment (``(namespace, name)``): the reservations its replic
 index, bytes, sharing: ``kubevram.planner.inventory.Reservation``), in one of three states:
 
 * ``assumed``: decided by :meth:`Ledger.reserve`; the children are being written. No API read
-  replaces it.
+  replaces it, and until :meth:`Ledger.confirm` it holds what it held before *and* what was decided:
+  the old workloads run until their deletes are written, so a scale-down's GPUs are not given to a
+  deployment whose write could land first.
 * ``applied``: :meth:`Ledger.confirm` (the writes are done), :meth:`Ledger.abort` (they failed
   part-way: it holds what it held before *and* what was decided until the API is read again) or
   :meth:`Ledger.forget` (the deployment is gone: it holds nothing). Only an API read *started after*
@@ -51,7 +53,12 @@ class Entry:
     reservations: tuple[Reservation, ...]
     state: str
     since: float  # the clock when it entered this state
-    previous: tuple[Reservation, ...] = ()  # what it held before an assumed decision (for abort)
+    previous: tuple[Reservation, ...] = ()  # what it held before an assumed decision
+
+    @property
+    def held(self) -> tuple[Reservation, ...]:
+        """What it keeps from other decisions: while assumed, the old and the new together."""
+        return _both(self.previous, self.reservations) if self.state == ASSUMED else self.reservations
 
 
 class NotDeciding(RuntimeError):
@@ -149,7 +156,7 @@ class Ledger:
         """Every reservation held now, but those of ``exclude``: what the planner subtracts."""
         skip = set(exclude)
         with self._guard:
-            return [r for key, e in sorted(self._entries.items()) if key not in skip for r in e.reservations]
+            return [r for key, e in sorted(self._entries.items()) if key not in skip for r in e.held]
 
     def holding(self, key: Key) -> tuple[Reservation, ...]:
         with self._guard:
@@ -159,7 +166,7 @@ class Ledger:
     def holders(self, node: str) -> set[Key]:
         """The deployments with a reservation on ``node``."""
         with self._guard:
-            return {k for k, e in self._entries.items() if any(r.node == node for r in e.reservations)}
+            return {k for k, e in self._entries.items() if any(r.node == node for r in e.held)}
 
     def stats(self) -> dict[str, Any]:
         """Deployments and reservations per state (for logs and metrics)."""
