@@ -13,26 +13,14 @@ import pytest
 os.environ.setdefault("KUBEVRAM_READY_INTERVAL", "1")
 os.environ.setdefault("KUBEVRAM_CALIBRATION_INTERVAL", "1")
 
-from kubevram_emulator import EmulatedCluster, running_operator
+from kubevram_emulator import EmulatedCluster, emulated_cluster, running_operator
 
 
 @pytest.fixture()
 def cluster(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[EmulatedCluster]:
     """An emulated API server; KUBECONFIG points at it for kopf and for the operator's client."""
-    import kubernetes.config.kube_config
-
-    emulated = EmulatedCluster(tmp_path).start()
-    monkeypatch.setenv("KUBECONFIG", str(emulated.kubeconfig))
-    # The kubernetes package reads KUBECONFIG once, at import; kopf's login uses that default.
-    monkeypatch.setattr(
-        kubernetes.config.kube_config, "KUBE_CONFIG_DEFAULT_LOCATION", str(emulated.kubeconfig)
-    )
-    monkeypatch.setenv("KUBEVRAM_RETRY_DELAY", "1")
-    monkeypatch.delenv("KUBEVRAM_NODE_CLASSES", raising=False)
-    try:
+    with emulated_cluster(tmp_path, monkeypatch) as emulated:
         yield emulated
-    finally:
-        emulated.stop()
 
 
 @pytest.fixture()

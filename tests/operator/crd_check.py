@@ -17,7 +17,8 @@ ROOT = Path(__file__).resolve().parents[2]
 SCHEMAS = ROOT / "tests" / "data" / "schemas"
 
 
-def _chart_conftest() -> Any:
+def chart_module() -> Any:
+    """tests/chart/conftest.py (the chart's renderer and the CRD schema helpers) as a module."""
     spec = importlib.util.spec_from_file_location("chart_conftest", ROOT / "tests" / "chart" / "conftest.py")
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
@@ -75,7 +76,7 @@ def crd_errors(crd: dict[str, Any], obj: dict[str, Any]) -> list[str]:
     if obj.get("kind") != crd["spec"]["names"]["kind"]:
         return [f"kind {obj.get('kind')!r} is not {crd['spec']['names']['kind']}"]
     defaulted = with_defaults(schema, obj)
-    structural = _chart_conftest().openapi_to_jsonschema(copy.deepcopy(schema))
+    structural = chart_module().openapi_to_jsonschema(copy.deepcopy(schema))
     structural["properties"]["metadata"] = {"type": "object"}
     validator = jsonschema.Draft4Validator(structural)
     errors = [

@@ -361,6 +361,26 @@ class EmulatedCluster:
 
 
 @contextlib.contextmanager
+def emulated_cluster(tmp_path: Path, monkeypatch: Any, **options: Any) -> Iterator[EmulatedCluster]:
+    """An emulated API server (``options``: which APIs it serves) that KUBECONFIG points at, for kopf
+    and for the operator's client; stopped at the end."""
+    import kubernetes.config.kube_config
+
+    emulated = EmulatedCluster(tmp_path, **options).start()
+    monkeypatch.setenv("KUBECONFIG", str(emulated.kubeconfig))
+    # The kubernetes package reads KUBECONFIG once, at import; kopf's login uses that default.
+    monkeypatch.setattr(
+        kubernetes.config.kube_config, "KUBE_CONFIG_DEFAULT_LOCATION", str(emulated.kubeconfig)
+    )
+    monkeypatch.setenv("KUBEVRAM_RETRY_DELAY", "1")
+    monkeypatch.delenv("KUBEVRAM_NODE_CLASSES", raising=False)
+    try:
+        yield emulated
+    finally:
+        emulated.stop()
+
+
+@contextlib.contextmanager
 def running_operator(*extra_args: str) -> Iterator[Any]:
     """``kubevram``'s kopf handlers in KopfRunner (a thread), cluster-wide, standalone."""
     import kopf

@@ -23,7 +23,7 @@ from dra_cluster import (
     selects,
     serve,
 )
-from kubevram_emulator import EmulatedCluster, gpu_node, llm_deployment, running_operator
+from kubevram_emulator import EmulatedCluster, emulated_cluster, gpu_node, llm_deployment, running_operator
 from test_inference_pool import assert_valid_inference_pool
 
 from kubevram.controller import render
@@ -144,21 +144,12 @@ def test_a_dra_cluster_gets_claim_templates_that_select_by_memory_and_never_over
 @pytest.fixture
 def no_inference_pool_api(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Any:
     """A device-plugin cluster (no resource.k8s.io, no InferencePool API) with the operator running."""
-    import kubernetes.config.kube_config
-
-    emulated = EmulatedCluster(tmp_path, dra=False, inference_pool=False).start()
-    monkeypatch.setenv("KUBECONFIG", str(emulated.kubeconfig))
-    monkeypatch.setattr(
-        kubernetes.config.kube_config, "KUBE_CONFIG_DEFAULT_LOCATION", str(emulated.kubeconfig)
-    )
-    monkeypatch.setenv("KUBEVRAM_RETRY_DELAY", "1")
     monkeypatch.setenv("KUBEVRAM_INFERENCE_POOL", "true")  # the chart's default: every deployment gets one
-    monkeypatch.delenv("KUBEVRAM_NODE_CLASSES", raising=False)
-    try:
-        with running_operator():
-            yield emulated
-    finally:
-        emulated.stop()
+    with (
+        emulated_cluster(tmp_path, monkeypatch, dra=False, inference_pool=False) as emulated,
+        running_operator(),
+    ):
+        yield emulated
 
 
 def test_the_same_deployment_runs_unchanged_on_a_device_plugin_cluster_and_says_when_no_pool_can_be_made(

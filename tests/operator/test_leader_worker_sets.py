@@ -16,10 +16,11 @@ import jsonschema
 import kubernetes_validate
 import pytest
 import yaml
-from kubevram_emulator import EmulatedCluster, gpu_node, llm_deployment, running_operator
+from crd_check import chart_module
+from kubevram_emulator import EmulatedCluster, emulated_cluster, gpu_node, llm_deployment, running_operator
 from pod_security import restricted
 from rbac_check import denied
-from test_rbac import chart_module, chart_rules
+from test_rbac import chart_rules
 
 from kubevram.api.workerplan import WorkerPlan
 from kubevram.controller import render
@@ -33,19 +34,8 @@ L405 = "meta-llama/Llama-3.1-405B-Instruct"
 @pytest.fixture()
 def lws_cluster(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[EmulatedCluster]:
     """The emulated API server with LeaderWorkerSet installed."""
-    import kubernetes.config.kube_config
-
-    emulated = EmulatedCluster(tmp_path, leader_worker_sets=True).start()
-    monkeypatch.setenv("KUBECONFIG", str(emulated.kubeconfig))
-    monkeypatch.setattr(
-        kubernetes.config.kube_config, "KUBE_CONFIG_DEFAULT_LOCATION", str(emulated.kubeconfig)
-    )
-    monkeypatch.setenv("KUBEVRAM_RETRY_DELAY", "1")
-    monkeypatch.delenv("KUBEVRAM_NODE_CLASSES", raising=False)
-    try:
+    with emulated_cluster(tmp_path, monkeypatch, leader_worker_sets=True) as emulated:
         yield emulated
-    finally:
-        emulated.stop()
 
 
 def lws_validator() -> jsonschema.Draft4Validator:

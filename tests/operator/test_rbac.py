@@ -6,30 +6,19 @@ workers pass PodSecurity `restricted` there too."""
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
 from typing import Any
 
 import httpx
 import kmock
 import pytest
+from crd_check import chart_module
 from kubevram_emulator import EmulatedCluster, gpu_node, llm_deployment
 from pod_security import pod_template_violations
 from rbac_check import attributes, denied
 
 from kubevram.controller import render
 
-ROOT = Path(__file__).resolve().parents[2]
 L4 = {"gpus": 1, "memory_mib": 23034, "product": "NVIDIA-L4"}
-
-
-def chart_module() -> Any:
-    """tests/chart/conftest.py (the chart's renderer and the CRD schema helpers) as a module."""
-    spec = importlib.util.spec_from_file_location("chart_conftest", ROOT / "tests" / "chart" / "conftest.py")
-    assert spec is not None and spec.loader is not None
-    chart = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(chart)
-    return chart
 
 
 def chart_rules() -> list[dict[str, Any]]:

@@ -76,6 +76,24 @@ def test_of_two_writes_from_the_same_read_one_loses(cluster: EmulatedCluster) ->
     assert cluster.get(LEASE)["spec"]["holderIdentity"] == "b"  # type: ignore[index]
 
 
+def partition(cluster: EmulatedCluster, first_only: bool = False) -> asyncio.Event:
+    """Reads of the Lease get no answer (every one, or only the first) until the event returned is set
+    (in the emulator's loop: ``cluster.call(answer.set)``); then a 503."""
+    answer = asyncio.Event()
+
+    async def hang() -> int:
+        await answer.wait()
+        return 503
+
+    def cut() -> None:
+        assert cluster.emulator is not None
+        leases = cluster.emulator["get", kmock.resource("coordination.k8s.io/v1/leases")]
+        (leases[:1] if first_only else leases) << hang
+
+    cluster.call(cut)
+    return answer
+
+
 def test_a_leader_whose_api_server_stops_answering_gives_up_by_the_renew_deadline(
     cluster: EmulatedCluster,
 ) -> None:
@@ -85,17 +103,7 @@ def test_a_leader_whose_api_server_stops_answering_gives_up_by_the_renew_deadlin
 
     elector = LeaderElector(candidate("a", Clock()), retry=0.1, renew_deadline=1.0)
     assert elector.acquire(threading.Event())
-    answer = asyncio.Event()
-
-    async def hang() -> int:
-        await answer.wait()
-        return 503
-
-    def partition() -> None:
-        assert cluster.emulator is not None
-        cluster.emulator["get", kmock.resource("coordination.k8s.io/v1/leases")] << hang
-
-    cluster.call(partition)
+    answer = partition(cluster)
     lost = threading.Event()
     elector.keep(lost.set)
     try:
@@ -112,17 +120,7 @@ def test_a_candidate_whose_first_request_never_comes_back_still_takes_the_free_l
     once the API server answers again."""
     import threading
 
-    answer = asyncio.Event()
-
-    async def hang() -> int:
-        await answer.wait()
-        return 503
-
-    def partition() -> None:
-        assert cluster.emulator is not None
-        cluster.emulator["get", kmock.resource("coordination.k8s.io/v1/leases")][:1] << hang
-
-    cluster.call(partition)
+    answer = partition(cluster, first_only=True)
     elector = LeaderElector(candidate("a", Clock()), retry=0.1, renew_deadline=1.0)
     stop, leads = threading.Event(), threading.Event()
     thread = threading.Thread(target=lambda: elector.acquire(stop) and leads.set(), daemon=True)
