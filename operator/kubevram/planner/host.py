@@ -113,8 +113,8 @@ def offload_room(memory_bytes: int, disk_bytes: int, need: HostNeed) -> tuple[in
     with the worker (within the spec's request when it sets one) and the offload folder needs its own
     ``CACHE_HEADROOM`` beside the other volumes. 0 means not bounded; a bounded node with no room left
     gives 1 byte, which nothing fits in."""
-    memory = min(b for b in (memory_bytes, need.memory_bytes if need.memory_set else 0, 1 << 62) if b)
-    cpu = 0 if memory == 1 << 62 else max(1, memory - WORKER_MEMORY)
+    bounds = [b for b in (memory_bytes, need.memory_bytes if need.memory_set else 0) if b]
+    cpu = max(1, min(bounds) - WORKER_MEMORY) if bounds else 0
     disk = max(1, disk_bytes - need.disk_bytes - CACHE_HEADROOM) if disk_bytes else 0
     return cpu, disk
 
